@@ -132,17 +132,16 @@ def enter_sandbox():
                        (resource.RLIMIT_NPROC, nproc),
                        (resource.RLIMIT_CORE, 0)):
         resource.setrlimit(res, (value, value))
-    return compile(source, "main.py", "exec")
 
 PAYLOAD_FD = __PAYLOAD_FD__
 runner = os.fork()
 if runner == 0:
     try:
-        code = enter_sandbox()
+        enter_sandbox()
     except BaseException as e:
         os.write(2, ("sandbox setup failed: %r\n" % (e,)).encode())
         os._exit(111)
-    exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
+    exec(compile(source, "main.py", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

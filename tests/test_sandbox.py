@@ -1,0 +1,147 @@
+"""The sandbox runs hostile code and the host is unharmed; each test states one attack."""
+
+import os
+import signal
+import time
+
+import pytest
+
+from projected_grpo import sandbox
+
+FAST = sandbox.Limits(wall_seconds=3, cpu_seconds=3)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture(autouse=True)
+def host_unharmed():
+    cwd, handler = os.getcwd(), signal.getsignal(signal.SIGINT)
+    yield
+    assert os.getcwd() == cwd
+    assert signal.getsignal(signal.SIGINT) is handler
+
+
+def test_plain_run_reports_stdout_files_and_payload():
+    r = sandbox.run("import os\nprint('hi')\nopen('out.txt', 'w').write('x')\n"
+                    f"os.write({sandbox.PAYLOAD_FD}, b'{{\"a\": [1, 2]}}')\n")
+    assert r.ok and r.stdout == "hi\n"
+    assert r.files == {"out.txt": b"x"}
+    assert r.payload == {"a": [1, 2]} and r.payload_error is None
+
+
+def test_syntax_error_and_exception_are_results_not_raises():
+    r = sandbox.run("def broken(:\n")
+    assert r.exit_code == 1 and "SyntaxError" in r.stderr
+    r = sandbox.run("raise ValueError('boom')")
+    assert r.exit_code == 1 and "boom" in r.stderr and not r.ok
+
+
+def test_forged_or_garbage_payload_is_rejected_not_parsed_blindly():
+    r = sandbox.run(f"import os\nos.write({sandbox.PAYLOAD_FD}, b'{{not json')")
+    assert r.payload is None and "not JSON" in r.payload_error
+    r = sandbox.run("print(1)")
+    assert r.payload is None and r.payload_error == "no payload"
+
+
+def test_infinite_loop_times_out_quickly():
+    start = time.monotonic()
+    r = sandbox.run("while True:\n    pass\n", sandbox.Limits(wall_seconds=1, cpu_seconds=5))
+    assert r.timed_out and not r.ok and r.signal == signal.SIGKILL
+    assert time.monotonic() - start < 4
+
+
+def test_memory_bomb_fails_inside_the_child():
+    r = sandbox.run("x = bytearray(8 * 1024 ** 3)\nprint('allocated')", FAST)
+    assert not r.ok and "allocated" not in r.stdout and "MemoryError" in r.stderr
+
+
+def test_fork_bomb_is_contained_and_cleaned_up():
+    code = ("import os, time\nprint(os.getpid(), flush=True)\n"
+            "for _ in range(200):\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+            "time.sleep(30)\n")
+    start = time.monotonic()
+    r = sandbox.run(code, sandbox.Limits(wall_seconds=1, cpu_seconds=5))
+    assert r.timed_out and time.monotonic() - start < 8
+    first = int(r.stdout.split()[0])
+    assert not _alive(first)
+
+
+def test_huge_file_is_stopped_by_the_file_size_limit():
+    r = sandbox.run("with open('big.bin', 'wb') as f:\n    f.write(b'0' * (64 << 20))\n",
+                    sandbox.Limits(file_bytes=1 << 20))
+    assert not r.ok and "File too large" in r.stderr
+    assert len(r.files["big.bin"]) <= sandbox.FILE_CAP
+
+
+def test_100mb_of_stdout_is_capped_and_flagged():
+    r = sandbox.run("import sys\nchunk = 'x' * (1 << 20)\nfor _ in range(100):\n    sys.stdout.write(chunk)\n")
+    assert r.stdout_truncated and len(r.stdout) == sandbox.OUTPUT_CAP
+    assert not r.ok  # the file-size limit stops it long before 100 MB
+
+
+def test_non_utf8_stdout_is_decoded_with_replacement():
+    r = sandbox.run("import sys\nsys.stdout.buffer.write(b'ok \\xff\\xfe done')\n")
+    assert r.ok and r.stdout.startswith("ok ") and "\ufffd" in r.stdout
+
+
+def test_deep_recursion_crashes_only_the_child():
+    r = sandbox.run("import sys\nsys.setrecursionlimit(10 ** 7)\ndef f(n):\n    return f(n + 1)\nf(0)\n", FAST)
+    assert not r.ok
+
+
+def test_environment_holds_no_secrets(monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_value_123")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-secret-456")
+    r = sandbox.run("import os\nprint(dict(os.environ))")
+    assert r.ok
+    assert "secret" not in r.stdout and "HF_TOKEN" not in r.stdout
+
+
+def test_killing_the_parent_leaves_the_caller_alive():
+    r = sandbox.run("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nimport time\ntime.sleep(5)\n", FAST)
+    assert not r.ok
+    assert _alive(os.getpid())
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="kill(-1) reaches every process of a non-root caller's own uid")
+def test_kill_everything_reaches_only_the_sandbox_when_root():
+    r = sandbox.run("import os, signal\nos.kill(-1, signal.SIGKILL)\n", FAST)
+    assert r.error is None  # the supervisor survived to report
+    assert _alive(os.getpid())
+
+
+def test_daemon_left_behind_is_killed():
+    code = ("import os, sys, time\n"
+            "if os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+            "        print(os.getpid(), flush=True)\n        time.sleep(60)\n    os._exit(0)\n"
+            "time.sleep(0.3)\n")
+    r = sandbox.run(code, FAST)
+    assert r.ok
+    daemon = int(r.stdout.split()[0])
+    assert not _alive(daemon)
+
+
+def test_grandchild_cannot_write_after_the_run():
+    code = ("import os, time\n"
+            "if os.fork() == 0:\n    time.sleep(0.5)\n    open('result.txt', 'w').write('PASS')\n    os._exit(0)\n")
+    r = sandbox.run(code, FAST)
+    assert r.ok and "result.txt" not in r.files
+
+
+def test_each_run_gets_a_fresh_directory():
+    first = sandbox.run("open('left.txt', 'w').write('x')\nimport os\nprint(os.getcwd())")
+    second = sandbox.run("import os\nprint(sorted(os.listdir('.')), os.getcwd())")
+    assert "left.txt" not in second.stdout
+    assert not os.path.exists(first.stdout.strip())
+
+
+def test_run_many_keeps_input_order():
+    jobs = [sandbox.Job(f"import time\ntime.sleep({0.05 * (5 - i)})\nprint({i})") for i in range(6)]
+    results = sandbox.run_many(jobs, workers=3)
+    assert [r.stdout.strip() for r in results] == [str(i) for i in range(6)]
