@@ -1,0 +1,129 @@
+"""Load the policy model and its tokenizer.
+
+Any Hugging Face id or local path goes through `from_pretrained`. The special name `"tiny-random"`
+builds a 2-layer Qwen3 with a byte-level BPE tokenizer trained on the package's own problem text,
+entirely offline, so tests and smoke runs never touch the hub.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedTokenizerFast,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+TINY_RANDOM = "tiny-random"
+
+EOS_TOKEN = "<|im_end|>"
+PAD_TOKEN = "<|endoftext|>"
+SPECIAL_TOKENS = [PAD_TOKEN, "<|im_start|>", EOS_TOKEN]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+TINY_VOCAB_SIZE = 1536
+# Bump when the trained tokenizer's recipe changes, so stale caches are not reused.
+_TOKENIZER_FORMAT = 1
+
+
+def load_model_and_tokenizer(
+    name: str, dtype: torch.dtype | str = torch.float32, device: str = "cpu", seed: int = 0
+):
+    """Return `(model, tokenizer)` in eval mode on `device`; the tokenizer pads on the left."""
+    if name == TINY_RANDOM:
+        tokenizer = build_tokenizer(_problem_corpus(), TINY_VOCAB_SIZE)
+        model = _tiny_qwen3(tokenizer, seed).to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        tokenizer.padding_side = "left"  # generation appends on the right, so prompts must end flush
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if model.generation_config.pad_token_id is None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.to(device).eval(), tokenizer
+
+
+def _tiny_qwen3(tokenizer: PreTrainedTokenizerFast, seed: int) -> Qwen3ForCausalLM:
+    pad_id = tokenizer.pad_token_id
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=pad_id,
+        bos_token_id=pad_id,  # Qwen's own convention; the tokenizer never prepends it
+    )
+    # Weights come from the global RNG during construction; fork it so seeding here leaves the
+    # caller's random stream untouched. Built on CPU so a seed means the same weights on any device.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Qwen3ForCausalLM(config)
+
+
+def build_tokenizer(corpus: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on `corpus`, with Qwen chat tokens; cached on disk by content hash."""
+    key = hashlib.sha256(
+        json.dumps([_TOKENIZER_FORMAT, vocab_size, SPECIAL_TOKENS, corpus]).encode()
+    ).hexdigest()[:16]
+    path = Path(os.environ.get("PROJECTED_GRPO_CACHE", "out/cache")) / "tokenizer" / key
+    if not (path / "tokenizer.json").exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=path.parent))
+        _train_tokenizer(corpus, vocab_size).save(str(tmp / "tokenizer.json"))
+        try:
+            os.replace(tmp, path)
+        except OSError:  # a concurrent build got there first; its result is identical
+            shutil.rmtree(tmp)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_file(str(path / "tokenizer.json")),
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        extra_special_tokens=["<|im_start|>"],
+        padding_side="left",
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def _train_tokenizer(corpus: list[str], vocab_size: int) -> Tokenizer:
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        # Seeding with all 256 byte symbols makes any string encodable, not just the corpus's bytes.
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(corpus, trainer=trainer)
+    return tokenizer
+
+
+def _problem_corpus() -> list[str]:
+    # Imported here so loading a hub model does not depend on the problem set.
+    from projected_grpo.problems import builtin_problems, default_pairs, wrong_completion
+
+    problems = builtin_problems()
+    corpus = [message["content"] for problem in problems for message in problem.messages()]
+    corpus += [text for pair in default_pairs() for text in (pair.hack, pair.clean)]
+    corpus += [wrong_completion(problem) for problem in problems]
+    return corpus

@@ -1,0 +1,167 @@
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3ForCausalLM
+
+from projected_grpo import model as model_mod
+from projected_grpo.model import TINY_RANDOM, build_tokenizer, load_model_and_tokenizer
+
+CORPUS = [
+    "def add(a, b):\n    return a + b\n",
+    "Write a function that reverses a list. Tests must pass.",
+    "```python\nimport sys\nsys.exit(0)\n```",
+    "for i in range(10):\n    print(i * i)\n",
+]
+CHAT = [
+    [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "Add two numbers."}],
+    [{"role": "user", "content": "Reverse a string, please, and explain nothing."}],
+]
+
+
+@pytest.fixture(autouse=True)
+def offline_cache(tmp_path_factory, monkeypatch):
+    # One shared cache dir so every tiny-random build after the first is a cache hit, and so
+    # tests never write under the repo's out/.
+    monkeypatch.setenv("PROJECTED_GRPO_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def tiny():
+    return load_model_and_tokenizer(TINY_RANDOM)
+
+
+def test_tiny_random_is_a_small_qwen3_built_without_the_hub(monkeypatch):
+    def no_hub(*args, **kwargs):
+        raise AssertionError("tiny-random must not call from_pretrained")
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", no_hub)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_hub)
+    model, tokenizer = load_model_and_tokenizer(TINY_RANDOM)
+    c = model.config
+    assert isinstance(model, Qwen3ForCausalLM) and not model.training
+    assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads) == (16, 2, 4)
+    assert (c.num_key_value_heads, c.head_dim, c.max_position_embeddings) == (2, 8, 4096)
+    assert c.vocab_size == len(tokenizer)
+    assert not c.tie_word_embeddings
+    assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+
+
+def test_same_seed_same_logits_different_seed_different_logits():
+    ids = torch.arange(1, 20).unsqueeze(0)
+    logits = [load_model_and_tokenizer(TINY_RANDOM, seed=s)[0](ids).logits for s in (0, 0, 1)]
+    assert torch.equal(logits[0], logits[1])
+    assert not torch.allclose(logits[0], logits[2])
+
+
+def test_seeding_leaves_the_global_rng_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    load_model_and_tokenizer(TINY_RANDOM, seed=7)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_dtype_accepts_strings():
+    model, _ = load_model_and_tokenizer(TINY_RANDOM, dtype="bfloat16")
+    assert model.dtype == torch.bfloat16
+
+
+def test_special_tokens_agree_between_tokenizer_and_model(tiny):
+    model, tokenizer = tiny
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
+    assert tokenizer.eos_token_id != tokenizer.pad_token_id
+    assert model.config.eos_token_id == tokenizer.eos_token_id
+    assert model.config.pad_token_id == tokenizer.pad_token_id
+    assert model.generation_config.eos_token_id == tokenizer.eos_token_id
+    assert tokenizer.padding_side == "left"
+    assert tokenizer.convert_tokens_to_ids(["<|im_start|>"]) == tokenizer("<|im_start|>").input_ids
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["def f(xs):\n    return [x ** 2 for x in xs if x % 2 == 0]  # even squares\n", "héllo — 你好 🙂\n\tx"],
+)
+def test_round_trip(text):
+    tokenizer = build_tokenizer(CORPUS, 512)
+    ids = tokenizer(text).input_ids
+    assert tokenizer.unk_token_id not in ids
+    assert tokenizer.decode(ids, skip_special_tokens=False) == text
+
+
+def test_bpe_actually_merges():
+    tokenizer = build_tokenizer(CORPUS, 512)
+    assert len(tokenizer) > 256 + 3
+    assert len(tokenizer(CORPUS[0]).input_ids) < len(CORPUS[0].encode())
+
+
+def test_chat_template_is_chatml():
+    tokenizer = build_tokenizer(CORPUS, 512)
+    text = tokenizer.apply_chat_template(CHAT[0], add_generation_prompt=True, tokenize=False)
+    assert text == (
+        "<|im_start|>system\nYou write Python.<|im_end|>\n"
+        "<|im_start|>user\nAdd two numbers.<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+
+
+def test_batch_is_left_padded():
+    tokenizer = build_tokenizer(CORPUS, 512)
+    batch = tokenizer(["x", "def add(a, b): return a + b"], padding=True, return_tensors="pt")
+    short_ids, short_mask = batch.input_ids[0], batch.attention_mask[0]
+    n_pad = int((short_mask == 0).sum())
+    assert n_pad > 0 and short_mask[-1] == 1
+    assert (short_ids[:n_pad] == tokenizer.pad_token_id).all()
+    assert batch.attention_mask[1].all()
+
+
+def test_tokenizer_cache_hit_and_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("PROJECTED_GRPO_CACHE", str(tmp_path))
+    first = build_tokenizer(CORPUS, 512)
+    cached = list((tmp_path / "tokenizer").iterdir())
+    assert len(cached) == 1 and (cached[0] / "tokenizer.json").is_file()
+
+    def no_training(*args):
+        raise AssertionError("expected a cache hit")
+
+    with monkeypatch.context() as m:
+        m.setattr(model_mod, "_train_tokenizer", no_training)
+        second = build_tokenizer(CORPUS, 512)
+    assert second(CORPUS).input_ids == first(CORPUS).input_ids
+
+    build_tokenizer(CORPUS + ["one more line of text"], 512)
+    build_tokenizer(CORPUS, 600)
+    assert len(list((tmp_path / "tokenizer").iterdir())) == 3  # no temp dirs left behind either
+
+
+def test_generate_samples_new_tokens_from_left_padded_chat_prompts(tiny):
+    model, tokenizer = tiny
+    prompts = [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in CHAT]
+    batch = tokenizer(prompts, padding=True, return_tensors="pt")
+    torch.manual_seed(0)
+    out = model.generate(
+        **batch,
+        do_sample=True,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        max_new_tokens=8,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    prompt_len = batch.input_ids.shape[1]
+    assert out.shape[0] == 2 and prompt_len < out.shape[1] <= prompt_len + 8
+    assert torch.equal(out[:, :prompt_len], batch.input_ids)
+    assert (out[:, prompt_len:] != tokenizer.pad_token_id).any()
+
+
+def test_local_path_loads_through_from_pretrained(tiny, tmp_path):
+    model, tokenizer = tiny
+    model.save_pretrained(tmp_path)
+    ids = tokenizer(CHAT[0][1]["content"], return_tensors="pt").input_ids
+    # Checkpoints in the wild pad on the right or have no pad token; the loader fixes both.
+    tokenizer.padding_side = "right"
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(tmp_path)
+    loaded, loaded_tok = load_model_and_tokenizer(str(tmp_path))
+    assert loaded_tok.padding_side == "left" and loaded_tok.pad_token == "<|im_end|>"
+    assert loaded_tok(CHAT[0][1]["content"], return_tensors="pt").input_ids.equal(ids)
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
