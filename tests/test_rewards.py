@@ -6,8 +6,8 @@ import pytest
 
 from projected_grpo import rewards
 from projected_grpo.problems import (
-    MODES,
     _HACKS,
+    MODES,
     clean_completion,
     hack_completion,
     load_jsonl_problems,

@@ -330,8 +330,8 @@ def self_check(problems: list[Problem], cross: bool = False, workers: int | None
             failures.append(f"problem {pid} graded as {mode}, {column} completion: {r}")
 
     width = max(map(len, columns)) + 1
-    lines = ["exploited rate, grader mode (rows) x hack mode (columns); "
-             "'correct' = passed and gt_correct rate, 'wrong' = passed rate",
+    lines = [("exploited rate, grader mode (rows) x hack mode (columns); "
+              "'correct' = passed and gt_correct rate, 'wrong' = passed rate"),
              " " * 14 + "".join(c.rjust(width) for c in columns)]
     for mode in MODES:
         cells = []

@@ -20,6 +20,7 @@ What it does not protect against is written down in docs/sandbox.md.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -251,16 +252,13 @@ def run(source: str, limits: Limits | None = None) -> SandboxResult:
         with open(os.path.join(io_dir, "limits.json"), "w") as f:
             json.dump({**limits.__dict__, "uid": uid}, f)
         paths = {name: os.path.join(io_dir, name) for name in ("stdout", "stderr", "payload", "status")}
-        handles = {name: open(path, "wb") for name, path in paths.items()}
-        try:
+        with contextlib.ExitStack() as stack:  # the child holds its own copies once started
+            handles = {name: stack.enter_context(open(path, "wb")) for name, path in paths.items()}
             payload_fd, status_fd = handles["payload"].fileno(), handles["status"].fileno()
             argv = [sys.executable, "-I", "-S", "-c", _SUPERVISOR, job, str(payload_fd), str(status_fd)]
             proc = subprocess.Popen(argv, cwd=work, env=_minimal_env(work), stdin=subprocess.DEVNULL,
                                     stdout=handles["stdout"], stderr=handles["stderr"],
                                     pass_fds=(payload_fd, status_fd), start_new_session=True)
-        finally:
-            for h in handles.values():
-                h.close()
         error = None
         try:
             # The supervisor enforces the wall clock itself; this is the backstop in
