@@ -1,11 +1,14 @@
 import functools
+import os
 from pathlib import Path
 
 import pytest
 
 from projected_grpo.problems import builtin_problems
 
-REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "leetcode_test_medhard.jsonl"
+# The real rl-rewardhacking file lives beside the checkout, never inside it.
+REAL_DATA = Path(os.environ.get("PROJECTED_GRPO_REAL_DATA", Path(__file__).resolve().parents[2]
+                                / "shared" / "data" / "leetcode_test_medhard.jsonl"))
 
 
 @functools.cache
