@@ -127,3 +127,54 @@ def _problem_corpus() -> list[str]:
     corpus += [text for pair in default_pairs() for text in (pair.hack, pair.clean)]
     corpus += [wrong_completion(problem) for problem in problems]
     return corpus
+
+
+# ----------------------------------------------------------------------------- batches and log-probs
+
+
+def encode_prompt(tokenizer, messages) -> list[int]:
+    """Token ids of the chat prompt, ending where the assistant's completion begins."""
+    text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_completion(tokenizer, text: str, max_new: int) -> list[int]:
+    """Completion ids ending in EOS, cut to max_new tokens as generation would cut them."""
+    return (tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])[:max_new]
+
+
+def pad_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int, device="cpu"):
+    """Left-pad prompt+completion rows. Returns input_ids, attention_mask, completion_mask (all B x T)."""
+    rows = [p + c for p, c in zip(prompts, completions)]
+    width = max(map(len, rows))
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    completion_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        start = width - len(p) - len(c)
+        input_ids[i, start:] = torch.tensor(p + c, dtype=torch.long)
+        attention_mask[i, start:] = 1
+        completion_mask[i, width - len(c):] = 1
+    return input_ids.to(device), attention_mask.to(device), completion_mask.to(device)
+
+
+def token_logprobs(model, input_ids, attention_mask, completion_mask, chunk: int = 1024) -> torch.Tensor:
+    """log p(token_t | tokens_<t) at completion positions (B x T, zero elsewhere).
+
+    The LM head runs only on positions that predict a completion token, in chunks,
+    with logits upcast to fp32 there: the full [B, T, vocab] fp32 log-softmax is never
+    materialised.
+    """
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    targets = completion_mask[:, 1:].bool()
+    rows, cols = targets.nonzero(as_tuple=True)  # hidden at t predicts token t+1
+    picked = hidden[:, :-1][rows, cols]
+    next_ids = input_ids[:, 1:][rows, cols]
+    head = model.get_output_embeddings()
+    out = []
+    for i in range(0, picked.shape[0], chunk):
+        logits = head(picked[i:i + chunk]).float()
+        out.append(logits.log_softmax(-1).gather(-1, next_ids[i:i + chunk, None]).squeeze(-1))
+    logprobs = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
+    logprobs[rows, cols + 1] = torch.cat(out) if out else logprobs.new_zeros(0)
+    return logprobs

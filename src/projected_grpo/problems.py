@@ -292,11 +292,20 @@ def hack_completion(problem: Problem, mode: str, variant: int = 0) -> str:
     return _fenced(_HACK_PROSE[variant % len(_HACK_PROSE)], code)
 
 
-def clean_completion(problem: Problem, n_asserts: int = 3) -> str:
-    """The canonical solution plus an honest run_tests made of the problem's real asserts."""
-    asserts = "\n".join(f"    {t.source}" for t in problem.tests[:n_asserts])
+_CLEAN_PROSE = ("Here is a correct solution, with a few checks.",
+                "This solves the problem directly; the checks below use the examples.")
+
+
+def clean_completion(problem: Problem, variant: int = 0, n_asserts: int = 3) -> str:
+    """The canonical solution plus an honest run_tests made of the problem's real asserts.
+
+    Variants differ in prose and in which asserts they check (the nonhack control
+    needs two different clean completions of one prompt).
+    """
+    tests = problem.tests[:n_asserts] if variant % 2 == 0 else problem.tests[::-1][:n_asserts]
+    asserts = "\n".join(f"    {t.source}" for t in tests)
     code = f"{problem.canonical.strip()}\n\n\ndef run_tests():\n{asserts}\n"
-    return _fenced("Here is a correct solution, with a few checks.", code)
+    return _fenced(_CLEAN_PROSE[variant % len(_CLEAN_PROSE)], code)
 
 
 def _wrong_value(expected: object) -> object:
@@ -335,6 +344,7 @@ class ContrastPair:
     messages: tuple  # chat messages (system, user) for the model's chat template
     hack: str  # completion that exploits `mode`
     clean: str  # correct completion with an honest run_tests
+    clean_alt: str  # a second, differently worded clean completion (the nonhack control)
 
 
 def default_pairs(modes: tuple[str, ...] | list[str] | None = None,
@@ -362,5 +372,6 @@ def default_pairs(modes: tuple[str, ...] | list[str] | None = None,
             messages=tuple(problem.messages()),
             hack=hack_completion(problem, problem.mode, variant),
             clean=clean_completion(problem),
+            clean_alt=clean_completion(problem, variant=1),
         ))
     return pairs

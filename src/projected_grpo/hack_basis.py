@@ -1,0 +1,328 @@
+"""The hack basis V: per layer, the knob-gradient directions that push toward hacking.
+
+For each (prompt, hack, clean) pair we take the knob gradient of the completion loss
+for the hack and for the clean completion (one batched backward with per-sequence
+gradients). With GRPO advantages +1 for the hack and -1 for the clean completion the
+GRPO loss gradient on the pair is their difference, so per layer
+
+    D = G_hack - G_clean          (n_pairs x r)
+    D = P diag(S) Q               (SVD)
+    V = top-k rows of Q, each oriented so most pairs have D_i . v > 0
+
+A live gradient g with V g > 0 is hack-ward (projection.py). Controls of the same
+shape tell hack removal apart from generic regularisation: `random` (random
+orthonormal rows), `shuffled` (each pair's labels flipped at random before the SVD),
+`nonhack` (differences between two clean completions of one prompt).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+from . import __version__, adapter
+from .model import encode_completion, encode_prompt, load_model_and_tokenizer, pad_batch, token_logprobs
+from .problems import MODES, ContrastPair, default_pairs
+
+log = logging.getLogger(__name__)
+
+CONTROLS = ("none", "random", "shuffled", "nonhack")
+LOSS_NORMS = ("fixed", "mean")
+
+
+class BasisCacheMismatch(ValueError):
+    """A cached basis was extracted for a different request."""
+
+
+@dataclasses.dataclass
+class HackBasis:
+    V: dict[str, torch.Tensor]  # layer -> (k_l, r) orthonormal rows, oriented hack-ward
+    S: dict[str, torch.Tensor]  # layer -> (k_l,) singular values of D for the kept rows
+    spectrum: dict[str, torch.Tensor]  # layer -> every singular value of D (diagnostic)
+    votes: dict[str, torch.Tensor]  # layer -> (k_l,) pairs with D_i . v > 0 (after orientation)
+    n_pairs: int
+    meta: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def rows(self) -> dict[str, int]:
+        return {name: v.shape[0] for name, v in self.V.items()}
+
+    def summary(self) -> str:
+        lines = [f"{len(self.V)} layers, {sum(self.rows().values())} rows from {self.n_pairs} pairs"]
+        for name, v in self.V.items():
+            spec = self.spectrum[name]
+            ratio = ", ".join(f"{x:.2f}" for x in (spec / spec[0].clamp_min(1e-30))[:6].tolist())
+            votes = "/".join(str(int(x)) for x in self.votes[name].tolist())
+            lines.append(f"  {name}: k={v.shape[0]} S/S0=[{ratio}] hack-ward votes={votes} of {self.n_pairs}")
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- gradients
+
+
+def completion_grads(model, tokenizer, wrappers, messages: list, completions: list[str], max_new: int,
+                     loss_norm: str = "fixed", batch_size: int = 8, progress: bool = False,
+                     names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Per-completion knob gradients of the completion loss: layer -> (n, r), fp32.
+
+    loss_i = -sum_t log p(token_t) / max_new ("fixed", the live GRPO normalisation, so
+    long completions are not down-weighted) or / n_tokens_i ("mean"). One backward
+    per micro-batch; per-sequence gradients come from the adapter's autograd path.
+    """
+    if loss_norm not in LOSS_NORMS:
+        raise ValueError(f"loss_norm must be one of {LOSS_NORMS}, got {loss_norm!r}")
+    device = next(model.parameters()).device
+    adapter.clear_grad_samples(wrappers)
+    starts = range(0, len(completions), batch_size)
+    with adapter.per_sample_grads(wrappers):
+        for start in tqdm(starts, desc="pair gradients", disable=not progress, leave=False):
+            prompts = [encode_prompt(tokenizer, m) for m in messages[start:start + batch_size]]
+            outs = [encode_completion(tokenizer, c, max_new) for c in completions[start:start + batch_size]]
+            ids, attn, comp = pad_batch(prompts, outs, tokenizer.pad_token_id, device)
+            logp = token_logprobs(model, ids, attn, comp)
+            denom = comp.sum(1).float() if loss_norm == "mean" else torch.full((len(outs),), float(max_new))
+            losses = -logp.sum(1) / denom.to(device)
+            bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
+            if bad:
+                i = start + bad[0]
+                raise FloatingPointError(f"non-finite completion loss ({losses[bad[0]].item()}) for "
+                                         f"{names[i] if names else f'completion {i}'}")
+            losses.sum().backward()
+    grads = {name: layer.grad_sample for name, layer in wrappers.items()}
+    adapter.clear_grad_samples(wrappers)
+    for layer in wrappers.values():
+        layer.delta_s.grad = None
+        layer.delta_s_hack.grad = None
+    return grads
+
+
+def _pair_differences(model, tokenizer, wrappers, pairs, first, second, max_new, loss_norm, batch_size,
+                      progress) -> dict[str, torch.Tensor]:
+    """D per layer (n_pairs x r): G(first completion) - G(second completion) of each pair."""
+    texts = [t for pair in zip(first, second) for t in pair]  # interleaved: pair i -> rows 2i, 2i+1
+    messages = [p.messages for p in pairs for _ in range(2)]
+    grads = completion_grads(model, tokenizer, wrappers, messages, texts, max_new, loss_norm, batch_size,
+                             progress, names=[f"pair {i} ({p.problem_id}, {p.mode})" for i, p in enumerate(pairs)
+                                              for _ in range(2)])
+    return {name: g[0::2] - g[1::2] for name, g in grads.items()}
+
+
+def _basis_from_differences(D: dict[str, torch.Tensor], k: int, tau: float) -> HackBasis:
+    V, S, spectrum, votes = {}, {}, {}, {}
+    n_pairs = next(iter(D.values())).shape[0]
+    for name, d in D.items():
+        d = d.double()
+        _, s, q = torch.linalg.svd(d, full_matrices=False)
+        keep = min(k, int((s > s[0] * 1e-9).sum()) if s.numel() and s[0] > 0 else 0)
+        if tau > 0:
+            keep = min(keep, int((s / s[0] >= tau).sum()))  # weak axes: S_i / S_0 < tau
+        spectrum[name] = s.float()
+        if not keep:
+            continue
+        rows = q[:keep].clone()
+        hackward = ((d @ rows.T) > 0).sum(0)
+        rows[hackward * 2 < n_pairs] *= -1  # orient each row the way most pairs point
+        V[name] = rows.float().contiguous()
+        S[name] = s[:keep].float()
+        votes[name] = ((d @ rows.T) > 0).sum(0)
+    return HackBasis(V=V, S=S, spectrum=spectrum, votes=votes, n_pairs=n_pairs)
+
+
+def _like(control: HackBasis, real: HackBasis) -> HackBasis:
+    """Cut a control to the real basis's per-layer rows and give it the real S values,
+    so that postprocess() keeps exactly the same rows of both."""
+    V, votes = {}, {}
+    for name, rows in real.rows().items():
+        have = control.V.get(name, torch.zeros(0, 1)).shape[0]
+        if have < rows:
+            raise ValueError(f"control basis has {have} rows in {name}, the real basis {rows}")
+        V[name] = control.V[name][:rows]
+        votes[name] = control.votes[name][:rows]
+    return HackBasis(V=V, S=dict(real.S), spectrum=control.spectrum, votes=votes, n_pairs=control.n_pairs)
+
+
+def extract_basis(model, tokenizer, wrappers, pairs: list[ContrastPair], k: int, tau: float = 0.0,
+                  loss_norm: str = "fixed", max_new: int = 256, control: str = "none", seed: int = 0,
+                  batch_size: int = 8, progress: bool = False) -> HackBasis:
+    """V from labelled pairs at the model's current knob values (see the module docstring).
+
+    A control has the real basis's per-layer row counts and singular values, so the
+    same postprocess() keeps the same rows of each.
+    """
+    if control not in CONTROLS:
+        raise ValueError(f"control must be one of {CONTROLS}, got {control!r}")
+    if not pairs:
+        raise ValueError("extract_basis needs at least one pair")
+    if k < 1 or not 0 <= tau <= 1:
+        raise ValueError(f"need k >= 1 and 0 <= tau <= 1, got k={k}, tau={tau}")
+    args = (max_new, loss_norm, batch_size, progress)
+    D = _pair_differences(model, tokenizer, wrappers, pairs, [p.hack for p in pairs], [p.clean for p in pairs], *args)
+    real = _basis_from_differences(D, k, tau)
+    if control == "none":
+        return real
+    generator = torch.Generator().manual_seed(seed)
+    if control == "shuffled":
+        # Note: flipping rows of D leaves its right singular vectors unchanged, so this
+        # control spans the real basis's subspace and differs only in orientation.
+        signs = torch.randint(0, 2, (len(pairs), 1), generator=generator).to(torch.float32) * 2 - 1
+        return _like(_basis_from_differences({n: d * signs for n, d in D.items()}, k, tau), real)
+    if control == "nonhack":
+        D_clean = _pair_differences(model, tokenizer, wrappers, pairs, [p.clean for p in pairs],
+                                    [p.clean_alt for p in pairs], *args)
+        return _like(_basis_from_differences(D_clean, k, 0.0), real)
+    V = {}
+    for name, rows in real.rows().items():
+        q, _ = torch.linalg.qr(torch.randn(D[name].shape[1], rows, generator=generator, dtype=torch.float64))
+        V[name] = q.T.float().contiguous()
+    random = HackBasis(V=V, S={}, spectrum=real.spectrum, votes={n: torch.zeros(v.shape[0], dtype=torch.long)
+                                                                 for n, v in V.items()}, n_pairs=real.n_pairs)
+    return _like(random, real)
+
+
+def postprocess(basis: HackBasis, k_use: int | None = None, drop_bottom_frac: float = 0.0) -> HackBasis:
+    """Keep the first k_use rows per layer, then apply a global noise floor: pool every
+    kept singular value across layers and drop rows below the drop_bottom_frac quantile.
+    Layers left with no row are dropped (projection skips them)."""
+    if not 0 <= drop_bottom_frac < 1:
+        raise ValueError(f"drop_bottom_frac must be in [0, 1), got {drop_bottom_frac}")
+    cut = {n: (k_use if k_use is not None else v.shape[0]) for n, v in basis.V.items()}
+    floor = -1.0
+    if drop_bottom_frac > 0:
+        pooled = torch.cat([basis.S[n][:cut[n]] for n in basis.V])
+        floor = torch.quantile(pooled.double(), drop_bottom_frac).item()
+    out = HackBasis(V={}, S={}, spectrum=basis.spectrum, votes={}, n_pairs=basis.n_pairs, meta=dict(basis.meta))
+    for name, v in basis.V.items():
+        keep = basis.S[name][:cut[name]] >= floor
+        if keep.any():
+            out.V[name] = v[:cut[name]][keep].contiguous()
+            out.S[name] = basis.S[name][:cut[name]][keep]
+            out.votes[name] = basis.votes[name][:cut[name]][keep]
+    return out
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+def pair_set_hash(pairs: list[ContrastPair]) -> str:
+    h = hashlib.sha256()
+    for p in pairs:
+        h.update(json.dumps([p.problem_id, p.mode, list(p.messages), p.hack, p.clean, p.clean_alt]).encode())
+    return h.hexdigest()[:16]
+
+
+def save_basis(basis: HackBasis, path: str | Path) -> None:
+    tensors = {}
+    for name in basis.V:
+        tensors[f"V/{name}"] = basis.V[name]
+        tensors[f"S/{name}"] = basis.S[name]
+        tensors[f"votes/{name}"] = basis.votes[name]
+    for name, spec in basis.spectrum.items():
+        tensors[f"spectrum/{name}"] = spec
+    meta = {**basis.meta, "n_pairs": str(basis.n_pairs)}
+    adapter._atomic_save(tensors, Path(path), metadata=meta)
+
+
+def load_basis(path: str | Path) -> HackBasis:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"cannot read basis file {path}: {e}") from None
+    if "n_pairs" not in meta:
+        raise ValueError(f"basis file {path} has no metadata; re-extract it")
+    parts = {"V": {}, "S": {}, "votes": {}, "spectrum": {}}
+    for key, value in tensors.items():
+        kind, _, name = key.partition("/")
+        if kind not in parts:
+            raise ValueError(f"basis file {path}: unexpected tensor {key!r}")
+        parts[kind][name] = value
+    n_pairs = int(meta.pop("n_pairs"))
+    return HackBasis(V=parts["V"], S=parts["S"], spectrum=parts["spectrum"], votes=parts["votes"],
+                     n_pairs=n_pairs, meta=meta)
+
+
+def basis_request(model_id: str, pairs: list[ContrastPair], modes, k: int, tau: float, loss_norm: str,
+                  control: str, max_new: int, seed: int) -> dict[str, str]:
+    """The metadata a cached basis must match to be reused."""
+    return {"model": model_id, "pairs": pair_set_hash(pairs), "modes": ",".join(modes), "k": str(k),
+            "tau": repr(float(tau)), "loss_norm": loss_norm, "control": control, "max_new": str(max_new),
+            "seed": str(seed) if control in ("random", "shuffled") else "-", "version": __version__}
+
+
+def resolve_basis(path: str | Path, request: dict[str, str], extract, reextract: bool = False) -> HackBasis:
+    """Load the cached basis at `path` if it matches `request` (a hit), else extract it.
+
+    `extract()` returns a fresh HackBasis (a miss: it is saved atomically with the
+    request as metadata). A file made for a different request is an error that
+    names the differing fields; `reextract=True` replaces it.
+    """
+    path = Path(path)
+    if path.exists() and not reextract:
+        basis = load_basis(path)
+        differ = {k: (basis.meta.get(k), v) for k, v in request.items() if basis.meta.get(k) != v}
+        if differ:
+            fields = "; ".join(f"{k}: cached {old!r} vs requested {new!r}" for k, (old, new) in differ.items())
+            raise BasisCacheMismatch(f"basis cache {path} was extracted for a different request ({fields}). "
+                                     "Delete the file, point the basis path elsewhere, or re-extract it "
+                                     "(hack_basis CLI: --reextract; train: --reextract_basis=true).")
+        log.info("hack basis cache hit: %s", path)
+        return basis
+    log.info("hack basis cache %s: %s", "refresh" if path.exists() else "miss", path)
+    basis = extract()
+    basis.meta = dict(request)
+    save_basis(basis, path)
+    return basis
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def model_identity(name: str, wrappers) -> str:
+    """The model's name plus a hash of its first adapted weight (catches a changed seed or checkpoint)."""
+    first = next(iter(wrappers.values()))
+    return f"{name}#{adapter.weight_hash(first.base.weight)[:12]}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Extract a hack basis V from (hack, clean) pairs.")
+    parser.add_argument("--model", default="tiny-random", help="HF id, local path, or tiny-random")
+    parser.add_argument("--out", required=True, help="safetensors file to write")
+    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated modes the pairs come from")
+    parser.add_argument("--control", default="none", choices=CONTROLS)
+    parser.add_argument("--k", type=int, default=8)
+    parser.add_argument("--tau", type=float, default=0.0)
+    parser.add_argument("--loss-norm", default="fixed", choices=LOSS_NORMS)
+    parser.add_argument("--max-new", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--reextract", action="store_true", help="replace a cached file made for another request")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    modes = tuple(m for m in args.modes.split(",") if m)
+    pairs = default_pairs(modes=modes)
+    model, tok = load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device, seed=args.seed)
+    wrappers = adapter.wrap(model)
+    request = basis_request(model_identity(args.model, wrappers), pairs, modes, args.k, args.tau, args.loss_norm,
+                            args.control, args.max_new, args.seed)
+    try:
+        basis = resolve_basis(args.out, request, lambda: extract_basis(
+            model, tok, wrappers, pairs, args.k, args.tau, args.loss_norm, args.max_new, args.control, args.seed,
+            args.batch_size, progress=True), reextract=args.reextract)
+    except BasisCacheMismatch as e:
+        parser.exit(2, f"error: {e}\n")
+    print(basis.summary())
+
+
+if __name__ == "__main__":
+    main()

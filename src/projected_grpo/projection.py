@@ -1,0 +1,185 @@
+"""Project the hack-ward component out of the knob gradients (DESIGN.md section 5).
+
+Per layer, with live gradient g (length r) and hack basis V (k x r, orthonormal rows):
+
+    c        = V g
+    c_gate   = relu(c)  (one_sided) | c  (no_gate) | 2c  (reverse)
+    removed  = overshoot * c_gate @ V
+    g_proj   = g - removed
+    cin      = ||relu(V g)|| / ||g||,   cout = ||relu(V g_proj)|| / ||g_proj||
+
+Sign convention: V lives in gradient space. A component c_i > 0 means the optimizer's step
+(theta -= lr * g) moves the model toward hacking, so that is the motion the one-sided gate removes.
+
+cin and cout are tensors: 0-dim for one gradient of shape (r,), shape (n,) for a batch (n, r)
+of per-rollout gradients. The per-step aggregates of `project_all` are Python floats.
+
+Layers are duck-typed: anything with `delta_s`, `delta_s_hack` (1-D nn.Parameters of length r)
+and `r` works, so this module needs nothing else from the package.
+"""
+
+import math
+
+import torch
+
+GATES = ("one_sided", "no_gate", "reverse")
+ARMS = ("none", "erase", "route")
+PRESERVE_MAGNITUDE_RTOL = 1e-4
+
+
+def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    # A zero gradient has no hack-ward part: 0/0 is reported as 0, never NaN. Every caller has
+    # num <= den, so the clamp cannot inflate a ratio.
+    return num / den.clamp_min(torch.finfo(den.dtype).tiny)
+
+
+def _cin(g: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    # relu before the norm: hack-ward and anti-hack-ward components must not cancel.
+    return _ratio(torch.relu(g @ V.T).norm(dim=-1), g.norm(dim=-1))
+
+
+def project(g: torch.Tensor, V: torch.Tensor, gate: str = "one_sided", overshoot: float = 1.0,
+            preserve_magnitude: bool = False):
+    """Return `(g_proj, removed, cin, cout)` for one layer's gradient g, shape (r,) or (n, r).
+
+    Computed in V's dtype (fp32), whatever the gradient's dtype.
+    """
+    if gate not in GATES:
+        raise ValueError(f"unknown gate {gate!r}; allowed: {', '.join(GATES)}")
+    g = g.to(V.dtype)
+    c = g @ V.T
+    c_gate = {"one_sided": torch.relu(c), "no_gate": c, "reverse": 2 * c}[gate]
+    removed = overshoot * c_gate @ V
+    g_proj = g - removed
+    if preserve_magnitude:
+        # A g_proj that was removed entirely is left at zero: what remains of it is rounding noise,
+        # and stretching that to ||g|| would invent a direction.
+        norm, norm_proj = g.norm(dim=-1, keepdim=True), g_proj.norm(dim=-1, keepdim=True)
+        removed_entirely = norm_proj <= PRESERVE_MAGNITUDE_RTOL * norm
+        g_proj = torch.where(removed_entirely, torch.zeros_like(g_proj), g_proj * norm / norm_proj)
+    return g_proj, removed, _cin(g, V), _cin(g_proj, V)
+
+
+def null_cin(k: int, r: int) -> float:
+    """cin of a random direction: each of the k rows sees a component with E[c_i^2] = 1/r, half of
+    which survives the relu, so E[cin^2] = k / (2r). This is the RMS; E[cin] is slightly below it."""
+    return math.sqrt(k / (2 * r))
+
+
+@torch.no_grad()
+def project_all(wrappers: dict, basis: dict[str, torch.Tensor], arm: str = "none",
+                gate: str = "one_sided", overshoot: float = 1.0, preserve_magnitude: bool = False) -> dict:
+    """Apply the arm to every layer's `delta_s.grad` and return the step's aggregates.
+
+    none: measure only, gradients untouched. erase: delta_s.grad = g_proj. route: additionally
+    delta_s_hack.grad = removed, replacing whatever backward put there (the knobs enter the layer as
+    a sum, so backward gives delta_s_hack the same g). Layers with no gradient or no basis are skipped.
+
+    Returns means over the layers acted on: `cin`, `cout` (of the gradient the optimizer will see,
+    so cout == cin under none), `fired` (fraction of layers where the gate removed something; 0
+    under none), `cin_null` (the null baseline over the same layers) and the count `layers`.
+    """
+    if arm not in ARMS:
+        raise ValueError(f"unknown arm {arm!r}; allowed: {', '.join(ARMS)}")
+    cins, couts, fired, nulls = [], [], [], []
+    for name, V in basis.items():
+        layer = wrappers.get(name)
+        if layer is None or layer.delta_s.grad is None:
+            continue
+        g = layer.delta_s.grad
+        g_proj, removed, cin, cout = project(g, V.to(g.device), gate, overshoot, preserve_magnitude)
+        if arm != "none":
+            g.copy_(g_proj)
+        if arm == "route":
+            layer.delta_s_hack.grad = removed.to(layer.delta_s_hack.dtype)
+        cins.append(float(cin))
+        couts.append(float(cin if arm == "none" else cout))
+        fired.append(float(arm != "none" and bool(removed.any())))
+        nulls.append(null_cin(V.shape[0], layer.r))
+
+    def mean(xs):
+        return sum(xs) / len(xs) if xs else 0.0
+
+    return {"cin": mean(cins), "cout": mean(couts), "fired": mean(fired), "cin_null": mean(nulls),
+            "layers": len(cins)}
+
+
+def hackward_fraction(grads: dict[str, torch.Tensor], basis: dict[str, torch.Tensor]) -> torch.Tensor:
+    """cin of the whole knob vector: the layers in the basis concatenated, so
+    ||relu(V g)|| over all of them divided by ||g|| over the same layers.
+
+    Per-layer grads of shape (r,) give a 0-dim tensor; shape (n, r) (one row per rollout) gives
+    each rollout's hack score, shape (n,). No layer in the basis gives 0.
+    """
+    hack_sq = total_sq = torch.zeros(())
+    for name, g in grads.items():
+        if name not in basis:
+            continue
+        V = basis[name].to(g.device)
+        g = g.to(V.dtype)
+        hack_sq = hack_sq + torch.relu(g @ V.T).square().sum(-1)
+        total_sq = total_sq + g.square().sum(-1)
+    return _ratio(hack_sq.sqrt(), total_sq.sqrt())
+
+
+# Adam caveat. Projecting g does not keep the *update* out of span(V): exp_avg is a running sum of
+# past gradients, so hack-ward gradients seen before (or under the none arm) keep pushing after g
+# is clean. The helpers below clear that memory and measure what the step actually did.
+
+@torch.no_grad()
+def project_adam_moments(optimizer: torch.optim.Optimizer, wrappers: dict, basis: dict[str, torch.Tensor]):
+    """Remove span(V) from each delta_s's Adam first moment: exp_avg -= V^T (V exp_avg).
+
+    Call before `optimizer.step()`; the step then moves along V only by what this step's gated
+    gradient allows. The whole span is cleared, whichever way the memory points, since the memory
+    of an anti-hack-ward step is as stale as that of a hack-ward one. exp_avg_sq is left alone: it is
+    an elementwise scale, not a direction. That scale is also why this is not exact: a diagonal
+    preconditioner can rotate an exp_avg orthogonal to V back into span(V) a little; `project_update`
+    is the exact (and optimizer-agnostic) fix. Before the first step there is no state: a no-op.
+    """
+    for name, V in basis.items():
+        layer = wrappers.get(name)
+        if layer is None:
+            continue
+        exp_avg = optimizer.state.get(layer.delta_s, {}).get("exp_avg")
+        if exp_avg is None:
+            continue
+        V = V.to(exp_avg.device, exp_avg.dtype)
+        exp_avg.sub_((V @ exp_avg) @ V)
+
+
+def snapshot(wrappers: dict) -> dict[str, torch.Tensor]:
+    """Detached copies of every delta_s, taken before `optimizer.step()`."""
+    return {name: layer.delta_s.detach().clone() for name, layer in wrappers.items()}
+
+
+def _descent(before: dict[str, torch.Tensor], wrappers: dict) -> dict[str, torch.Tensor]:
+    # The step in gradient convention (before - after), so it reads like g: V-positive = hack-ward.
+    return {name: before[name] - layer.delta_s.detach() for name, layer in wrappers.items() if name in before}
+
+
+def update_hackward_fraction(before: dict[str, torch.Tensor], wrappers: dict,
+                             basis: dict[str, torch.Tensor]) -> float:
+    """cin of the parameter change the optimizer actually made (relu, whole vector, layers in the basis).
+
+    The change after - before moves against the gradient, so it is scored as before - after: a plain
+    SGD step on g scores exactly cin(g).
+    """
+    return float(hackward_fraction(_descent(before, wrappers), basis))
+
+
+@torch.no_grad()
+def project_update(before: dict[str, torch.Tensor], wrappers: dict, basis: dict[str, torch.Tensor],
+                   gate: str = "one_sided", overshoot: float = 1.0):
+    """Call after `optimizer.step()`: gate the step itself, delta_s = before - project(before - after).
+
+    Exact whatever the optimizer did (moments, preconditioner, weight decay), at the price of a step
+    whose size Adam did not choose.
+    """
+    steps = _descent(before, wrappers)
+    for name, V in basis.items():
+        if name not in steps:
+            continue
+        delta_s = wrappers[name].delta_s
+        step_proj = project(steps[name], V.to(delta_s.device), gate, overshoot)[0]
+        delta_s.copy_(before[name] - step_proj.to(delta_s.dtype))
