@@ -1,0 +1,127 @@
+import pytest
+import torch
+
+from projected_grpo import adapter, hack_basis
+from projected_grpo.hack_basis import BasisCacheMismatch
+from projected_grpo.model import encode_completion, load_model_and_tokenizer
+from projected_grpo.problems import default_pairs
+
+MAX_NEW = 64
+
+
+@pytest.fixture
+def setup(tmp_path, monkeypatch):
+    monkeypatch.setenv("PROJECTED_GRPO_CACHE", str(tmp_path / "cache"))
+    model, tok = load_model_and_tokenizer("tiny-random", seed=0)
+    wrappers = adapter.wrap(model)
+    pairs = default_pairs(modes=("run_tests", "exit_code"))[:7]
+    return model, tok, wrappers, pairs
+
+
+def _extract(setup, **kw):
+    model, tok, wrappers, pairs = setup
+    kw = {"k": 4, "max_new": MAX_NEW, **kw}
+    return hack_basis.extract_basis(model, tok, wrappers, pairs, **kw)
+
+
+def test_rows_are_orthonormal_and_oriented_hackward(setup):
+    model, tok, wrappers, pairs = setup
+    basis = _extract(setup)
+    assert set(basis.V) == set(wrappers)
+    D = hack_basis._pair_differences(model, tok, wrappers, pairs, [p.hack for p in pairs],
+                                     [p.clean for p in pairs], MAX_NEW, "fixed", 8, False)
+    for name, V in basis.V.items():
+        assert V.shape == (4, wrappers[name].r)
+        torch.testing.assert_close(V @ V.T, torch.eye(4), atol=1e-5, rtol=0)
+        positive = (D[name] @ V.T > 0).sum(0)
+        assert torch.all(positive * 2 >= len(pairs))  # most pairs point along each row
+        assert torch.equal(positive, basis.votes[name])
+    assert not any(layer.delta_s.grad is not None for layer in wrappers.values())  # extraction leaves no grads
+
+
+def test_batched_gradients_equal_one_backward_per_completion(setup):
+    model, tok, wrappers, pairs = setup
+    texts, messages = [pairs[0].hack, pairs[0].clean, pairs[1].hack], [pairs[0].messages] * 2 + [pairs[1].messages]
+    batched = hack_basis.completion_grads(model, tok, wrappers, messages, texts, MAX_NEW, batch_size=3)
+    for i in range(3):
+        single = hack_basis.completion_grads(model, tok, wrappers, messages[i:i + 1], texts[i:i + 1], MAX_NEW)
+        for name in wrappers:
+            torch.testing.assert_close(batched[name][i], single[name][0], rtol=1e-4, atol=1e-7)
+    mean = hack_basis.completion_grads(model, tok, wrappers, messages, texts, MAX_NEW, loss_norm="mean", batch_size=3)
+    lengths = torch.tensor([len(encode_completion(tok, t, MAX_NEW)) for t in texts], dtype=torch.float32)
+    name = next(iter(wrappers))
+    torch.testing.assert_close(mean[name], batched[name] * MAX_NEW / lengths[:, None], rtol=1e-4, atol=1e-7)
+
+
+def test_tau_drops_weak_axes_and_postprocess_applies_the_global_floor(setup):
+    full = _extract(setup)
+    strict = _extract(setup, tau=0.5)
+    for name, V in strict.V.items():
+        assert torch.all(strict.S[name] / strict.spectrum[name][0] >= 0.5)
+        assert V.shape[0] <= full.V[name].shape[0]
+    sliced = hack_basis.postprocess(full, k_use=2)
+    assert all(v.shape[0] == 2 for v in sliced.V.values())
+    floored = hack_basis.postprocess(full, drop_bottom_frac=0.5)
+    pooled = torch.cat(list(full.S.values()))
+    assert sum(floored.rows().values()) == int((pooled >= torch.quantile(pooled.double(), 0.5).float()).sum())
+    assert all(torch.all(floored.S[n] >= floored.S[n].min()) for n in floored.V)
+    almost_all = hack_basis.postprocess(full, drop_bottom_frac=0.99)
+    assert 0 < len(almost_all.V) < len(full.V)  # layers with no row left are dropped
+
+
+@pytest.mark.parametrize("control", ["random", "shuffled", "nonhack"])
+def test_controls_have_the_real_basis_shapes(setup, control):
+    real = _extract(setup, tau=0.3)
+    ctrl = _extract(setup, tau=0.3, control=control, seed=3)
+    assert ctrl.rows() == real.rows()
+    for name, V in ctrl.V.items():
+        torch.testing.assert_close(V @ V.T, torch.eye(V.shape[0]), atol=1e-5, rtol=0)
+    assert hack_basis.postprocess(ctrl, 3, 0.25).rows() == hack_basis.postprocess(real, 3, 0.25).rows()
+    if control != "shuffled":  # shuffled spans the same subspace by construction (see extract_basis)
+        name = next(iter(real.V))
+        overlap = torch.linalg.matrix_norm(real.V[name] @ ctrl.V[name].T) ** 2 / real.V[name].shape[0]
+        assert overlap < 0.9
+
+
+def test_cache_miss_hit_mismatch_and_bit_exact_round_trip(setup, tmp_path, caplog):
+    pairs = setup[3]
+    calls = []
+
+    def extract():
+        calls.append(1)
+        return _extract(setup)
+
+    request = hack_basis.basis_request("tiny", pairs, ("run_tests", "exit_code"), 4, 0.0, "fixed", "none", MAX_NEW, 0)
+    path = tmp_path / "basis.safetensors"
+    caplog.set_level("INFO")
+    first = hack_basis.resolve_basis(path, request, extract)
+    assert "cache miss" in caplog.text and path.exists() and len(calls) == 1
+    second = hack_basis.resolve_basis(path, request, extract)
+    assert "cache hit" in caplog.text and len(calls) == 1
+    for name in first.V:
+        assert torch.equal(first.V[name], second.V[name]) and torch.equal(first.S[name], second.S[name])
+    assert second.meta == request
+    with pytest.raises(BasisCacheMismatch, match=r"k: cached '4' vs requested '8'.*reextract"):
+        hack_basis.resolve_basis(path, {**request, "k": "8"}, extract)
+    hack_basis.resolve_basis(path, {**request, "k": "8"}, extract, reextract=True)
+    assert len(calls) == 2 and hack_basis.load_basis(path).meta["k"] == "8"
+    path.write_bytes(b"corrupt")
+    with pytest.raises(ValueError, match="cannot read basis file"):
+        hack_basis.resolve_basis(path, request, extract)
+
+
+def test_non_finite_loss_names_the_pair(setup):
+    _, _, wrappers, pairs = setup
+    with torch.no_grad():
+        next(iter(wrappers.values())).delta_s.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match=rf"pair 0 \({pairs[0].problem_id}, {pairs[0].mode}\)"):
+        _extract(setup)
+
+
+def test_bad_arguments_are_rejected(setup):
+    with pytest.raises(ValueError, match="control must be one of"):
+        _extract(setup, control="bogus")
+    with pytest.raises(ValueError, match="loss_norm must be one of"):
+        _extract(setup, loss_norm="sum")
+    with pytest.raises(ValueError, match="k >= 1"):
+        _extract(setup, k=0)
