@@ -32,7 +32,8 @@ def test_wrap_targets_every_projection_and_freezes_the_rest(tiny):
     assert trainable == {f"{n}.{k}" for n in wrappers for k in ("delta_s", "delta_s_hack")}
     layer = wrappers["model.layers.0.self_attn.q_proj"]
     W = layer.base.weight
-    assert layer.r == min(W.shape) and layer.U.shape == (W.shape[0], layer.r) and layer.Vh.shape == (layer.r, W.shape[1])
+    assert layer.r == min(W.shape)
+    assert layer.U.shape == (W.shape[0], layer.r) and layer.Vh.shape == (layer.r, W.shape[1])
     assert torch.allclose(layer.U @ torch.diag(layer.S) @ layer.Vh, W, atol=1e-5)
     assert not layer.delta_s.any() and not layer.delta_s_hack.any()
 

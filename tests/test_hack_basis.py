@@ -74,7 +74,7 @@ def test_controls_have_the_real_basis_shapes(setup, control):
     real = _extract(setup, tau=0.3)
     ctrl = _extract(setup, tau=0.3, control=control, seed=3)
     assert ctrl.rows() == real.rows()
-    for name, V in ctrl.V.items():
+    for V in ctrl.V.values():
         torch.testing.assert_close(V @ V.T, torch.eye(V.shape[0]), atol=1e-5, rtol=0)
     assert hack_basis.postprocess(ctrl, 3, 0.25).rows() == hack_basis.postprocess(real, 3, 0.25).rows()
     if control != "shuffled":  # shuffled spans the same subspace by construction (see extract_basis)

@@ -92,7 +92,8 @@ ATTACKS = {
     "class Solution:\n    def {m}(self, **kw):\n        return 0",
     "patched_builtins": "import builtins\nbuiltins.type = lambda x: int\nbuiltins.isinstance = lambda *a: True\n"
     "class Solution:\n    def {m}(self, **kw):\n        return 0",
-    "forged_payload": "import os\nos.write(3, b'{{\"outputs\": [{{\"ok\": 0}}], \"passed\": true, \"nonce\": \"0\"}}')\n"
+    "forged_payload": "import os\n"
+    "os.write(3, b'{{\"outputs\": [{{\"ok\": 0}}], \"passed\": true, \"nonce\": \"0\"}}')\n"
     "class Solution:\n    def {m}(self, **kw):\n        return 0",
     "printed_marker_and_file": "print('all tests passed')\nopen('result.txt', 'w').write('PASS')\n"
     "class Solution:\n    def {m}(self, **kw):\n        return 0",
