@@ -73,7 +73,9 @@ def test_wrong_honest_completions_never_pass(problems):
 def test_real_file_canonicals_grade_correct(real_data_path):
     # Each problem in its round-robin mode: every mode is covered ~20 times.
     problems = load_jsonl_problems(real_data_path)
-    results = rewards.grade_batch([clean_completion(p) for p in problems], problems)
+    # A few canonical solutions need ~5 s of CPU for their ~100 tests: leave room under load.
+    limits = rewards.sandbox.Limits(wall_seconds=60, cpu_seconds=30)
+    results = rewards.grade_batch([clean_completion(p) for p in problems], problems, limits=limits)
     bad = [(p.id, p.mode, r.detail) for p, r in zip(problems, results) if not (r.passed and r.gt_correct)]
     assert not bad
 
