@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -43,7 +44,7 @@ MAX_FILES = 32  # files reported from the working directory
 
 @dataclass(frozen=True)
 class Limits:
-    wall_seconds: float = 10.0  # the supervisor kills the whole run after this
+    wall_seconds: float = 20.0  # the supervisor kills the whole run after this (> cpu: room under load)
     cpu_seconds: int = 10  # RLIMIT_CPU; catches busy loops even if the wall clock is generous
     memory_bytes: int = 1 << 30  # RLIMIT_AS; a memory bomb gets MemoryError, the host keeps its RAM
     file_bytes: int = 16 << 20  # RLIMIT_FSIZE; stdout/stderr/payload files count too
@@ -81,7 +82,7 @@ class SandboxResult:
 # <status fd>`, with the job's source in <job dir>/io/main.py and the limits in
 # <job dir>/io/limits.json. It forks the runner, which alone executes the code.
 _SUPERVISOR = r"""
-import ctypes, json, os, resource, select, signal, sys, time
+import ctypes, json, os, resource, select, signal, struct, sys, time
 
 job, payload_fd, status_fd = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 with open(os.path.join(job, "io", "limits.json")) as f:
@@ -89,7 +90,9 @@ with open(os.path.join(job, "io", "limits.json")) as f:
 with open(os.path.join(job, "io", "main.py"), encoding="utf-8") as f:
     source = f.read()
 libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
 libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: the code's orphans come back to us
+PAYLOAD_FD = __PAYLOAD_FD__
 
 def count_processes(uid):
     n = 0
@@ -100,17 +103,48 @@ def count_processes(uid):
             pass
     return n
 
-def enter_sandbox():
+def landlock(rules):
+    # Filesystem: read-only beneath the stdlib, everything beneath work/, nothing
+    # else (no data files, no /tmp or /dev/shm channels between runs). Network:
+    # no TCP bind/connect. Scope: no signals or abstract sockets out of the run.
+    # `rules` are (O_PATH fd, "read" | "all" | "file") pairs opened while we could.
+    abi = libc.syscall(444, None, 0, 1)  # landlock_create_ruleset(NULL, 0, VERSION)
+    if abi < 1:
+        return 0
+    fs = (1 << 13) - 1 | (1 << 13 if abi >= 2 else 0) | (1 << 14 if abi >= 3 else 0) | (1 << 15 if abi >= 5 else 0)
+    net = 3 if abi >= 4 else 0
+    scoped = 3 if abi >= 6 else 0
+    attr = struct.pack("QQQ", fs, net, scoped) if abi >= 6 else struct.pack("QQ", fs, net)
+    ruleset = libc.syscall(444, attr, len(attr), 0)
+    if ruleset < 0:
+        raise OSError(ctypes.get_errno(), "landlock_create_ruleset")
+    access = {"read": (1 << 2) | (1 << 3), "all": fs, "file": (1 << 1) | (1 << 2)}  # READ_FILE, READ_DIR, WRITE_FILE
+    for fd, kind in rules:
+        if libc.syscall(445, ruleset, 1, struct.pack("=Qi", access[kind], fd), 0) < 0:  # PATH_BENEATH
+            raise OSError(ctypes.get_errno(), "landlock_add_rule")
+        os.close(fd)
+    libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS, required to restrict ourselves unprivileged
+    if libc.syscall(446, ruleset, 0) < 0:
+        raise OSError(ctypes.get_errno(), "landlock_restrict_self")
+    os.close(ruleset)
+    return abi
+
+def enter_sandbox(ready_fd):
     os.setpgid(0, 0)
     os.dup2(payload_fd, PAYLOAD_FD)
-    os.closerange(PAYLOAD_FD + 1, 1 << 16)  # drops the status fd and our copies
-    os.chdir(os.path.join(job, "work"))
+    work = os.path.join(job, "work")
+    os.chdir(work)
+    stdlib = [p for p in sys.path if os.path.isdir(p)]
+    rules = [(os.open(p, os.O_PATH), "read") for p in stdlib]
+    rules += [(os.open(work, os.O_PATH), "all"), (os.open("/dev/null", os.O_PATH), "file")]
+    keep = {0, 1, 2, PAYLOAD_FD, ready_fd}
     uid = lim["uid"]
     if uid is not None:
         # The stdlib may sit under a directory the new uid cannot search (/root);
         # directory fds opened now keep it importable through /proc/self/fd.
-        moved = {p: "/proc/self/fd/%d" % os.open(p, os.O_RDONLY | os.O_DIRECTORY)
-                 for p in sys.path if os.path.isdir(p)}
+        moved = {p: os.open(p, os.O_RDONLY | os.O_DIRECTORY) for p in stdlib}
+        keep |= set(moved.values())
+        moved = {p: "/proc/self/fd/%d" % fd for p, fd in moved.items()}
         os.setgroups([])
         os.setgid(uid)
         os.setuid(uid)
@@ -125,6 +159,7 @@ def enter_sandbox():
             if isinstance(getattr(module, "__path__", None), list):
                 module.__path__[:] = [relocate(p) for p in module.__path__]
         sys.path_importer_cache.clear()
+    abi = landlock(rules)
     nproc = lim["processes"] + (0 if uid is not None else count_processes(os.getuid()))
     for res, value in ((resource.RLIMIT_CPU, lim["cpu_seconds"]),
                        (resource.RLIMIT_AS, lim["memory_bytes"]),
@@ -133,12 +168,18 @@ def enter_sandbox():
                        (resource.RLIMIT_NPROC, nproc),
                        (resource.RLIMIT_CORE, 0)):
         resource.setrlimit(res, (value, value))
+    os.write(ready_fd, b"%d" % abi)  # setup done: from here on, only the code's own doing
+    # Close everything else we hold (the status fd, the supervisor's copies).
+    edges = sorted(keep - {ready_fd}) + [1 << 16]
+    for low, high in zip(edges, edges[1:]):
+        os.closerange(low + 1, high)
 
-PAYLOAD_FD = __PAYLOAD_FD__
+ready_r, ready_w = os.pipe()
 runner = os.fork()
 if runner == 0:
     try:
-        enter_sandbox()
+        os.close(ready_r)
+        enter_sandbox(ready_w)
     except BaseException as e:
         os.write(2, ("sandbox setup failed: %r\n" % (e,)).encode())
         os._exit(111)
@@ -146,6 +187,7 @@ if runner == 0:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+os.close(ready_w)
 
 def children():
     me = str(os.getpid())
@@ -187,9 +229,12 @@ if timed_out:
     os.kill(runner, signal.SIGKILL)
 _, status = os.waitpid(runner, 0)
 kill_descendants()
+ready = os.read(ready_r, 16)
 report = {"timed_out": timed_out,
           "exit_code": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
-          "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None}
+          "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
+          "setup_ok": bool(ready),
+          "landlock_abi": int(ready) if ready.isdigit() else 0}
 os.write(status_fd, json.dumps(report).encode())
 """.replace("__PAYLOAD_FD__", str(PAYLOAD_FD))
 
@@ -199,9 +244,10 @@ _UID_BASE = 1_500_000_000
 _UID_SPAN = 400_000_000
 
 
-def _read_capped(path: str, cap: int) -> tuple[bytes, bool]:
-    with open(path, "rb") as f:
-        data = f.read(cap + 1)
+def _read_capped(f, cap: int) -> tuple[bytes, bool]:
+    """Read up to `cap` bytes from an open file (from its start), and whether there was more."""
+    f.seek(0)
+    data = f.read(cap + 1)
     return data[:cap], len(data) > cap
 
 
@@ -209,24 +255,39 @@ def _collect_files(work: str) -> dict[str, bytes]:
     files = {}
     for entry in sorted(os.scandir(work), key=lambda e: e.name)[:MAX_FILES]:
         if entry.is_file(follow_symlinks=False):
+            # O_NOFOLLOW | O_NONBLOCK: a file swapped for a link or FIFO cannot redirect or stall us.
             try:
-                files[entry.name] = _read_capped(entry.path, FILE_CAP)[0]
+                fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+                with os.fdopen(fd, "rb") as f:
+                    files[entry.name] = _read_capped(f, FILE_CAP)[0]
             except OSError:
                 pass  # vanished or unreadable: the code's own business, not ours
     return files
 
 
-def _parse_payload(path: str) -> tuple[object | None, str | None]:
-    size = os.path.getsize(path)
-    if size == 0:
+def _parse_payload(f) -> tuple[object | None, str | None]:
+    raw, too_big = _read_capped(f, PAYLOAD_CAP)
+    if not raw:
         return None, "no payload"
-    if size > PAYLOAD_CAP:
-        return None, f"payload of {size} bytes exceeds the {PAYLOAD_CAP}-byte cap"
-    raw, _ = _read_capped(path, PAYLOAD_CAP)
+    if too_big:
+        return None, f"payload exceeds the {PAYLOAD_CAP}-byte cap"
     try:
         return json.loads(raw.decode("utf-8")), None
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: bad JSON, 5000-digit ints
         return None, f"payload is not JSON: {e.__class__.__name__}"
+
+
+def _parse_report(f) -> dict | None:
+    """The supervisor's report, or None when it is missing or malformed (the supervisor was killed)."""
+    try:
+        report = json.loads(_read_capped(f, 4096)[0])
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    types = {"timed_out": bool, "exit_code": (int, type(None)), "signal": (int, type(None)),
+             "setup_ok": bool, "landlock_abi": int}
+    if not isinstance(report, dict) or any(not isinstance(report.get(k), t) for k, t in types.items()):
+        return None
+    return report
 
 
 def _minimal_env(home: str) -> dict[str, str]:
@@ -234,8 +295,35 @@ def _minimal_env(home: str) -> dict[str, str]:
     return {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": home, "TMPDIR": home}
 
 
+class SandboxSetupError(RuntimeError):
+    """The sandbox could not be set up (before any untrusted code ran): a machine problem."""
+
+
+_warned_unisolated = False
+
+
+def _warn_if_unisolated(report: dict) -> None:
+    global _warned_unisolated
+    if report["landlock_abi"] == 0 and not _warned_unisolated:
+        _warned_unisolated = True
+        warnings.warn("this kernel has no Landlock: sandboxed code can read world-readable files (including "
+                      "dataset files) and write to /tmp; see docs/sandbox.md", RuntimeWarning, stacklevel=3)
+
+
+def _remove_tree(path: str) -> None:
+    try:
+        shutil.rmtree(path)
+    except (OSError, RecursionError):
+        # A tree deeper than rmtree's recursion (the code made it), or odd permissions.
+        subprocess.run(["rm", "-rf", "--", path], check=False)
+
+
 def run(source: str, limits: Limits | None = None) -> SandboxResult:
-    """Run `source` as `__main__` in a fresh limited child; never raises on hostile code."""
+    """Run `source` as `__main__` in a fresh limited child; never raises on hostile code.
+
+    Raises SandboxSetupError only when the sandbox itself cannot start (before any
+    of the code runs), e.g. a container where switching uid is not allowed.
+    """
     limits = limits or Limits()
     job = tempfile.mkdtemp(prefix="pg_sandbox_")
     try:
@@ -251,35 +339,39 @@ def run(source: str, limits: Limits | None = None) -> SandboxResult:
             f.write(source)
         with open(os.path.join(io_dir, "limits.json"), "w") as f:
             json.dump({**limits.__dict__, "uid": uid}, f)
-        paths = {name: os.path.join(io_dir, name) for name in ("stdout", "stderr", "payload", "status")}
-        with contextlib.ExitStack() as stack:  # the child holds its own copies once started
-            handles = {name: stack.enter_context(open(path, "wb")) for name, path in paths.items()}
+        with contextlib.ExitStack() as stack:
+            # We read back through these same handles: a path the code swaps for a
+            # link or a FIFO cannot redirect or stall the caller.
+            handles = {name: stack.enter_context(open(os.path.join(io_dir, name), "w+b"))
+                       for name in ("stdout", "stderr", "payload", "status")}
             payload_fd, status_fd = handles["payload"].fileno(), handles["status"].fileno()
             argv = [sys.executable, "-I", "-S", "-c", _SUPERVISOR, job, str(payload_fd), str(status_fd)]
             proc = subprocess.Popen(argv, cwd=work, env=_minimal_env(work), stdin=subprocess.DEVNULL,
                                     stdout=handles["stdout"], stderr=handles["stderr"],
                                     pass_fds=(payload_fd, status_fd), start_new_session=True)
-        error = None
-        try:
-            # The supervisor enforces the wall clock itself; this is the backstop in
-            # case the code managed to kill or stall it.
-            proc.wait(timeout=limits.wall_seconds + 5)
-        except subprocess.TimeoutExpired:
-            error = "the supervisor did not finish in time and was killed"
-        _kill_leftovers(session=proc.pid, uid=uid)
-        proc.wait()
-        try:
-            report = json.loads(_read_capped(paths["status"], 4096)[0])
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            report = None
+            error = None
+            try:
+                # The supervisor enforces the wall clock itself; this is the backstop in
+                # case the code managed to kill or stall it.
+                proc.wait(timeout=limits.wall_seconds + 5)
+            except subprocess.TimeoutExpired:
+                error = "the supervisor did not finish in time and was killed"
+            _kill_leftovers(session=proc.pid, uid=uid)
+            proc.wait()
+            report = _parse_report(handles["status"])
+            stdout, out_cut = _read_capped(handles["stdout"], OUTPUT_CAP)
+            stderr, err_cut = _read_capped(handles["stderr"], OUTPUT_CAP)
+            payload, payload_error = _parse_payload(handles["payload"])
+        if report is None:
             error = error or f"the supervisor ended without a report (exit {proc.returncode})"
-        stdout, out_cut = _read_capped(paths["stdout"], OUTPUT_CAP)
-        stderr, err_cut = _read_capped(paths["stderr"], OUTPUT_CAP)
-        payload, payload_error = _parse_payload(paths["payload"])
+        elif not report["setup_ok"]:
+            raise SandboxSetupError(f"sandbox setup failed: {stderr.decode('utf-8', 'replace').strip()}")
+        else:
+            _warn_if_unisolated(report)
         return SandboxResult(
             exit_code=report["exit_code"] if report else None,
             signal=report["signal"] if report else None,
-            timed_out=bool(report["timed_out"]) if report else False,
+            timed_out=report["timed_out"] if report else False,
             stdout=stdout.decode("utf-8", errors="replace"),
             stderr=stderr.decode("utf-8", errors="replace"),
             stdout_truncated=out_cut,
@@ -290,7 +382,7 @@ def run(source: str, limits: Limits | None = None) -> SandboxResult:
             error=error,
         )
     finally:
-        shutil.rmtree(job, ignore_errors=True)
+        _remove_tree(job)
 
 
 def _kill_leftovers(session: int, uid: int | None) -> None:
