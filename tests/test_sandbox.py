@@ -145,3 +145,33 @@ def test_run_many_keeps_input_order():
     jobs = [sandbox.Job(f"import time\ntime.sleep({0.05 * (5 - i)})\nprint({i})") for i in range(6)]
     results = sandbox.run_many(jobs, workers=3)
     assert [r.stdout.strip() for r in results] == [str(i) for i in range(6)]
+
+
+def test_hostile_payload_and_deep_tree_do_not_make_run_raise():
+    r = sandbox.run(f"import os\nos.write({sandbox.PAYLOAD_FD}, b'[' + b'1' * 5000 + b']')")
+    assert r.payload is None and "not JSON" in r.payload_error
+    r = sandbox.run("import os\nprint(os.getcwd(), flush=True)\nfor _ in range(3000):\n    os.mkdir('d')\n"
+                    "    os.chdir('d')\n", FAST)
+    assert r.error is None
+    assert not os.path.exists(os.path.dirname(r.stdout.strip()))  # the job dir is gone
+
+
+DATASET = os.path.join(os.path.dirname(sandbox.__file__), "data", "builtin_problems.jsonl")
+
+
+def test_code_is_confined_to_its_directory():
+    probe = sandbox.run("print('probe')")
+    if probe.landlock_abi == 0:
+        pytest.skip("this kernel has no Landlock; confinement is documented as unavailable")
+    attempts = {
+        "dataset": f"open({DATASET!r}).read()",
+        "tmp": "open('/tmp/pg_leak_test', 'w').write('x')",
+        "shm": "open('/dev/shm/pg_leak_test', 'w').write('x')",
+        "tcp": "import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=1)",
+    }
+    for name, code in attempts.items():
+        r = sandbox.run(code, FAST)
+        assert not r.ok and "PermissionError" in r.stderr, name
+    assert not os.path.exists("/tmp/pg_leak_test")
+    r = sandbox.run("import json, random, datetime, fractions\nopen('ok.txt', 'w').write('fine')\nprint('ok')")
+    assert r.ok and r.files == {"ok.txt": b"fine"}

@@ -71,6 +71,7 @@ class SandboxResult:
     payload: object | None  # the parsed JSON payload, or None
     payload_error: str | None  # why the payload was rejected (absent, too big, not JSON, ...)
     error: str | None = None  # the sandbox itself failed to report (e.g. the supervisor was killed)
+    landlock_abi: int = 0  # 0: no filesystem/network confinement on this kernel (see docs/sandbox.md)
 
     @property
     def ok(self) -> bool:
@@ -380,6 +381,7 @@ def run(source: str, limits: Limits | None = None) -> SandboxResult:
             payload=payload,
             payload_error=payload_error,
             error=error,
+            landlock_abi=report["landlock_abi"] if report else 0,
         )
     finally:
         _remove_tree(job)
