@@ -114,6 +114,8 @@ def make_layers(r=20, names=("a", "b", "c"), seed=7):
     wrappers = {n: FakeLayer(r) for n in names}
     for layer in wrappers.values():
         layer.delta_s.grad = torch.randn(r)
+        # As after a real backward: the knobs enter the layer as a sum, so both get g.
+        layer.delta_s_hack.grad = layer.delta_s.grad.clone()
     return wrappers
 
 

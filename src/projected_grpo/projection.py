@@ -73,7 +73,9 @@ def project_all(wrappers: dict, basis: dict[str, torch.Tensor], arm: str = "none
 
     none: measure only, gradients untouched. erase: delta_s.grad = g_proj. route: additionally
     delta_s_hack.grad = removed, replacing whatever backward put there (the knobs enter the layer as
-    a sum, so backward gives delta_s_hack the same g). Layers with no gradient or no basis are skipped.
+    a sum, so backward gives delta_s_hack the same g). The quarantine learns only what route puts
+    there: its gradient is cleared in every other case (arms none and erase, layers without a basis).
+    Layers with no gradient or no basis are otherwise skipped.
 
     Returns means over the layers acted on: `cin`, `cout` (of the gradient the optimizer will see,
     so cout == cin under none), `fired` (fraction of layers where the gate removed something; 0
@@ -81,6 +83,9 @@ def project_all(wrappers: dict, basis: dict[str, torch.Tensor], arm: str = "none
     """
     if arm not in ARMS:
         raise ValueError(f"unknown arm {arm!r}; allowed: {', '.join(ARMS)}")
+    for name, layer in wrappers.items():
+        if arm != "route" or name not in basis:
+            layer.delta_s_hack.grad = None
     cins, couts, fired, nulls = [], [], [], []
     for name, V in basis.items():
         layer = wrappers.get(name)
