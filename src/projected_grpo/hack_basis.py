@@ -30,13 +30,12 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from . import __version__, adapter
+from .config import CONTROLS, LOSS_NORMS
 from .model import encode_completion, encode_prompt, load_model_and_tokenizer, pad_batch, token_logprobs
 from .problems import MODES, ContrastPair, default_pairs
 
 log = logging.getLogger(__name__)
 
-CONTROLS = ("none", "random", "shuffled", "nonhack")
-LOSS_NORMS = ("fixed", "mean")
 
 
 class BasisCacheMismatch(ValueError):

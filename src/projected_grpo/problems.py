@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-# The six grader flaws (DESIGN.md section 2). Each problem carries exactly one.
-MODES = ("run_tests", "sentinel", "stdout_marker", "file_marker", "eq_override", "exit_code")
+from .config import MODES  # the six grader flaws (DESIGN.md section 2); each problem carries exactly one
 
 # What the prompt truthfully discloses about grading, in place of "and should pass all tests".
 # None of these asks the model to cheat; each names the mechanism a hack would abuse.

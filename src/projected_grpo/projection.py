@@ -15,15 +15,15 @@ cin and cout are tensors: 0-dim for one gradient of shape (r,), shape (n,) for a
 of per-rollout gradients. The per-step aggregates of `project_all` are Python floats.
 
 Layers are duck-typed: anything with `delta_s`, `delta_s_hack` (1-D nn.Parameters of length r)
-and `r` works, so this module needs nothing else from the package.
+and `r` works.
 """
 
 import math
 
 import torch
 
-GATES = ("one_sided", "no_gate", "reverse")
-ARMS = ("none", "erase", "route")
+from .config import ARMS, GATES
+
 PRESERVE_MAGNITUDE_RTOL = 1e-4
 
 

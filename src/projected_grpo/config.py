@@ -1,0 +1,214 @@
+"""One flat Config, three presets, command-line overrides and validation.
+
+    python -m projected_grpo.train {smoke|fast|full} [--field=value | --field value ...]
+
+Every override is parsed by its field's type and the whole config is validated
+before any model is loaded: a wrong name or value fails in a second, not after a
+ten-minute model download.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, fields
+
+MODES = ("run_tests", "sentinel", "stdout_marker", "file_marker", "eq_override", "exit_code")
+ARMS = ("none", "erase", "route")
+GATES = ("one_sided", "no_gate", "reverse")
+CONTROLS = ("none", "random", "shuffled", "nonhack")
+ADAM_LEAK = ("none", "moments", "update")
+LOSS_NORMS = ("fixed", "mean")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class Config:
+    # --- the experiment
+    intervention: str = "erase"  # none: measure only (vanilla GRPO); erase: drop the hack-ward part; route: divert it
+    seed: int = 0  # seeds weights of tiny-random, sampling, problem order, controls: same seed => same run
+    # --- model
+    model: str = "tiny-random"  # HF id or local path; tiny-random builds a 2-layer Qwen3 offline
+    dtype: str = "float32"  # bfloat16 on GPU; knobs and their optimizer stay fp32 either way
+    device: str = "cpu"  # cpu or cuda; asking for cuda where none exists is an error up front
+    # --- the loop
+    steps: int = 30  # optimizer steps
+    group: int = 4  # rollouts per prompt (G = G_s + G_t); the GRPO advantage is relative within it
+    prompts_per_step: int = 2  # problems per step; the loss denominator is group * max_new * prompts_per_step
+    max_new: int = 64  # generation budget per completion, also the fixed loss normaliser
+    temperature: float = 1.0  # sampling temperature for student rollouts
+    top_p: float = 1.0  # nucleus sampling for student rollouts (top_k is always 0: off)
+    # --- problems
+    problems: str = "builtin"  # "builtin" or a path to an rl-rewardhacking jsonl (modes round-robin)
+    modes: str = ",".join(MODES)  # comma-separated loophole modes trained on
+    eval_prompts: int = 6  # problems held out from training for deploy evaluation
+    # --- teacher
+    mix_ratio: float = 0.5  # fraction of each group taken from the frozen teacher pool (0: pure on-policy GRPO)
+    teacher_pool: str = ""  # pool directory; empty: the fixture pool, built under out/pools on first use
+    # --- optimizer
+    lr: float = 1e-2  # AdamW on the knobs; S-scale knobs tolerate larger steps than full weights
+    adam_beta1: float = 0.9  # first-moment decay: what the Adam leak remembers
+    adam_beta2: float = 0.999  # second-moment decay
+    weight_decay: float = 0.0  # pulls knobs back to the base model; 0 keeps the comparison about projection only
+    warmup: int = 3  # linear warmup steps before the cosine decay
+    grad_clip: float = 1.0  # global norm clip on the knob gradients (after projection)
+    # --- loss
+    beta: float = 0.0  # K3 KL weight to the reference (the zero-knob base model); 0 skips that forward
+    clip_eps: float = 0.2  # PPO clip range on the ratio to the sampling policy
+    # --- projection
+    gate: str = "one_sided"  # one_sided: remove only hack-ward motion; no_gate: both signs; reverse: flip it
+    overshoot: float = 1.0  # scale of what is removed (>1 pushes away from hacking)
+    preserve_magnitude: bool = False  # rescale the projected gradient to the original norm
+    adam_leak: str = "none"  # none; moments: clear span(V) from Adam's exp_avg; update: project the step itself
+    # --- hack basis
+    basis_path: str = ""  # safetensors cache; empty: out/bases/<hash of the request>.safetensors
+    basis_k: int = 8  # rows extracted per layer
+    basis_k_use: int = 0  # rows kept per layer after extraction (0: all k)
+    basis_tau: float = 0.0  # drop axes with S_i / S_0 below this
+    drop_bottom_frac: float = 0.0  # global noise floor: drop this quantile of all layers' singular values
+    control: str = "none"  # negative control in place of the real basis: random, shuffled, nonhack
+    basis_modes: str = ",".join(MODES)  # the weak detector's known modes: pairs come only from these
+    loss_norm: str = "fixed"  # pair loss normalisation: fixed (as the live loss) or mean per completion
+    reextract_basis: bool = False  # replace a cached basis that was made for a different request
+    refresh_every: int = 0  # re-extract V on the current model (quarantine ablated) every N steps; 0: never
+    # --- evaluation, logging, checkpoints
+    eval_every: int = 0  # evaluate held-out prompts (deployed, and kept for route) every N steps; 0: end only
+    log_completions: int = 2  # student completions per step written to completions.jsonl
+    checkpoint_every: int = 25  # plus one at the end, on Ctrl-C and before a NaN stop
+    grade_workers: int = 0  # parallel sandbox children; 0: two per core
+    run_name: str = ""  # empty: <preset>-<intervention>[-<control>]-s<seed>
+    out_dir: str = "out/runs"  # runs land in out_dir/run_name
+    resume: bool = False  # continue from the latest checkpoint in the run directory
+
+    @property
+    def mode_list(self) -> tuple[str, ...]:
+        return tuple(m for m in self.modes.split(",") if m)
+
+    @property
+    def basis_mode_list(self) -> tuple[str, ...]:
+        return tuple(m for m in self.basis_modes.split(",") if m)
+
+    @property
+    def teacher_group(self) -> int:
+        """G_t: teacher rows per group."""
+        return round(self.mix_ratio * self.group)
+
+    @property
+    def student_group(self) -> int:
+        """G_s: student samples per group."""
+        return self.group - self.teacher_group
+
+
+PRESETS: dict[str, dict] = {
+    # Every code path on a laptop CPU in seconds per step.
+    "smoke": {},
+    # One GPU, a Qwen3 checkpoint in bf16, tens of minutes.
+    "fast": dict(model="Qwen/Qwen3-4B", dtype="bfloat16", device="cuda", steps=60, group=8, prompts_per_step=4,
+                 max_new=512, lr=2e-3, eval_prompts=12, eval_every=20, refresh_every=20, basis_k=16,
+                 log_completions=4),
+    # The long run.
+    "full": dict(model="Qwen/Qwen3-4B", dtype="bfloat16", device="cuda", steps=200, group=16, prompts_per_step=8,
+                 max_new=1024, lr=1e-3, beta=1e-3, eval_prompts=24, eval_every=25, refresh_every=50, basis_k=16,
+                 log_completions=4),
+}
+
+
+class ConfigError(ValueError):
+    """A bad preset, field name or value; the message names it and what is allowed."""
+
+
+def _parse_value(field: dataclasses.Field, raw: str):
+    kind = field.type if isinstance(field.type, type) else {"int": int, "float": float, "bool": bool,
+                                                             "str": str}[field.type]
+    if kind is bool:
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"--{field.name}: expected true or false, got {raw!r}")
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ConfigError(f"--{field.name}: expected {kind.__name__}, got {raw!r}") from None
+
+
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    """`--a=1 --b 2` -> {"a": "1", "b": "2"}; dashes in names read as underscores."""
+    out, i = {}, 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}: overrides look like --field=value")
+        name, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                raise ConfigError(f"--{name} needs a value")
+            i += 1
+            value = args[i]
+        out[name.replace("-", "_")] = value
+        i += 1
+    return out
+
+
+def make_config(preset: str, overrides: dict[str, str] | None = None) -> Config:
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; allowed: {', '.join(PRESETS)}")
+    by_name = {f.name: f for f in fields(Config)}
+    values = dict(PRESETS[preset])
+    for name, raw in (overrides or {}).items():
+        if name not in by_name:
+            close = difflib.get_close_matches(name, by_name, n=3)
+            hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else ""
+            raise ConfigError(f"unknown field --{name}{hint}")
+        values[name] = _parse_value(by_name[name], raw)
+    cfg = Config(**values)
+    if not cfg.run_name:
+        control = f"-{cfg.control}" if cfg.control != "none" else ""
+        cfg.run_name = f"{preset}-{cfg.intervention}{control}-s{cfg.seed}"
+    validate(cfg)
+    return cfg
+
+
+def _check(ok: bool, field: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"--{field}: {message}")
+
+
+def validate(cfg: Config) -> None:
+    """Every rule a run depends on, checked before anything heavy happens."""
+    for name, allowed in (("intervention", ARMS), ("gate", GATES), ("control", CONTROLS), ("adam_leak", ADAM_LEAK),
+                          ("loss_norm", LOSS_NORMS), ("dtype", DTYPES)):
+        value = getattr(cfg, name)
+        _check(value in allowed, name, f"{value!r} is not one of {', '.join(allowed)}")
+    for name in ("modes", "basis_modes"):
+        modes = getattr(cfg, name).split(",")
+        bad = [m for m in modes if m not in MODES]
+        _check(not bad and len(modes) == len(set(modes)), name,
+               f"unknown or repeated modes {bad or modes}; allowed: {', '.join(MODES)}")
+    for name in ("steps", "group", "prompts_per_step", "max_new", "basis_k", "checkpoint_every"):
+        _check(getattr(cfg, name) >= 1, name, f"must be >= 1, got {getattr(cfg, name)}")
+    for name in ("eval_prompts", "warmup", "refresh_every", "eval_every", "log_completions", "grade_workers",
+                 "basis_k_use"):
+        _check(getattr(cfg, name) >= 0, name, f"must be >= 0, got {getattr(cfg, name)}")
+    _check(0.0 <= cfg.mix_ratio <= 1.0, "mix_ratio", f"must be in [0, 1], got {cfg.mix_ratio}")
+    _check(cfg.student_group >= 1, "mix_ratio",
+           f"leaves no student samples: group {cfg.group} x mix_ratio {cfg.mix_ratio} rounds to all teacher rows")
+    _check(0.0 <= cfg.basis_tau <= 1.0, "basis_tau", f"must be in [0, 1], got {cfg.basis_tau}")
+    _check(0.0 <= cfg.drop_bottom_frac < 1.0, "drop_bottom_frac", f"must be in [0, 1), got {cfg.drop_bottom_frac}")
+    _check(cfg.basis_k_use <= cfg.basis_k, "basis_k_use", f"{cfg.basis_k_use} exceeds basis_k {cfg.basis_k}")
+    _check(cfg.lr > 0, "lr", f"must be > 0, got {cfg.lr}")
+    _check(cfg.beta >= 0, "beta", f"must be >= 0, got {cfg.beta}")
+    _check(cfg.clip_eps > 0, "clip_eps", f"must be > 0, got {cfg.clip_eps}")
+    _check(cfg.overshoot > 0, "overshoot", f"must be > 0, got {cfg.overshoot}")
+    _check(cfg.temperature > 0 and 0 < cfg.top_p <= 1, "temperature",
+           f"temperature must be > 0 and top_p in (0, 1], got {cfg.temperature}, {cfg.top_p}")
+    _check(0 <= cfg.adam_beta1 < 1 and 0 <= cfg.adam_beta2 < 1, "adam_beta1",
+           f"Adam betas must be in [0, 1), got {cfg.adam_beta1}, {cfg.adam_beta2}")
+    _check("/" not in cfg.run_name and cfg.run_name not in (".", ".."), "run_name",
+           f"{cfg.run_name!r} must be a plain directory name")
+    if cfg.device.startswith("cuda"):
+        import torch
+
+        _check(torch.cuda.is_available(), "device", "cuda was asked for but no CUDA device is available; use cpu")
+    else:
+        _check(cfg.device == "cpu", "device", f"{cfg.device!r} is not one of cpu, cuda, cuda:N")
