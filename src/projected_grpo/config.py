@@ -38,6 +38,7 @@ class Config:
     max_new: int = 64  # generation budget per completion, also the fixed loss normaliser
     temperature: float = 1.0  # sampling temperature for student rollouts
     top_p: float = 1.0  # nucleus sampling for student rollouts (top_k is always 0: off)
+    micro_batch: int = 0  # rollouts per scoring forward/backward (0: the whole step at once); bounds activation memory
     # --- problems
     problems: str = "builtin"  # "builtin" or a path to an rl-rewardhacking jsonl (modes round-robin)
     modes: str = ",".join(MODES)  # comma-separated loophole modes trained on
@@ -104,12 +105,12 @@ PRESETS: dict[str, dict] = {
     "smoke": {},
     # One GPU, a Qwen3 checkpoint in bf16, tens of minutes.
     "fast": dict(model="Qwen/Qwen3-4B", dtype="bfloat16", device="cuda", steps=60, group=8, prompts_per_step=4,
-                 max_new=512, lr=2e-3, eval_prompts=12, eval_every=20, refresh_every=20, basis_k=16,
+                 max_new=512, micro_batch=8, lr=2e-3, eval_prompts=12, eval_every=20, refresh_every=20, basis_k=16,
                  log_completions=4),
     # The long run.
     "full": dict(model="Qwen/Qwen3-4B", dtype="bfloat16", device="cuda", steps=200, group=16, prompts_per_step=8,
-                 max_new=1024, lr=1e-3, beta=1e-3, eval_prompts=24, eval_every=25, refresh_every=50, basis_k=16,
-                 log_completions=4),
+                 max_new=1024, micro_batch=8, lr=1e-3, beta=1e-3, eval_prompts=24, eval_every=25, refresh_every=50,
+                 basis_k=16, log_completions=4),
 }
 
 
@@ -187,8 +188,8 @@ def validate(cfg: Config) -> None:
                f"unknown or repeated modes {bad or modes}; allowed: {', '.join(MODES)}")
     for name in ("steps", "group", "prompts_per_step", "max_new", "basis_k", "checkpoint_every"):
         _check(getattr(cfg, name) >= 1, name, f"must be >= 1, got {getattr(cfg, name)}")
-    for name in ("eval_prompts", "warmup", "refresh_every", "eval_every", "log_completions", "grade_workers",
-                 "basis_k_use"):
+    for name in ("micro_batch", "eval_prompts", "warmup", "refresh_every", "eval_every", "log_completions",
+                 "grade_workers", "basis_k_use"):
         _check(getattr(cfg, name) >= 0, name, f"must be >= 0, got {getattr(cfg, name)}")
     _check(0.0 <= cfg.mix_ratio <= 1.0, "mix_ratio", f"must be in [0, 1], got {cfg.mix_ratio}")
     _check(cfg.student_group >= 1, "mix_ratio",

@@ -178,3 +178,36 @@ def token_logprobs(model, input_ids, attention_mask, completion_mask, chunk: int
     logprobs = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
     logprobs[rows, cols + 1] = torch.cat(out) if out else logprobs.new_zeros(0)
     return logprobs
+
+
+def stop_ids(model, tokenizer) -> list[int]:
+    """The tokenizer's EOS plus the model's own: chat models end a turn on one, base models on another."""
+    configured = model.generation_config.eos_token_id
+    configured = configured if isinstance(configured, list) else [configured]
+    return list(dict.fromkeys(i for i in [tokenizer.eos_token_id, *configured] if i is not None))
+
+
+def cut_at_eos(ids: list[int], stop: list[int]) -> list[int]:
+    """Keep tokens up to and including the first stop token. Not `!= pad`: pad may equal
+    EOS, or be a token the model really wrote."""
+    for i, token in enumerate(ids):
+        if token in stop:
+            return ids[:i + 1]
+    return ids
+
+
+@torch.no_grad()
+def generate_completions(model, tokenizer, prompts: list[list[int]], max_new: int, temperature: float = 1.0,
+                         top_p: float = 1.0) -> list[list[int]]:
+    """Sample one completion per prompt (token ids) from one left-padded generate call.
+
+    Every sampling knob is explicit: a checkpoint's generation_config (Qwen3 ships
+    top_k=20, temperature=0.6) must not silently change what is sampled.
+    """
+    device = next(model.parameters()).device
+    input_ids, attention_mask, _ = pad_batch(prompts, [[] for _ in prompts], tokenizer.pad_token_id, device)
+    stop = stop_ids(model, tokenizer)
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=True,
+                         temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=stop)
+    return [cut_at_eos(row, stop) for row in out[:, input_ids.shape[1]:].tolist()]

@@ -1,0 +1,130 @@
+"""One GRPO step's rollouts, advantages and loss (DESIGN.md section 6, items 1-5).
+
+Student samples come from one left-padded `generate` call with the knobs merged into
+the weights; teacher rows are frozen, already graded completions from the pool. The
+advantage is Dr.GRPO's A = R - mean(R) per prompt group (no std division). The loss
+is the PPO-clip form with the ratio to the sampling policy, an optional K3 KL to the
+zero-knob reference, summed over completion tokens and divided by the fixed
+group * max_new * prompts_per_step. One backward (per micro-batch) gives every
+rollout's knob gradient, so the student and teacher gradients come apart for free.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+
+from . import adapter
+from .config import Config
+from .model import encode_completion, encode_prompt, generate_completions, pad_batch, token_logprobs
+from .problems import Problem
+from .rewards import grade_batch
+from .teacher_pool import Pool
+
+
+@dataclass
+class Rollout:
+    problem: Problem
+    completion_ids: list[int]  # ends at (and includes) the first EOS, or at max_new
+    text: str
+    teacher: bool
+    reward: float
+    passed: bool
+    gt_correct: bool
+    exploited: bool
+    advantage: float = 0.0
+
+
+def sample(model, tokenizer, wrappers, prompts: list[list[int]], n: int, cfg: Config) -> list[list[int]]:
+    """n completions per prompt from one batched generate call with the knobs merged into the weights."""
+    with adapter.merged(wrappers):
+        return generate_completions(model, tokenizer, [p for p in prompts for _ in range(n)], cfg.max_new,
+                                    cfg.temperature, cfg.top_p)
+
+
+def group_advantages(rollouts: list[Rollout], group: int) -> int:
+    """Dr.GRPO: A = R - mean(R) within each group, in place. Returns the zero-spread group count."""
+    zero_spread = 0
+    for start in range(0, len(rollouts), group):
+        members = rollouts[start:start + group]
+        mean = sum(r.reward for r in members) / len(members)
+        for r in members:
+            r.advantage = r.reward - mean
+        zero_spread += all(r.reward == members[0].reward for r in members)
+    return zero_spread
+
+
+def collect_rollouts(model, tokenizer, wrappers, problems: list[Problem], pool: Pool | None, cfg: Config,
+                     rng: random.Random, workers: int | None) -> tuple[list[Rollout], dict[str, float]]:
+    """Student samples and teacher rows for each problem, graded; groups are contiguous."""
+    timings = {}
+    t0 = time.perf_counter()
+    prompts = [encode_prompt(tokenizer, p.messages()) for p in problems]
+    student_ids = sample(model, tokenizer, wrappers, prompts, cfg.student_group, cfg)
+    timings["t_generate"] = time.perf_counter() - t0
+    texts = tokenizer.batch_decode(student_ids, skip_special_tokens=True)
+    t0 = time.perf_counter()
+    student_problems = [p for p in problems for _ in range(cfg.student_group)]
+    grades = grade_batch(texts, student_problems, workers=workers)
+    timings["t_grade"] = time.perf_counter() - t0
+    rollouts = []
+    for i, problem in enumerate(problems):
+        for j in range(cfg.student_group):
+            k = i * cfg.student_group + j
+            g = grades[k]
+            rollouts.append(Rollout(problem, student_ids[k], texts[k], False, g.reward, g.passed, g.gt_correct,
+                                    g.exploited))
+        if cfg.teacher_group:
+            for row in pool.sample(problem.id, cfg.teacher_group, rng):
+                rollouts.append(Rollout(problem, encode_completion(tokenizer, row.completion, cfg.max_new),
+                                        row.completion, True, row.reward, row.passed, row.gt_correct,
+                                        row.exploited))
+    return rollouts, timings
+
+
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None, advantages: torch.Tensor,
+                mask: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """PPO-clip (+ beta * K3 KL) summed over completion tokens / (group * max_new * prompts_per_step)."""
+    ratio = torch.exp(logp - old_logp)
+    adv = advantages[:, None]
+    per_token = -torch.minimum(ratio * adv, ratio.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps) * adv)
+    if ref_logp is not None:
+        log_ratio = ref_logp - logp
+        per_token = per_token + cfg.beta * (torch.exp(log_ratio) - log_ratio - 1)
+    return (per_token * mask).sum() / (cfg.group * cfg.max_new * cfg.prompts_per_step)
+
+
+def backward_rollouts(model, tokenizer, wrappers, rollouts: list[Rollout], cfg: Config) -> dict:
+    """Score every rollout, backpropagate the loss, and keep per-rollout knob gradients.
+
+    Returns the loss, per-layer grad_sample (n_rollouts x r, rollout order) and the
+    KL estimate; delta_s.grad holds the summed gradient g_s + g_t afterwards.
+    """
+    device = next(model.parameters()).device
+    size = cfg.micro_batch or len(rollouts)
+    total_loss, kl_sum, tokens = 0.0, 0.0, 0
+    adapter.clear_grad_samples(wrappers)
+    with adapter.per_sample_grads(wrappers):
+        for start in range(0, len(rollouts), size):
+            chunk = rollouts[start:start + size]
+            prompts = [encode_prompt(tokenizer, r.problem.messages()) for r in chunk]
+            ids, attn, comp = pad_batch(prompts, [r.completion_ids for r in chunk], tokenizer.pad_token_id, device)
+            logp = token_logprobs(model, ids, attn, comp)
+            ref = None
+            if cfg.beta > 0:
+                with torch.no_grad(), adapter.zeroed(wrappers):
+                    ref = token_logprobs(model, ids, attn, comp)
+                kl_sum += float(((torch.exp(ref - logp) - (ref - logp) - 1) * comp).sum())
+            advantages = torch.tensor([r.advantage for r in chunk], dtype=torch.float32, device=device)
+            loss = policy_loss(logp, logp.detach(), ref, advantages, comp.float(), cfg)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {loss.item()} in rollouts {start}..{start + len(chunk) - 1}")
+            loss.backward()
+            total_loss += loss.item()
+            tokens += int(comp.sum())
+    grads = {name: layer.grad_sample for name, layer in wrappers.items()}
+    adapter.clear_grad_samples(wrappers)
+    return {"loss": total_loss, "grad_sample": grads, "kl": kl_sum / max(tokens, 1)}

@@ -1,0 +1,429 @@
+"""The training loop: python -m projected_grpo.train {smoke|fast|full} [--field=value ...]
+
+Each step (DESIGN.md section 6): rollouts and grades (grpo.py), one backward with
+per-rollout knob gradients, cin of the student and teacher gradients, the arm's
+projection, clip, AdamW, warmup-cosine schedule; every `refresh_every` steps V is
+re-extracted on the current model with the quarantine ablated; every `eval_every`
+steps held-out prompts are evaluated as deployed (and kept, for route). Each run
+writes out/runs/<run_name>/: config.json, metrics.jsonl, completions.jsonl,
+checkpoints/, summary.json and summary.txt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import adapter, hack_basis, projection
+from .config import MODES, Config, ConfigError, make_config, parse_overrides
+from .grpo import backward_rollouts, collect_rollouts, group_advantages, sample
+from .hack_basis import HackBasis
+from .model import encode_prompt, load_model_and_tokenizer
+from .problems import builtin_problems, default_pairs, load_jsonl_problems
+from .rewards import grade_batch
+from .teacher_pool import Pool, build_pool, load_pool
+
+log = logging.getLogger("projected_grpo")
+
+# Metrics summarised as last-5-step means, with the direction that is good.
+SUMMARY_METRICS = {"hack_s": "down", "gt_s": "up", "reward": "up", "cin_s": "down", "cin_t": "down", "cin": "down",
+                   "cout": "down", "update_hackward": "down", "dS_hack_norm": "-"}
+LOW_OVERLAP = 0.2  # a refresh below this rotated the basis away from the one it replaced
+
+
+class TrainingDiverged(RuntimeError):
+    """A NaN or inf in the loss or gradients; the last good state was checkpointed."""
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def split_problems(cfg: Config):
+    """Training and held-out evaluation problems, restricted to cfg's modes."""
+    problems = builtin_problems() if cfg.problems == "builtin" else load_jsonl_problems(cfg.problems)
+    problems = [p for p in problems if p.mode in cfg.mode_list]
+    # The held-out split does not depend on the seed, so seeds are comparable.
+    random.Random(0).shuffle(problems)
+    held_out, train = problems[:cfg.eval_prompts], problems[cfg.eval_prompts:]
+    if len(train) < cfg.prompts_per_step:
+        raise ConfigError(f"--eval_prompts: only {len(train)} training problems left in modes {cfg.modes}, "
+                          f"fewer than prompts_per_step={cfg.prompts_per_step}")
+    return train, held_out
+
+
+def resolve_pool(cfg: Config, train) -> Pool | None:
+    if cfg.teacher_group == 0:
+        return None
+    path = Path(cfg.teacher_pool) if cfg.teacher_pool else None
+    if path is None:
+        key = hashlib.sha256(json.dumps([cfg.problems, sorted(p.id for p in train)]).encode()).hexdigest()[:12]
+        path = Path("out/pools") / f"fixture-{key}"
+        if not (path / "meta.json").exists():
+            log.info("building the fixture teacher pool at %s", path)
+            build_pool(path, train, workers=cfg.grade_workers or None)
+    pool = load_pool(path, modes=cfg.mode_list)
+    missing = [p.id for p in train if not pool.rows_for(p.id)]
+    if missing:
+        raise ConfigError(f"--teacher_pool: {path} has no rows for training problems {missing[:5]} "
+                          f"(mix_ratio={cfg.mix_ratio} needs some for every problem)")
+    return pool
+
+
+def basis_for(cfg: Config, model, tok, wrappers, pairs, model_id: str, path: str | None = None,
+              reextract: bool = False) -> HackBasis:
+    request = hack_basis.basis_request(model_id, pairs, cfg.basis_mode_list, cfg.basis_k, cfg.basis_tau,
+                                       cfg.loss_norm, cfg.control, cfg.max_new, cfg.seed)
+    if path is None:
+        key = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:16]
+        path = cfg.basis_path or f"out/bases/{key}.safetensors"
+    basis = hack_basis.resolve_basis(path, request, lambda: hack_basis.extract_basis(
+        model, tok, wrappers, pairs, cfg.basis_k, cfg.basis_tau, cfg.loss_norm, cfg.max_new, cfg.control,
+        cfg.seed, progress=True), reextract=reextract)
+    return hack_basis.postprocess(basis, cfg.basis_k_use or None, cfg.drop_bottom_frac)
+
+
+def basis_overlap(old: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> float:
+    """Mean over shared layers of ||V_old V_newᵀ||_F² / k_old: 1 = same span, ~k/r = unrelated."""
+    shared = [n for n in old if n in new]
+    if not shared:
+        return 0.0
+    return sum(float((old[n] @ new[n].T).square().sum()) / old[n].shape[0] for n in shared) / len(shared)
+
+
+def warmup_cosine(cfg: Config):
+    def factor(step: int) -> float:
+        if step < cfg.warmup:
+            return (step + 1) / (cfg.warmup + 1)
+        progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step_{step:06d}"
+
+
+def save_checkpoint(run_dir: Path, step: int, wrappers, optimizer, scheduler, basis: dict) -> Path:
+    """Knobs, optimizer, scheduler, RNG and basis, written to a temp dir then renamed (atomic)."""
+    final = _checkpoint_dir(run_dir, step)
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    adapter.save_knobs(wrappers, tmp / "knobs.safetensors")
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "basis": basis}, tmp / "state.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    done = sorted(p for p in (run_dir / "checkpoints").glob("step_*") if not p.name.endswith(".tmp"))
+    return done[-1] if done else None
+
+
+def _truncate_jsonl(path: Path, last_step: int) -> None:
+    """Keep rows up to last_step: a resumed run rewrites what came after its checkpoint."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines(keepends=True)
+            if line.strip() and json.loads(line)["step"] <= last_step]
+    path.write_text("".join(kept))
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(model, tok, wrappers, problems, cfg: Config, step: int, workers) -> dict[str, float]:
+    """Hack and solve rates on held-out prompts, one sample each: deployed (quarantine
+    ablated) and, for route, kept. Sampling is seeded and leaves the training RNG alone."""
+    if not problems:
+        return {}
+    prompts = [encode_prompt(tok, p.messages()) for p in problems]
+    out = {}
+    variants = {"deployed": adapter.ablate_quarantine}
+    if cfg.intervention == "route":
+        variants["kept"] = None
+    for name, context in variants.items():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed * 1000 + step)
+            if context is None:
+                ids = sample(model, tok, wrappers, prompts, 1, cfg)
+            else:
+                with context(wrappers):
+                    ids = sample(model, tok, wrappers, prompts, 1, cfg)
+        grades = grade_batch(tok.batch_decode(ids, skip_special_tokens=True), problems, workers=workers)
+        out[f"eval_{name}_hack"] = sum(g.exploited for g in grades) / len(grades)
+        out[f"eval_{name}_solve"] = sum(g.gt_correct for g in grades) / len(grades)
+    return out
+
+
+# ----------------------------------------------------------------------------- one step
+
+
+def _rates(rollouts, prefix: str) -> dict:
+    if not rollouts:
+        return {f"hack_{prefix}": None, f"gt_{prefix}": None}
+    return {f"hack_{prefix}": sum(r.exploited for r in rollouts) / len(rollouts),
+            f"gt_{prefix}": sum(r.gt_correct for r in rollouts) / len(rollouts)}
+
+
+def _grads_finite(wrappers) -> bool:
+    return all(p.grad is None or bool(torch.isfinite(p.grad).all())
+               for layer in wrappers.values() for p in (layer.delta_s, layer.delta_s_hack))
+
+
+def train_step(step: int, cfg: Config, model, tok, wrappers, train, pool, basis: dict, optimizer, scheduler,
+               workers) -> tuple[dict, list]:
+    """One optimizer step; returns its metrics row and the rollouts."""
+    start = time.perf_counter()
+    rng = random.Random(f"{cfg.seed}-{step}")
+    problems = rng.sample(train, cfg.prompts_per_step)
+    rollouts, timings = collect_rollouts(model, tok, wrappers, problems, pool, cfg, rng, workers)
+    zero_spread = group_advantages(rollouts, cfg.group)
+
+    optimizer.zero_grad(set_to_none=True)
+    t0 = time.perf_counter()
+    scored = backward_rollouts(model, tok, wrappers, rollouts, cfg)
+    timings["t_score"] = time.perf_counter() - t0
+    if not _grads_finite(wrappers):
+        raise FloatingPointError("non-finite knob gradient")
+
+    t0 = time.perf_counter()
+    teacher = torch.tensor([r.teacher for r in rollouts])
+    g_s = {n: g[~teacher].sum(0) for n, g in scored["grad_sample"].items()}
+    g_t = {n: g[teacher].sum(0) for n, g in scored["grad_sample"].items()}
+    cin_s = float(projection.hackward_fraction(g_s, basis))
+    cin_t = float(projection.hackward_fraction(g_t, basis)) if teacher.any() else None
+    stats = projection.project_all(wrappers, basis, arm=cfg.intervention, gate=cfg.gate, overshoot=cfg.overshoot,
+                                   preserve_magnitude=cfg.preserve_magnitude)
+    timings["t_project"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    params = [p for layer in wrappers.values() for p in (layer.delta_s, layer.delta_s_hack)]
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+    if cfg.adam_leak == "moments" and cfg.intervention != "none":
+        projection.project_adam_moments(optimizer, wrappers, basis)
+    before = projection.snapshot(wrappers)
+    optimizer.step()
+    if cfg.adam_leak == "update" and cfg.intervention != "none":
+        projection.project_update(before, wrappers, basis, cfg.gate, cfg.overshoot)
+    scheduler.step()
+    timings["t_optimizer"] = time.perf_counter() - t0
+
+    students = [r for r in rollouts if not r.teacher]
+    row = {"step": step, "reward": sum(r.reward for r in students) / len(students),
+           **_rates(students, "s"), **_rates([r for r in rollouts if r.teacher], "t"),
+           "loss": scored["loss"], "kl": scored["kl"], "grad_norm": grad_norm,
+           "cin_s": cin_s, "cin_t": cin_t, "cin": stats["cin"], "cout": stats["cout"], "cin_null": stats["cin_null"],
+           "fired": stats["fired"], "update_hackward": projection.update_hackward_fraction(before, wrappers, basis),
+           "frac_zero_spread": zero_spread / cfg.prompts_per_step,
+           "dS_norm": float(torch.cat([w.delta_s.detach().flatten() for w in wrappers.values()]).norm()),
+           "dS_hack_norm": float(torch.cat([w.delta_s_hack.detach().flatten() for w in wrappers.values()]).norm()),
+           "lr": scheduler.get_last_lr()[0], **timings}
+    for mode in MODES:
+        of_mode = [r for r in students if r.problem.mode == mode]
+        if of_mode:
+            row[f"hack_s/{mode}"] = sum(r.exploited for r in of_mode) / len(of_mode)
+            row[f"gt_s/{mode}"] = sum(r.gt_correct for r in of_mode) / len(of_mode)
+    row["step_seconds"] = time.perf_counter() - start
+    return row, rollouts
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def _append_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def summarize(cfg: Config, rows: list[dict], final_eval: dict, complete: bool) -> tuple[dict, str]:
+    """summary.json content and the plain-text table printed at the end."""
+    tail = rows[-5:]
+    means = {}
+    for key in SUMMARY_METRICS:
+        values = [r[key] for r in tail if r.get(key) is not None]
+        means[key] = sum(values) / len(values) if values else None
+    first = {k: rows[0].get(k) for k in SUMMARY_METRICS} if rows else {}
+    per_mode = {}
+    for mode in MODES:
+        hack = [r[f"hack_s/{mode}"] for r in tail if f"hack_s/{mode}" in r]
+        solve = [r[f"gt_s/{mode}"] for r in tail if f"gt_s/{mode}" in r]
+        if hack:
+            per_mode[mode] = {"hack": sum(hack) / len(hack), "solve": sum(solve) / len(solve)}
+    summary = {"run_name": cfg.run_name, "complete": complete, "steps_done": len(rows), "steps": cfg.steps,
+               "intervention": cfg.intervention, "control": cfg.control, "seed": cfg.seed, "last5": means,
+               "first": first, "per_mode": per_mode, "eval": final_eval}
+    lines = [f"run {cfg.run_name}: {len(rows)}/{cfg.steps} steps, arm={cfg.intervention}, control={cfg.control}",
+             f"{'metric':<16}{'first':>10}{'last-5':>10}  better"]
+    for key, good in SUMMARY_METRICS.items():
+        f, m = first.get(key), means[key]
+        arrow = {"down": "↓", "up": "↑"}.get(good, " ")
+        lines.append(f"{key:<16}{_fmt(f):>10}{_fmt(m):>10}  {arrow}")
+    for key, value in final_eval.items():
+        lines.append(f"{key:<26}{value:>10.3f}")
+    if cfg.intervention == "route" and "eval_kept_hack" in final_eval:
+        lines.append(f"route: hack kept {final_eval['eval_kept_hack']:.3f} vs ablated "
+                     f"{final_eval['eval_deployed_hack']:.3f}; solve kept {final_eval['eval_kept_solve']:.3f} "
+                     f"vs ablated {final_eval['eval_deployed_solve']:.3f}")
+    return summary, "\n".join(lines)
+
+
+def run(cfg: Config, preset: str = "smoke") -> dict:
+    """Train one run end to end; returns summary.json's content."""
+    run_dir = Path(cfg.out_dir) / cfg.run_name
+    checkpoint = latest_checkpoint(run_dir) if cfg.resume else None
+    if cfg.resume and checkpoint is None:
+        raise FileNotFoundError(f"--resume: no checkpoint under {run_dir / 'checkpoints'}; start without --resume")
+    if not cfg.resume and (run_dir / "metrics.jsonl").exists():
+        raise FileExistsError(f"{run_dir} already holds a run; pass --resume=true to continue it, or choose "
+                              f"another --run_name")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps({"preset": preset, **dataclasses.asdict(cfg)}, indent=2))
+
+    torch.manual_seed(cfg.seed)
+    model, tok = load_model_and_tokenizer(cfg.model, dtype=cfg.dtype, device=cfg.device, seed=cfg.seed)
+    wrappers = adapter.wrap(model)
+    train, held_out = split_problems(cfg)
+    pool = resolve_pool(cfg, train)
+    pairs = default_pairs(modes=cfg.basis_mode_list, problems=train)
+    if not pairs:
+        raise ConfigError(f"--basis_modes: no training problem has a mode in {cfg.basis_modes}")
+    model_id = hack_basis.model_identity(cfg.model, wrappers)
+    params = [p for layer in wrappers.values() for p in (layer.delta_s, layer.delta_s_hack)]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg))
+    workers = cfg.grade_workers or None
+
+    first_step = 1
+    if checkpoint is not None:
+        adapter.load_knobs(wrappers, checkpoint / "knobs.safetensors")
+        state = torch.load(checkpoint / "state.pt", weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        basis = state["basis"]
+        first_step = state["step"] + 1
+        for name in ("metrics.jsonl", "completions.jsonl"):
+            _truncate_jsonl(run_dir / name, state["step"])
+        log.info("resumed %s from %s", cfg.run_name, checkpoint)
+    else:
+        basis = basis_for(cfg, model, tok, wrappers, pairs, model_id, reextract=cfg.reextract_basis).V
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()] if checkpoint else []
+
+    # Ctrl-C asks the loop to stop at the next step boundary, so the checkpoint is
+    # always a consistent state; a second Ctrl-C interrupts at once.
+    stop = []
+    previous_handler = signal.getsignal(signal.SIGINT)
+
+    def request_stop(signum, frame):
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(True)
+        print("\nCtrl-C: stopping after this step (again to abort now)", file=sys.stderr)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, request_stop)
+    bar = tqdm(range(first_step, cfg.steps + 1), initial=first_step - 1, total=cfg.steps, desc=cfg.run_name)
+    try:
+        for step in bar:
+            try:
+                row, rollouts = train_step(step, cfg, model, tok, wrappers, train, pool, basis, optimizer,
+                                           scheduler, workers)
+            except FloatingPointError as e:
+                path = save_checkpoint(run_dir, step - 1, wrappers, optimizer, scheduler, basis)
+                raise TrainingDiverged(f"step {step}: {e}; the last good state (after step {step - 1}) is saved "
+                                       f"in {path}") from None
+            if cfg.refresh_every and step % cfg.refresh_every == 0 and step < cfg.steps:
+                with adapter.ablate_quarantine(wrappers):
+                    fresh = hack_basis.postprocess(hack_basis.extract_basis(
+                        model, tok, wrappers, pairs, cfg.basis_k, cfg.basis_tau, cfg.loss_norm, cfg.max_new,
+                        cfg.control, cfg.seed), cfg.basis_k_use or None, cfg.drop_bottom_frac).V
+                row["basis_overlap"] = basis_overlap(basis, fresh)
+                if row["basis_overlap"] < LOW_OVERLAP:
+                    warnings.warn(f"step {step}: basis refresh overlap {row['basis_overlap']:.2f} < {LOW_OVERLAP}: "
+                                  f"the refresh rotated the basis away from the previous one", stacklevel=1)
+                basis = fresh
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                row.update(evaluate(model, tok, wrappers, held_out, cfg, step, workers))
+            rows.append(row)
+            _append_jsonl(run_dir / "metrics.jsonl", [row])
+            _append_jsonl(run_dir / "completions.jsonl", [
+                {"step": step, "problem_id": r.problem.id, "mode": r.problem.mode, "reward": r.reward,
+                 "passed": r.passed, "gt_correct": r.gt_correct, "exploited": r.exploited, "completion": r.text}
+                for r in [r for r in rollouts if not r.teacher][:cfg.log_completions]])
+            bar.set_postfix(hack=f"{row['hack_s']:.2f}", cin=f"{row['cin_s']:.2f}", loss=f"{row['loss']:.3g}")
+            if step % cfg.checkpoint_every == 0 or stop:
+                path = save_checkpoint(run_dir, step, wrappers, optimizer, scheduler, basis)
+            if stop:
+                print(f"interrupted after step {step}: checkpoint in {path}; continue with --resume=true",
+                      file=sys.stderr)
+                raise KeyboardInterrupt
+    finally:
+        bar.close()
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, previous_handler)
+
+    save_checkpoint(run_dir, cfg.steps, wrappers, optimizer, scheduler, basis)
+    final_eval = evaluate(model, tok, wrappers, held_out, cfg, cfg.steps, workers)
+    summary, table = summarize(cfg, rows, final_eval, complete=len(rows) == cfg.steps)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    (run_dir / "summary.txt").write_text(table + "\n")
+    print(table)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0].startswith("-"):
+        print("usage: python -m projected_grpo.train {smoke|fast|full} [--field=value ...]", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        cfg = make_config(argv[0], parse_overrides(argv[1:]))
+        run(cfg, preset=argv[0])
+    except (ConfigError, FileExistsError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
