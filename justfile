@@ -1,4 +1,4 @@
-# Recipes a researcher runs. `just --list` shows them all.
+# Recipes a researcher runs. `just --list` shows them all; extra arguments go to the command.
 
 # the test suite: fast, CPU, offline
 test *args:
@@ -11,6 +11,50 @@ check *args:
 # the same, every problem graded in every mode (6x the work)
 check-cross:
     python -m projected_grpo.rewards --cross
+
+# bake the fixture teacher pool from the package's own completions
+build-pool *args:
+    python -m projected_grpo.teacher_pool --out out/pools/fixture {{args}}
+
+# smoke run, erase arm (tiny-random on CPU, 30 steps)
+smoke *args:
+    rm -rf out/runs/smoke-erase-s0
+    python -m projected_grpo.train smoke --intervention=erase {{args}}
+
+# smoke run, vanilla GRPO (measure only)
+smoke-vanilla *args:
+    rm -rf out/runs/smoke-none-s0
+    python -m projected_grpo.train smoke --intervention=none {{args}}
+
+# smoke run, route arm, with basis refresh and deploy evaluation every 10 steps
+smoke-route *args:
+    rm -rf out/runs/smoke-route-s0
+    python -m projected_grpo.train smoke --intervention=route --refresh_every=10 --eval_every=10 {{args}}
+
+# the main job: every arm on the smoke preset, then the results table
+smoke-all: smoke smoke-vanilla smoke-route results
+
+# the basis cache at work: a miss (extract and save), then a hit (load)
+smoke-both:
+    rm -rf out/runs/smoke-both-miss out/runs/smoke-both-hit out/bases/smoke-both.safetensors
+    python -m projected_grpo.train smoke --steps=3 --basis_path=out/bases/smoke-both.safetensors --run_name=smoke-both-miss
+    python -m projected_grpo.train smoke --steps=3 --basis_path=out/bases/smoke-both.safetensors --run_name=smoke-both-hit
+
+# one GPU: Qwen3 in bf16, erase arm
+fast *args:
+    python -m projected_grpo.train fast --intervention=erase {{args}}
+
+# one GPU: vanilla GRPO
+fast-vanilla *args:
+    python -m projected_grpo.train fast --intervention=none {{args}}
+
+# the long run
+full *args:
+    python -m projected_grpo.train full {{args}}
+
+# tables from every run under out/runs (also written to out/results.md)
+results *args:
+    python -m projected_grpo.results {{args}}
 
 # style and obvious bugs
 lint:
