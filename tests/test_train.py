@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 
 import pytest
 import torch
@@ -75,6 +76,8 @@ def test_resume_matches_an_uninterrupted_run(workdir):
     first = _cfg(steps=4, run_name="resumed", intervention="route")
     first.steps = 2  # stop after two steps, as a crash would, then continue to four
     train.run(first)
+    with open(workdir / "out/runs/resumed/metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "rew')  # a crash mid-write leaves a cut line behind
     train.run(_cfg(steps=4, run_name="resumed", intervention="route", resume="true"))
     straight, resumed = _rows(workdir / "out/runs/straight"), _rows(workdir / "out/runs/resumed")
     strip = [{k: v for k, v in r.items() if k not in TIMING} for r in straight]
@@ -154,3 +157,37 @@ def test_nan_loss_stops_with_a_checkpoint_of_the_last_good_state(workdir, monkey
     run_dir = workdir / "out" / "runs" / "nan"
     assert [r["step"] for r in _rows(run_dir)] == [1]
     assert (run_dir / "checkpoints" / "step_000001" / "knobs.safetensors").exists()
+
+
+def test_ctrl_c_stops_at_the_step_boundary_with_a_checkpoint(workdir, monkeypatch):
+    real_step = train.train_step
+
+    def interrupted(step, *args):
+        out = real_step(step, *args)
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # as if the user pressed Ctrl-C during step 2
+        return out
+
+    monkeypatch.setattr(train, "train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(_cfg(run_name="ctrl-c", steps=5, checkpoint_every=25))
+    run_dir = workdir / "out" / "runs" / "ctrl-c"
+    assert [r["step"] for r in _rows(run_dir)] == [1, 2]
+    assert train.latest_checkpoint(run_dir).name == "step_000002"
+    monkeypatch.setattr(train, "train_step", real_step)
+    summary = train.run(_cfg(run_name="ctrl-c", steps=5, checkpoint_every=25, resume="true"))
+    assert summary["complete"] and summary["steps_done"] == 5
+
+
+def test_nan_gradient_is_caught_before_the_optimizer_step(workdir, monkeypatch):
+    real = grpo.backward_rollouts
+
+    def poisoned(model, tok, wrappers, *args):
+        out = real(model, tok, wrappers, *args)
+        next(iter(wrappers.values())).delta_s.grad[0] = float("inf")
+        return out
+
+    monkeypatch.setattr(train, "backward_rollouts", poisoned)
+    with pytest.raises(train.TrainingDiverged, match="step 1: non-finite knob gradient"):
+        train.run(_cfg(run_name="inf-grad"))
+    assert (workdir / "out/runs/inf-grad/checkpoints/step_000000/knobs.safetensors").exists()

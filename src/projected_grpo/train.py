@@ -121,8 +121,9 @@ def _checkpoint_dir(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step_{step:06d}"
 
 
-def save_checkpoint(run_dir: Path, step: int, wrappers, optimizer, scheduler, basis: dict) -> Path:
-    """Knobs, optimizer, scheduler, RNG and basis, written to a temp dir then renamed (atomic)."""
+def save_checkpoint(run_dir: Path, step: int, wrappers, optimizer, scheduler, basis: dict, rows: list[dict]) -> Path:
+    """Knobs, optimizer, scheduler, RNG, basis and the metrics rows so far, written to a
+    temp dir then renamed (atomic)."""
     final = _checkpoint_dir(run_dir, step)
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -131,7 +132,7 @@ def save_checkpoint(run_dir: Path, step: int, wrappers, optimizer, scheduler, ba
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "basis": basis}, tmp / "state.pt")
+                "basis": basis, "rows": [r for r in rows if r["step"] <= step]}, tmp / "state.pt")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final
@@ -143,11 +144,17 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def _truncate_jsonl(path: Path, last_step: int) -> None:
-    """Keep rows up to last_step: a resumed run rewrites what came after its checkpoint."""
+    """Keep rows up to last_step: a resumed run rewrites what came after its checkpoint.
+    A crash may have cut the last line short; lines that do not parse are dropped."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines(keepends=True)
-            if line.strip() and json.loads(line)["step"] <= last_step]
+    kept = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
     path.write_text("".join(kept))
 
 
@@ -336,12 +343,13 @@ def run(cfg: Config, preset: str = "smoke") -> dict:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         basis = state["basis"]
         first_step = state["step"] + 1
-        for name in ("metrics.jsonl", "completions.jsonl"):
-            _truncate_jsonl(run_dir / name, state["step"])
+        rows = state["rows"]
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        _truncate_jsonl(run_dir / "completions.jsonl", state["step"])
         log.info("resumed %s from %s", cfg.run_name, checkpoint)
     else:
         basis = basis_for(cfg, model, tok, wrappers, pairs, model_id, reextract=cfg.reextract_basis).V
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()] if checkpoint else []
+        rows = []
 
     # Ctrl-C asks the loop to stop at the next step boundary, so the checkpoint is
     # always a consistent state; a second Ctrl-C interrupts at once.
@@ -363,7 +371,7 @@ def run(cfg: Config, preset: str = "smoke") -> dict:
                 row, rollouts = train_step(step, cfg, model, tok, wrappers, train, pool, basis, optimizer,
                                            scheduler, workers)
             except FloatingPointError as e:
-                path = save_checkpoint(run_dir, step - 1, wrappers, optimizer, scheduler, basis)
+                path = save_checkpoint(run_dir, step - 1, wrappers, optimizer, scheduler, basis, rows)
                 raise TrainingDiverged(f"step {step}: {e}; the last good state (after step {step - 1}) is saved "
                                        f"in {path}") from None
             if cfg.refresh_every and step % cfg.refresh_every == 0 and step < cfg.steps:
@@ -386,7 +394,7 @@ def run(cfg: Config, preset: str = "smoke") -> dict:
                 for r in [r for r in rollouts if not r.teacher][:cfg.log_completions]])
             bar.set_postfix(hack=f"{row['hack_s']:.2f}", cin=f"{row['cin_s']:.2f}", loss=f"{row['loss']:.3g}")
             if step % cfg.checkpoint_every == 0 or stop:
-                path = save_checkpoint(run_dir, step, wrappers, optimizer, scheduler, basis)
+                path = save_checkpoint(run_dir, step, wrappers, optimizer, scheduler, basis, rows)
             if stop:
                 print(f"interrupted after step {step}: checkpoint in {path}; continue with --resume=true",
                       file=sys.stderr)
@@ -396,7 +404,7 @@ def run(cfg: Config, preset: str = "smoke") -> dict:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, previous_handler)
 
-    save_checkpoint(run_dir, cfg.steps, wrappers, optimizer, scheduler, basis)
+    save_checkpoint(run_dir, cfg.steps, wrappers, optimizer, scheduler, basis, rows)
     final_eval = evaluate(model, tok, wrappers, held_out, cfg, cfg.steps, workers)
     summary, table = summarize(cfg, rows, final_eval, complete=len(rows) == cfg.steps)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
