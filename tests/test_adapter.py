@@ -175,3 +175,21 @@ def test_per_sequence_grads_sum_to_plain_autograd(tiny, monkeypatch):
     _loss(model, batch).backward()
     for n, layer in wrappers.items():
         torch.testing.assert_close(custom[n], layer.delta_s.grad, rtol=1e-5, atol=1e-8)
+
+
+def test_merged_scoring_gives_the_same_per_sequence_grads(tiny):
+    model, tok = tiny
+    wrappers = adapter.wrap(model)
+    _randomize(wrappers, scale=0.1)
+    batch = _batch(tok, ("def f(x):\n    return x", "x = 1"))
+    with adapter.per_sample_grads(wrappers):
+        _loss(model, batch).backward()
+    plain = {n: layer.grad_sample.clone() for n, layer in wrappers.items()}
+    model.zero_grad()
+    with adapter.merged(wrappers), adapter.per_sample_grads(wrappers):
+        _loss(model, batch).backward()
+        with torch.no_grad(), adapter.zeroed(wrappers):  # the reference inside a merged block is the base model
+            base, _ = load_model_and_tokenizer("tiny-random", seed=0)
+            assert torch.equal(model(**batch).logits, base(**batch).logits)
+    for n, layer in wrappers.items():
+        torch.testing.assert_close(layer.grad_sample, plain[n], rtol=1e-4, atol=1e-7)

@@ -40,8 +40,17 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("PROJECTED_GRPO_CACHE", "out/cache"))
 
 
+def _knob_grad(layer: AdapterLayer, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """dL/ds = sum over tokens of (Vh x) * (Uᵀ dy), kept per sequence (in fp32) when capturing."""
+    per_token = a.float() * b.float()
+    per_sequence = per_token.reshape(per_token.shape[0], -1, per_token.shape[-1]).sum(1)
+    if layer.capture_grad_sample:
+        layer._grad_samples.append(per_sequence)
+    return per_sequence.sum(0).to(dtype)
+
+
 class _SVDDelta(torch.autograd.Function):
-    """delta = ((x Vhᵀ) * s) Uᵀ, whose backward can keep d/ds per sequence."""
+    """delta = ((x Vhᵀ) * s) Uᵀ, added to W x by the caller: the path when no merged weight is held."""
 
     @staticmethod
     def forward(ctx, x, s, U, Vh, layer):
@@ -55,13 +64,24 @@ class _SVDDelta(torch.autograd.Function):
         a, s, U, Vh = ctx.saved_tensors
         b = dy @ U  # (..., r): the output gradient in the singular basis
         grad_x = (b * s.to(b.dtype)) @ Vh if ctx.needs_input_grad[0] else None
-        # Sum over tokens only, in fp32, keeping the batch: one gradient per sequence.
-        per_token = a.float() * b.float()
-        per_sequence = per_token.reshape(per_token.shape[0], -1, per_token.shape[-1]).sum(1)
-        layer = ctx.layer
-        if layer.capture_grad_sample:
-            layer._grad_samples.append(per_sequence)
-        return grad_x, per_sequence.sum(0).to(s.dtype), None, None, None
+        return grad_x, _knob_grad(ctx.layer, a, b, s.dtype), None, None, None
+
+
+class _MergedKnobLinear(torch.autograd.Function):
+    """y = W' x with W' = W + U diag(s) Vh held by `merged()`: four matmuls per layer for
+    forward + backward (W' x, Vh x; W'ᵀ dy, Uᵀ dy) instead of six, the floor for a knob gradient."""
+
+    @staticmethod
+    def forward(ctx, x, s, weight, bias, U, Vh, layer):
+        ctx.save_for_backward(x @ Vh.T, weight, U)
+        ctx.layer, ctx.s_dtype = layer, s.dtype
+        return nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        a, weight, U = ctx.saved_tensors
+        grad_x = dy @ weight if ctx.needs_input_grad[0] else None
+        return grad_x, _knob_grad(ctx.layer, a, dy @ U, ctx.s_dtype), None, None, None, None, None
 
 
 class AdapterLayer(nn.Module):
@@ -91,10 +111,12 @@ class AdapterLayer(nn.Module):
         return self.delta_s + self.delta_s_hack
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.knobs()
         if self._merged_weight is not None:
+            if s.requires_grad:
+                return _MergedKnobLinear.apply(x, s, self._merged_weight, self.base.bias, self.U, self.Vh, self)
             return nn.functional.linear(x, self._merged_weight, self.base.bias)
         y = self.base(x)
-        s = self.knobs()
         if not s.requires_grad and not torch.any(s):
             return y  # zero knobs and nothing to differentiate: exactly the base layer
         return y + _SVDDelta.apply(x, s, self.U, self.Vh, self)
@@ -210,16 +232,18 @@ def clear_grad_samples(wrappers: dict[str, AdapterLayer]) -> None:
 
 @contextlib.contextmanager
 def merged(wrappers: dict[str, AdapterLayer]):
-    """Fold the knobs into merged weights for no-grad generation at base-model speed.
+    """Fold the knobs into merged weights W' = W + U diag(s) Vh for the block.
 
-    W itself is never written: each layer uses a separate merged tensor until the
-    block ends (even by an exception), so W is restored exactly by construction.
-    Layers whose knobs are zero keep using W directly.
+    Generation then runs at base-model speed, and a scoring pass with gradients
+    costs four matmuls per layer instead of six (`_MergedKnobLinear`). The knobs
+    must not change inside the block. W itself is never written: each layer uses a
+    separate merged tensor until the block ends (even by an exception), so W is
+    restored exactly by construction. Layers whose knobs are zero use W itself.
     """
     try:
         for layer in wrappers.values():
-            if torch.any(layer.knobs().detach()):
-                layer._merged_weight = layer.merged_weight()
+            knobs_set = torch.any(layer.knobs().detach())
+            layer._merged_weight = layer.merged_weight() if knobs_set else layer.base.weight.detach()
         yield wrappers
     finally:
         for layer in wrappers.values():
@@ -229,9 +253,12 @@ def merged(wrappers: dict[str, AdapterLayer]):
 @contextlib.contextmanager
 def _knobs_set_to_zero(wrappers: dict[str, AdapterLayer], names: tuple[str, ...]):
     saved = {(n, k): getattr(layer, k).detach().clone() for n, layer in wrappers.items() for k in names}
+    # A merged weight holds the old knobs: set it aside so the layers compute from the zeroed ones.
+    merged_weights = {n: layer._merged_weight for n, layer in wrappers.items()}
     try:
         with torch.no_grad():
             for layer in wrappers.values():
+                layer._merged_weight = None
                 for k in names:
                     getattr(layer, k).zero_()
         yield wrappers
@@ -239,6 +266,8 @@ def _knobs_set_to_zero(wrappers: dict[str, AdapterLayer], names: tuple[str, ...]
         with torch.no_grad():
             for (n, k), value in saved.items():
                 getattr(wrappers[n], k).copy_(value)
+            for n, weight in merged_weights.items():
+                wrappers[n]._merged_weight = weight
 
 
 def zeroed(wrappers: dict[str, AdapterLayer]):

@@ -81,7 +81,7 @@ def completion_grads(model, tokenizer, wrappers, messages: list, completions: li
     device = next(model.parameters()).device
     adapter.clear_grad_samples(wrappers)
     starts = range(0, len(completions), batch_size)
-    with adapter.per_sample_grads(wrappers):
+    with adapter.merged(wrappers), adapter.per_sample_grads(wrappers):
         for start in tqdm(starts, desc="pair gradients", disable=not progress, leave=False):
             prompts = [encode_prompt(tokenizer, m) for m in messages[start:start + batch_size]]
             outs = [encode_completion(tokenizer, c, max_new) for c in completions[start:start + batch_size]]

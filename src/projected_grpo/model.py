@@ -158,12 +158,15 @@ def pad_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: in
     return input_ids.to(device), attention_mask.to(device), completion_mask.to(device)
 
 
-def token_logprobs(model, input_ids, attention_mask, completion_mask, chunk: int = 1024) -> torch.Tensor:
+LOGIT_CHUNK_ELEMENTS = 1 << 25  # fp32 logits per chunk (128 MiB): bounds the peak whatever the vocab
+
+
+def token_logprobs(model, input_ids, attention_mask, completion_mask) -> torch.Tensor:
     """log p(token_t | tokens_<t) at completion positions (B x T, zero elsewhere).
 
-    The LM head runs only on positions that predict a completion token, in chunks,
-    with logits upcast to fp32 there: the full [B, T, vocab] fp32 log-softmax is never
-    materialised.
+    The LM head runs only on positions that predict a completion token, a few rows
+    at a time, with logits upcast to fp32 there, and log p = logit - logsumexp: the
+    full [B, T, vocab] fp32 log-softmax is never materialised.
     """
     hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     targets = completion_mask[:, 1:].bool()
@@ -171,10 +174,12 @@ def token_logprobs(model, input_ids, attention_mask, completion_mask, chunk: int
     picked = hidden[:, :-1][rows, cols]
     next_ids = input_ids[:, 1:][rows, cols]
     head = model.get_output_embeddings()
+    chunk = max(1, LOGIT_CHUNK_ELEMENTS // head.weight.shape[0])
     out = []
     for i in range(0, picked.shape[0], chunk):
         logits = head(picked[i:i + chunk]).float()
-        out.append(logits.log_softmax(-1).gather(-1, next_ids[i:i + chunk, None]).squeeze(-1))
+        chosen = logits.gather(-1, next_ids[i:i + chunk, None]).squeeze(-1)
+        out.append(chosen - torch.logsumexp(logits, dim=-1))
     logprobs = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
     logprobs[rows, cols + 1] = torch.cat(out) if out else logprobs.new_zeros(0)
     return logprobs
