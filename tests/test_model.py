@@ -165,3 +165,20 @@ def test_local_path_loads_through_from_pretrained(tiny, tmp_path):
     assert loaded_tok.padding_side == "left" and loaded_tok.pad_token == "<|im_end|>"
     assert loaded_tok(CHAT[0][1]["content"], return_tensors="pt").input_ids.equal(ids)
     assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_token_logprobs_match_a_full_log_softmax(tmp_path, monkeypatch):
+    from projected_grpo import model as model_module
+
+    monkeypatch.setenv("PROJECTED_GRPO_CACHE", str(tmp_path))
+    monkeypatch.setattr(model_module, "LOGIT_CHUNK_ELEMENTS", 3 * 1536)  # force several chunks
+    model, tok = model_module.load_model_and_tokenizer("tiny-random")
+    prompts = [model_module.encode_prompt(tok, [{"role": "user", "content": c}]) for c in ("hi", "a longer prompt")]
+    completions = [model_module.encode_completion(tok, c, 8) for c in ("abc def", "x")]
+    ids, attn, comp = model_module.pad_batch(prompts, completions, tok.pad_token_id)
+    logp = model_module.token_logprobs(model, ids, attn, comp)
+    full = model(input_ids=ids, attention_mask=attn).logits.float().log_softmax(-1)
+    expected = torch.zeros_like(logp)
+    expected[:, 1:] = full[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1) * comp[:, 1:]
+    torch.testing.assert_close(logp, expected, atol=1e-5, rtol=1e-5)
+    assert int((logp != 0).sum()) == int(comp.sum())  # completion positions only, EOS included

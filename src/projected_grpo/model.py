@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
@@ -175,11 +176,20 @@ def token_logprobs(model, input_ids, attention_mask, completion_mask) -> torch.T
     next_ids = input_ids[:, 1:][rows, cols]
     head = model.get_output_embeddings()
     chunk = max(1, LOGIT_CHUNK_ELEMENTS // head.weight.shape[0])
+
+    def chosen_logprobs(h, ids):
+        logits = head(h).float()
+        return logits.gather(-1, ids[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
     out = []
     for i in range(0, picked.shape[0], chunk):
-        logits = head(picked[i:i + chunk]).float()
-        chosen = logits.gather(-1, next_ids[i:i + chunk, None]).squeeze(-1)
-        out.append(chosen - torch.logsumexp(logits, dim=-1))
+        h, ids = picked[i:i + chunk], next_ids[i:i + chunk]
+        if torch.is_grad_enabled() and h.requires_grad:
+            # Recompute the chunk's logits in backward instead of keeping every chunk's
+            # [rows, vocab] fp32 logits alive until then.
+            out.append(torch.utils.checkpoint.checkpoint(chosen_logprobs, h, ids, use_reentrant=False))
+        else:
+            out.append(chosen_logprobs(h, ids))
     logprobs = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
     logprobs[rows, cols + 1] = torch.cat(out) if out else logprobs.new_zeros(0)
     return logprobs
