@@ -114,8 +114,12 @@ def test_non_finite_loss_names_the_pair(setup):
     _, _, wrappers, pairs = setup
     with torch.no_grad():
         next(iter(wrappers.values())).delta_s.fill_(float("nan"))
-    with pytest.raises(FloatingPointError, match=rf"pair 0 \({pairs[0].problem_id}, {pairs[0].mode}\)"):
+    pattern = r"non-finite completion loss \(nan\) for pair \d+ \(pg-\d+, \w+\)"
+    with pytest.raises(FloatingPointError, match=pattern) as e:
         _extract(setup)
+    named = e.value.args[0].split("pair ")[1]
+    index, pid = int(named.split()[0]), named.split("(")[1].split(",")[0]
+    assert pairs[index].problem_id == pid  # the name points at the right pair
 
 
 def test_bad_arguments_are_rejected(setup):

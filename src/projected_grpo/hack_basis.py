@@ -79,23 +79,30 @@ def completion_grads(model, tokenizer, wrappers, messages: list, completions: li
     if loss_norm not in LOSS_NORMS:
         raise ValueError(f"loss_norm must be one of {LOSS_NORMS}, got {loss_norm!r}")
     device = next(model.parameters()).device
+    prompts = [encode_prompt(tokenizer, m) for m in messages]
+    outs = [encode_completion(tokenizer, c, max_new) for c in completions]
+    # Similar lengths share a micro-batch, so little of each batch is padding.
+    order = sorted(range(len(outs)), key=lambda i: len(prompts[i]) + len(outs[i]))
     adapter.clear_grad_samples(wrappers)
-    starts = range(0, len(completions), batch_size)
     with adapter.merged(wrappers), adapter.per_sample_grads(wrappers):
-        for start in tqdm(starts, desc="pair gradients", disable=not progress, leave=False):
-            prompts = [encode_prompt(tokenizer, m) for m in messages[start:start + batch_size]]
-            outs = [encode_completion(tokenizer, c, max_new) for c in completions[start:start + batch_size]]
-            ids, attn, comp = pad_batch(prompts, outs, tokenizer.pad_token_id, device)
+        for start in tqdm(range(0, len(order), batch_size), desc="pair gradients", disable=not progress,
+                          leave=False):
+            batch = order[start:start + batch_size]
+            ids, attn, comp = pad_batch([prompts[i] for i in batch], [outs[i] for i in batch],
+                                        tokenizer.pad_token_id, device)
             logp = token_logprobs(model, ids, attn, comp)
-            denom = comp.sum(1).float() if loss_norm == "mean" else torch.full((len(outs),), float(max_new))
+            denom = comp.sum(1).float() if loss_norm == "mean" else torch.full((len(batch),), float(max_new))
             losses = -logp.sum(1) / denom.to(device)
             bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
             if bad:
-                i = start + bad[0]
-                raise FloatingPointError(f"non-finite completion loss ({losses[bad[0]].item()}) for "
+                j = min(bad, key=lambda j: batch[j])
+                i = batch[j]
+                raise FloatingPointError(f"non-finite completion loss ({losses[j].item()}) for "
                                          f"{names[i] if names else f'completion {i}'}")
             losses.sum().backward()
-    grads = {name: layer.grad_sample for name, layer in wrappers.items()}
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(len(order))
+    grads = {name: layer.grad_sample[inverse.to(layer.grad_sample.device)] for name, layer in wrappers.items()}
     adapter.clear_grad_samples(wrappers)
     for layer in wrappers.values():
         layer.delta_s.grad = None

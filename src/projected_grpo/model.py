@@ -184,7 +184,7 @@ def token_logprobs(model, input_ids, attention_mask, completion_mask) -> torch.T
     out = []
     for i in range(0, picked.shape[0], chunk):
         h, ids = picked[i:i + chunk], next_ids[i:i + chunk]
-        if torch.is_grad_enabled() and h.requires_grad:
+        if torch.is_grad_enabled() and h.requires_grad and picked.shape[0] > chunk:
             # Recompute the chunk's logits in backward instead of keeping every chunk's
             # [rows, vocab] fp32 logits alive until then.
             out.append(torch.utils.checkpoint.checkpoint(chosen_logprobs, h, ids, use_reentrant=False))

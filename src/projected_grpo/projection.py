@@ -33,23 +33,29 @@ def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return num / den.clamp_min(torch.finfo(den.dtype).tiny)
 
 
+def _coords(g: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """c = V g, broadcasting: g (..., r) with V (k, r) or, stacked per layer, V (..., k, r)."""
+    return torch.einsum("...kr,...r->...k", V, g)
+
+
 def _cin(g: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     # relu before the norm: hack-ward and anti-hack-ward components must not cancel.
-    return _ratio(torch.relu(g @ V.T).norm(dim=-1), g.norm(dim=-1))
+    return _ratio(torch.relu(_coords(g, V)).norm(dim=-1), g.norm(dim=-1))
 
 
 def project(g: torch.Tensor, V: torch.Tensor, gate: str = "one_sided", overshoot: float = 1.0,
             preserve_magnitude: bool = False):
     """Return `(g_proj, removed, cin, cout)` for one layer's gradient g, shape (r,) or (n, r).
 
+    V is (k, r), or (n, k, r) for n layers of one shape stacked (g then (n, r)).
     Computed in V's dtype (fp32), whatever the gradient's dtype.
     """
     if gate not in GATES:
         raise ValueError(f"unknown gate {gate!r}; allowed: {', '.join(GATES)}")
     g = g.to(V.dtype)
-    c = g @ V.T
+    c = _coords(g, V)
     c_gate = {"one_sided": torch.relu(c), "no_gate": c, "reverse": 2 * c}[gate]
-    removed = overshoot * c_gate @ V
+    removed = overshoot * torch.einsum("...k,...kr->...r", c_gate, V)
     g_proj = g - removed
     if preserve_magnitude:
         # A g_proj that was removed entirely is left at zero: what remains of it is rounding noise,
@@ -87,26 +93,34 @@ def project_all(wrappers: dict, basis: dict[str, torch.Tensor], arm: str = "none
         if arm != "route" or name not in basis:
             layer.delta_s_hack.grad = None
     cins, couts, fired, nulls = [], [], [], []
-    for name, V in basis.items():
-        layer = wrappers.get(name)
-        if layer is None or layer.delta_s.grad is None:
-            continue
-        g = layer.delta_s.grad
-        g_proj, removed, cin, cout = project(g, V.to(g.device), gate, overshoot, preserve_magnitude)
-        if arm != "none":
-            g.copy_(g_proj)
-        if arm == "route":
-            layer.delta_s_hack.grad = removed.to(layer.delta_s_hack.dtype)
-        cins.append(float(cin))
-        couts.append(float(cin if arm == "none" else cout))
-        fired.append(float(arm != "none" and bool(removed.any())))
-        nulls.append(null_cin(V.shape[0], layer.r))
+    # Layers of one shape are projected together: a few batched ops, not a dozen per layer.
+    for names, V in _stacked(basis, [n for n in basis if n in wrappers and wrappers[n].delta_s.grad is not None]):
+        grads = [wrappers[n].delta_s.grad for n in names]
+        g_proj, removed, cin, cout = project(torch.stack(grads), V.to(grads[0].device), gate, overshoot,
+                                             preserve_magnitude)
+        for i, name in enumerate(names):
+            if arm != "none":
+                grads[i].copy_(g_proj[i])
+            if arm == "route":
+                wrappers[name].delta_s_hack.grad = removed[i].to(wrappers[name].delta_s_hack.dtype)
+        cins += cin.tolist()
+        couts += (cin if arm == "none" else cout).tolist()
+        fired += (removed.ne(0).any(-1) & (arm != "none")).float().tolist()
+        nulls += [null_cin(V.shape[1], V.shape[2])] * len(names)
 
     def mean(xs):
         return sum(xs) / len(xs) if xs else 0.0
 
     return {"cin": mean(cins), "cout": mean(couts), "fired": mean(fired), "cin_null": mean(nulls),
             "layers": len(cins)}
+
+
+def _stacked(basis: dict[str, torch.Tensor], names: list[str]) -> list[tuple[list[str], torch.Tensor]]:
+    """Group layer names by their basis shape; each group's V stacked to (n_layers, k, r)."""
+    groups: dict[tuple, list[str]] = {}
+    for name in names:
+        groups.setdefault(tuple(basis[name].shape), []).append(name)
+    return [(group, torch.stack([basis[n] for n in group])) for group in groups.values()]
 
 
 def hackward_fraction(grads: dict[str, torch.Tensor], basis: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -117,13 +131,13 @@ def hackward_fraction(grads: dict[str, torch.Tensor], basis: dict[str, torch.Ten
     each rollout's hack score, shape (n,). No layer in the basis gives 0.
     """
     hack_sq = total_sq = torch.zeros(())
-    for name, g in grads.items():
-        if name not in basis:
-            continue
-        V = basis[name].to(g.device)
+    for names, V in _stacked(basis, [n for n in grads if n in basis]):
+        g = torch.stack([grads[n] for n in names])  # (layers, [n,] r)
+        V = V.to(g.device)
         g = g.to(V.dtype)
-        hack_sq = hack_sq + torch.relu(g @ V.T).square().sum(-1)
-        total_sq = total_sq + g.square().sum(-1)
+        c = _coords(g, V if g.dim() == 2 else V[:, None])
+        hack_sq = hack_sq + torch.relu(c).square().sum((0, -1))
+        total_sq = total_sq + g.square().sum((0, -1))
     return _ratio(hack_sq.sqrt(), total_sq.sqrt())
 
 

@@ -1,0 +1,280 @@
+"""The benchmark: `just bench` (python -m projected_grpo.bench [--large-vocab] [--device cuda]).
+
+Every figure is a ratio of two cases measured side by side in one process, each the
+median of several runs after a warm-up: absolute seconds differ between machines,
+ratios should not. The table goes to stdout and to out/bench.json. Targets come
+from the performance issue; a miss prints MISS and stays visible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from . import adapter, hack_basis, projection, rewards, sandbox
+from .model import load_model_and_tokenizer, pad_batch, token_logprobs
+from .problems import builtin_problems, clean_completion, default_pairs, hack_completion
+
+LARGE_VOCAB = 151936  # Qwen3's
+
+
+def bench_model(vocab: int, size: str, dtype: torch.dtype, device: str, seed: int = 0) -> Qwen3ForCausalLM:
+    """A Qwen3-architecture model built offline: CPU-sized, or shaped like Qwen3-0.6B."""
+    shapes = {"cpu": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=64),
+              "0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                           num_key_value_heads=8, head_dim=128)}[size]
+    config = Qwen3Config(vocab_size=vocab, max_position_embeddings=4096, tie_word_embeddings=False,
+                         pad_token_id=0, eos_token_id=1, bos_token_id=0, **shapes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Qwen3ForCausalLM(config).to(dtype=dtype, device=device).eval()
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str, repeats: int, warmup: int = 1) -> float:
+    """Median seconds of fn() over `repeats` runs after `warmup` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _randomize_knobs(wrappers, scale: float = 0.05) -> None:
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in wrappers.values():
+            layer.delta_s.copy_(torch.randn(layer.r, generator=g) * scale * layer.S.mean().item())
+
+
+def _plain_autograd_forward(self, x):
+    # The naive hook path: y = W x + U diag(s) Vh x through ordinary autograd.
+    return self.base(x) + ((x @ self.Vh.T) * self.knobs().to(x.dtype)) @ self.U.T
+
+
+# ----------------------------------------------------------------------------- cases
+
+
+def generation_case(base, wrapped, wrappers, device, repeats, batch=8, prompt_len=32, new=64) -> dict:
+    ids = torch.randint(2, base.config.vocab_size, (batch, prompt_len), device=device)
+    mask = torch.ones_like(ids)
+    kwargs = dict(attention_mask=mask, do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=new,
+                  min_new_tokens=new, pad_token_id=0, eos_token_id=1)
+
+    @torch.no_grad()
+    def run(model, context=None):
+        if context is None:
+            return model.generate(ids, **kwargs)
+        with context(wrappers):
+            return model.generate(ids, **kwargs)
+
+    tokens = batch * new
+    base_tps = tokens / timed(lambda: run(base), device, repeats)
+    merged_tps = tokens / timed(lambda: run(wrapped, adapter.merged), device, repeats)
+    hook_tps = tokens / timed(lambda: run(wrapped), device, repeats)
+    return {"gen_base_tok_s": base_tps, "gen_merged_tok_s": merged_tps, "gen_hook_tok_s": hook_tps,
+            "gen_merged_over_base": merged_tps / base_tps, "gen_hook_over_base": hook_tps / base_tps}
+
+
+def scoring_case(base, wrapped, wrappers, device, repeats, batch=8, prompt_len=64, completion_len=192) -> dict:
+    vocab = base.config.vocab_size
+    prompts = torch.randint(2, vocab, (batch, prompt_len)).tolist()
+    completions = torch.randint(2, vocab, (batch, completion_len)).tolist()
+    ids, attn, comp = pad_batch(prompts, completions, 0, device)
+
+    def knob_pass():
+        wrapped.zero_grad(set_to_none=True)
+        with adapter.merged(wrappers), adapter.per_sample_grads(wrappers):
+            token_logprobs(wrapped, ids, attn, comp).sum().backward()
+
+    def base_pass():
+        # The frozen base model, gradient with respect to its input only.
+        embeds = base.get_input_embeddings()(ids).detach().requires_grad_(True)
+        hidden = base.get_decoder()(inputs_embeds=embeds, attention_mask=attn).last_hidden_state
+        rows, cols = comp[:, 1:].bool().nonzero(as_tuple=True)
+        logits = base.get_output_embeddings()(hidden[:, :-1][rows, cols]).float()
+        (logits.gather(-1, ids[:, 1:][rows, cols, None]) - torch.logsumexp(logits, -1, keepdim=True)).sum().backward()
+
+    def naive_pass():
+        wrapped.zero_grad(set_to_none=True)
+        original = adapter.AdapterLayer.forward
+        adapter.AdapterLayer.forward = _plain_autograd_forward
+        try:
+            token_logprobs(wrapped, ids, attn, comp).sum().backward()
+        finally:
+            adapter.AdapterLayer.forward = original
+
+    knob = timed(knob_pass, device, repeats)
+    frozen = timed(base_pass, device, repeats)
+    naive = timed(naive_pass, device, repeats)
+    return {"score_knob_s": knob, "score_base_s": frozen, "score_naive_s": naive,
+            "score_knob_over_base": knob / frozen, "score_knob_over_naive": knob / naive}
+
+
+def extraction_case(wrapped, wrappers, tok, device, n_pairs=32, max_new=128) -> dict:
+    pairs = default_pairs()[:n_pairs]
+    messages = [p.messages for p in pairs for _ in range(2)]
+    texts = [t for p in pairs for t in (p.hack, p.clean)]
+
+    def run(batch_size):
+        return hack_basis.completion_grads(wrapped, tok, wrappers, messages, texts, max_new, batch_size=batch_size)
+
+    batched = timed(lambda: run(16), device, repeats=1)
+    single = timed(lambda: run(1), device, repeats=1)
+    return {"extract_batched_s": batched, "extract_per_completion_s": single, "extract_speedup": single / batched}
+
+
+def grading_case(repeats) -> dict:
+    problems = builtin_problems()
+    texts = [t for p in problems for t in (clean_completion(p), hack_completion(p, p.mode))]
+    graded = [p for p in problems for _ in range(2)]
+    one = len(texts) / timed(lambda: rewards.grade_batch(texts, graded, workers=1), "cpu", repeats, warmup=0)
+    many = len(texts) / timed(lambda: rewards.grade_batch(texts, graded), "cpu", repeats, warmup=0)
+    return {"grade_1_worker_per_s": one, "grade_parallel_per_s": many, "grade_parallel_over_1": many / one,
+            "grade_workers": 2 * (os.cpu_count() or 1), "landlock_abi": sandbox.run("pass").landlock_abi}
+
+
+def smoke_step_case() -> dict:
+    """Run the smoke preset for a few steps in a scratch dir; read the step's time split."""
+    with tempfile.TemporaryDirectory() as scratch:
+        cmd = [sys.executable, "-m", "projected_grpo.train", "smoke", "--steps=8", "--run_name=bench",
+               f"--out_dir={scratch}/runs"]
+        subprocess.run(cmd, check=True, cwd=scratch, capture_output=True,
+                       env={**os.environ, "PROJECTED_GRPO_CACHE": os.path.abspath("out/cache")})
+        rows = [json.loads(line) for line in open(f"{scratch}/runs/bench/metrics.jsonl")][2:]  # past warm-up
+    parts = ("t_generate", "t_grade", "t_score", "t_project", "t_optimizer")
+    total = sum(r["step_seconds"] for r in rows)
+    split = {f"split_{p[2:]}": sum(r[p] for r in rows) / total for p in parts}
+    return {"smoke_step_s": total / len(rows), **split, "project_over_step": split["split_project"]}
+
+
+_MEMORY_PROBE = r"""
+import resource, sys, torch
+from projected_grpo.bench import bench_model
+from projected_grpo.model import token_logprobs
+batch, length, vocab = 8, 512, int(sys.argv[1])
+model = bench_model(vocab, "cpu", torch.float32, "cpu")
+for p in model.parameters():
+    p.requires_grad_(False)
+model.get_decoder().layers[-1].mlp.down_proj.weight.requires_grad_(True)  # so the hidden states need grad
+ids = torch.randint(2, vocab, (batch, length + 1))
+attn = torch.ones_like(ids)
+comp = torch.ones_like(ids)
+comp[:, 0] = 0
+token_logprobs(model, ids[:1, :8], attn[:1, :8], comp[:1, :8]).sum().backward()  # warm up allocators
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+token_logprobs(model, ids, attn, comp).sum().backward()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+def memory_case() -> dict:
+    """Peak resident memory of a log-prob forward+backward at 8 x 512 completion tokens,
+    vocab 151936, in a fresh process, against one fp32 [8, 512, 151936] tensor."""
+    out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(LARGE_VOCAB)], check=True, capture_output=True,
+                         text=True)
+    peak = int(out.stdout.strip().splitlines()[-1])
+    full = 8 * 512 * LARGE_VOCAB * 4
+    return {"logprob_peak_bytes": peak, "logprob_full_fp32_bytes": full, "logprob_peak_over_full": peak / full}
+
+
+def projection_micro(wrappers, basis, repeats) -> dict:
+    for layer in wrappers.values():
+        layer.delta_s.grad = torch.randn_like(layer.delta_s)
+    seconds = timed(lambda: projection.project_all(wrappers, basis, "erase"), "cpu", repeats)
+    return {"project_all_ms": seconds * 1000}
+
+
+TARGETS = {  # key: (comparison, bound, what it is)
+    "gen_merged_over_base": (">=", 0.95, "generation tok/s, merged knobs / base model"),
+    "gen_hook_over_base": ("report", None, "generation tok/s, naive hook path / base model"),
+    "score_knob_over_base": ("<=", 2.2, "scoring fwd+bwd with per-sequence knob grads / frozen base, input grads"),
+    "score_knob_over_naive": ("<=", 0.8, "same pass / naive hook path through plain autograd"),
+    "extract_speedup": (">=", 5.0, "basis extraction, 32 pairs: per-completion backward / batched"),
+    "project_over_step": ("<=", 0.01, "projection + cin/cout / whole smoke training step"),
+    "grade_parallel_per_s": (">=", 40.0, "grading, completions/s, parallel sandbox"),
+    "grade_parallel_over_1": (">=", 1.6, "grading, parallel / single worker"),
+    "logprob_peak_over_full": ("<=", 0.25, "log-prob peak memory / one fp32 [8, 512, 151936] tensor"),
+}
+
+
+def verdict(key: str, value: float) -> str:
+    op, bound, _ = TARGETS[key]
+    if op == "report":
+        return "reported"
+    ok = value >= bound if op == ">=" else value <= bound
+    return f"{'ok' if ok else 'MISS'} ({op} {bound})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--large-vocab", action="store_true", help=f"speed cases with vocab {LARGE_VOCAB}")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--size", choices=("cpu", "0.6b"), default=None,
+                        help="model shape (default: cpu on CPU, 0.6b on a GPU)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default="out/bench.json")
+    args = parser.parse_args(argv)
+    size = args.size or ("0.6b" if args.device.startswith("cuda") else "cpu")
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    vocab = LARGE_VOCAB if args.large_vocab else 8192
+    torch.manual_seed(0)
+
+    base = bench_model(vocab, size, dtype, args.device)
+    wrapped = copy.deepcopy(base)
+    wrappers = adapter.wrap(wrapped)
+    _randomize_knobs(wrappers)
+    _, tok = load_model_and_tokenizer("tiny-random")  # real text for extraction; ids fit any vocab >= its own
+
+    figures: dict[str, float] = {}
+    steps = [("generation", lambda: generation_case(base, wrapped, wrappers, args.device, args.repeats)),
+             ("scoring", lambda: scoring_case(base, wrapped, wrappers, args.device, args.repeats)),
+             ("extraction", lambda: extraction_case(wrapped, wrappers, tok, args.device)),
+             ("grading", lambda: grading_case(max(1, args.repeats // 2))),
+             ("smoke step", smoke_step_case),
+             ("memory", memory_case)]
+    for name, case in steps:
+        print(f"bench: {name} ...", file=sys.stderr, flush=True)
+        figures.update(case())
+    basis = {n: torch.linalg.qr(torch.randn(w.r, 8))[0].T.contiguous() for n, w in wrappers.items()}
+    figures.update(projection_micro(wrappers, basis, args.repeats))
+
+    machine = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor()
+               or platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__, "dtype": str(dtype),
+               "model": f"{size} (vocab {vocab})", "python": platform.python_version()}
+    lines = [f"machine: {machine}", "", "| figure | value | target |", "|---|---|---|"]
+    for key, (_, _, what) in TARGETS.items():
+        lines.append(f"| {what} | {figures[key]:.3f} | {verdict(key, figures[key])} |")
+    lines += ["", "| raw | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4g} |" for k, v in figures.items() if k not in TARGETS]
+    print("\n".join(lines))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"machine": machine, "figures": figures,
+                                          "verdicts": {k: verdict(k, figures[k]) for k in TARGETS}}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
