@@ -193,3 +193,13 @@ def test_merged_scoring_gives_the_same_per_sequence_grads(tiny):
             assert torch.equal(model(**batch).logits, base(**batch).logits)
     for n, layer in wrappers.items():
         torch.testing.assert_close(layer.grad_sample, plain[n], rtol=1e-4, atol=1e-7)
+
+
+def test_scoring_merges_only_in_fp32(tmp_path, monkeypatch):
+    monkeypatch.setenv("PROJECTED_GRPO_CACHE", str(tmp_path))
+    for dtype, merges in ((torch.float32, True), (torch.bfloat16, False)):
+        model, _ = load_model_and_tokenizer("tiny-random", dtype=dtype)
+        wrappers = adapter.wrap(model)
+        _randomize(wrappers, scale=1e-3)
+        with adapter.scoring(wrappers):
+            assert all((layer._merged_weight is not None) == merges for layer in wrappers.values())

@@ -63,8 +63,9 @@ def test_tau_drops_weak_axes_and_postprocess_applies_the_global_floor(setup):
     assert all(v.shape[0] == 2 for v in sliced.V.values())
     floored = hack_basis.postprocess(full, drop_bottom_frac=0.5)
     pooled = torch.cat(list(full.S.values()))
-    assert sum(floored.rows().values()) == int((pooled >= torch.quantile(pooled.double(), 0.5).float()).sum())
-    assert all(torch.all(floored.S[n] >= floored.S[n].min()) for n in floored.V)
+    floor = torch.quantile(pooled.double(), 0.5).item()
+    assert sum(floored.rows().values()) == int((pooled.double() >= floor).sum())
+    assert all(torch.all(floored.S[n].double() >= floor) for n in floored.V)
     almost_all = hack_basis.postprocess(full, drop_bottom_frac=0.99)
     assert 0 < len(almost_all.V) < len(full.V)  # layers with no row left are dropped
 
@@ -129,3 +130,22 @@ def test_bad_arguments_are_rejected(setup):
         _extract(setup, loss_norm="sum")
     with pytest.raises(ValueError, match="k >= 1"):
         _extract(setup, k=0)
+
+
+def test_shuffled_control_flips_labels_and_keeps_the_span(setup, monkeypatch):
+    seen = []
+    real = hack_basis._basis_from_differences
+
+    def spy(D, k, tau):
+        seen.append(D)
+        return real(D, k, tau)
+
+    monkeypatch.setattr(hack_basis, "_basis_from_differences", spy)
+    real_basis, shuffled = _extract(setup), _extract(setup, control="shuffled", seed=5)
+    D, D_shuffled = seen[0], seen[-1]
+    name = next(iter(D))
+    ratio = (D_shuffled[name] * D[name]).sum(1) / D[name].square().sum(1)  # +1 kept, -1 flipped
+    assert torch.allclose(ratio.abs(), torch.ones_like(ratio)) and (ratio < 0).any() and (ratio > 0).any()
+    for n, V in shuffled.V.items():  # same subspace: sign flips of D's rows leave Q unchanged
+        overlap = torch.linalg.matrix_norm(real_basis.V[n] @ V.T) ** 2 / V.shape[0]
+        assert overlap > 0.99

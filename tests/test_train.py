@@ -191,3 +191,33 @@ def test_nan_gradient_is_caught_before_the_optimizer_step(workdir, monkeypatch):
     with pytest.raises(train.TrainingDiverged, match="step 1: non-finite knob gradient"):
         train.run(_cfg(run_name="inf-grad"))
     assert (workdir / "out/runs/inf-grad/checkpoints/step_000000/knobs.safetensors").exists()
+
+
+def test_resume_refuses_a_different_config(workdir):
+    train.run(_cfg(run_name="cfg-a", steps=2, intervention="route"))
+    with pytest.raises(ConfigError, match="--intervention: run has 'route', asked 'none'"):
+        train.run(_cfg(run_name="cfg-a", steps=4, intervention="none", resume="true"))
+    summary = train.run(_cfg(run_name="cfg-a", steps=3, intervention="route", resume="true"))  # steps may grow
+    assert summary["steps_done"] == 3
+
+
+def test_any_crash_mid_step_keeps_the_last_good_state(workdir, monkeypatch):
+    real = grpo.collect_rollouts
+    calls = []
+
+    def flaky(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(*args)
+
+    monkeypatch.setattr(train, "collect_rollouts", flaky)
+    with pytest.raises(RuntimeError, match="simulated"):
+        train.run(_cfg(run_name="crash", steps=4, checkpoint_every=25))
+    run_dir = workdir / "out" / "runs" / "crash"
+    assert train.latest_checkpoint(run_dir).name == "step_000002"
+    monkeypatch.setattr(train, "collect_rollouts", real)
+    train.run(_cfg(run_name="crash", steps=4, checkpoint_every=25, resume="true"))
+    train.run(_cfg(run_name="crash-straight", steps=4, checkpoint_every=25))
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]  # noqa: E731
+    assert strip(_rows(run_dir)) == strip(_rows(workdir / "out/runs/crash-straight"))

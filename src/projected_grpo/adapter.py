@@ -33,7 +33,7 @@ from torch import nn
 # projections of the hybrid (Qwen3-Next style) architectures where present.
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
                    "in_proj_qkvz", "in_proj_ba", "out_proj")
-_SVD_CACHE_FORMAT = 1  # bump when what the cache stores changes
+_SVD_CACHE_FORMAT = 2  # bump when what the cache stores changes
 
 
 def default_cache_dir() -> Path:
@@ -155,7 +155,8 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
 
 
 def thin_svd(weight: torch.Tensor, cache_dir: Path | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(U, S, Vh) of W in fp32, thin (never full_matrices=True); cached by W's hash."""
+    """(U, S, Vh) of W: computed in fp32, thin (never full_matrices=True), cached by W's hash.
+    U and Vh come back in W's dtype (what the layer uses; halves the cache for bf16), S in fp32."""
     path = None
     if cache_dir is not None:
         path = Path(cache_dir) / "svd" / f"{weight_hash(weight)}.safetensors"
@@ -170,6 +171,7 @@ def thin_svd(weight: torch.Tensor, cache_dir: Path | None) -> tuple[torch.Tensor
             except (SafetensorError, KeyError, ValueError, OSError) as e:
                 warnings.warn(f"SVD cache file {path} is corrupt ({e}); recomputing it", stacklevel=2)
     U, S, Vh = torch.linalg.svd(weight.detach().float(), full_matrices=False)
+    U, Vh = U.to(weight.dtype), Vh.to(weight.dtype)
     if path is not None:
         _atomic_save({"U": U, "S": S, "Vh": Vh}, path)
     return U, S, Vh
@@ -248,6 +250,15 @@ def merged(wrappers: dict[str, AdapterLayer]):
     finally:
         for layer in wrappers.values():
             layer._merged_weight = None
+
+
+def scoring(wrappers: dict[str, AdapterLayer]):
+    """The context for a scoring pass with gradients: merged weights in fp32 (four matmuls
+    per layer instead of six). In bf16/fp16 the unmerged path: W sits on the bf16 grid, so
+    bf16(W + U diag(s) Vh) rounds a small knob change away (on a 2560 x 2560 bf16 weight a
+    1e-3 knob change loses ~80% of itself), and the gradient must see the knobs exactly."""
+    fp32 = all(layer.base.weight.dtype == torch.float32 for layer in wrappers.values())
+    return merged(wrappers) if fp32 else contextlib.nullcontext(wrappers)
 
 
 @contextlib.contextmanager

@@ -106,7 +106,7 @@ def scoring_case(base, wrapped, wrappers, device, repeats, batch=8, prompt_len=6
 
     def knob_pass():
         wrapped.zero_grad(set_to_none=True)
-        with adapter.merged(wrappers), adapter.per_sample_grads(wrappers):
+        with adapter.scoring(wrappers), adapter.per_sample_grads(wrappers):
             token_logprobs(wrapped, ids, attn, comp).sum().backward()
 
     def base_pass():
@@ -171,22 +171,35 @@ def smoke_step_case() -> dict:
 
 
 _MEMORY_PROBE = r"""
-import resource, sys, torch
+import os, sys, threading, torch
 from projected_grpo.bench import bench_model
 from projected_grpo.model import token_logprobs
+
+def resident():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
 batch, length, vocab = 8, 512, int(sys.argv[1])
 model = bench_model(vocab, "cpu", torch.float32, "cpu")
 for p in model.parameters():
     p.requires_grad_(False)
 model.get_decoder().layers[-1].mlp.down_proj.weight.requires_grad_(True)  # so the hidden states need grad
 ids = torch.randint(2, vocab, (batch, length + 1))
-attn = torch.ones_like(ids)
-comp = torch.ones_like(ids)
+attn, comp = torch.ones_like(ids), torch.ones_like(ids)
 comp[:, 0] = 0
-token_logprobs(model, ids[:1, :8], attn[:1, :8], comp[:1, :8]).sum().backward()  # warm up allocators
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before, peak, done = resident(), [0], threading.Event()
+
+def sample():  # the high-water mark of resident memory while the pass runs
+    while not done.is_set():
+        peak[0] = max(peak[0], resident())
+        done.wait(0.0005)
+
+watcher = threading.Thread(target=sample)
+watcher.start()
 token_logprobs(model, ids, attn, comp).sum().backward()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+done.set()
+watcher.join()
+print(max(peak[0], resident()) - before)
 """
 
 

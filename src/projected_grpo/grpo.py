@@ -107,7 +107,7 @@ def backward_rollouts(model, tokenizer, wrappers, rollouts: list[Rollout], cfg: 
     size = cfg.micro_batch or len(rollouts)
     total_loss, kl_sum, tokens = 0.0, 0.0, 0
     adapter.clear_grad_samples(wrappers)
-    with adapter.merged(wrappers), adapter.per_sample_grads(wrappers):
+    with adapter.scoring(wrappers), adapter.per_sample_grads(wrappers):
         for start in range(0, len(rollouts), size):
             chunk = rollouts[start:start + size]
             prompts = [encode_prompt(tokenizer, r.problem.messages()) for r in chunk]

@@ -84,7 +84,7 @@ def completion_grads(model, tokenizer, wrappers, messages: list, completions: li
     # Similar lengths share a micro-batch, so little of each batch is padding.
     order = sorted(range(len(outs)), key=lambda i: len(prompts[i]) + len(outs[i]))
     adapter.clear_grad_samples(wrappers)
-    with adapter.merged(wrappers), adapter.per_sample_grads(wrappers):
+    with adapter.scoring(wrappers), adapter.per_sample_grads(wrappers):
         for start in tqdm(range(0, len(order), batch_size), desc="pair gradients", disable=not progress,
                           leave=False):
             batch = order[start:start + batch_size]

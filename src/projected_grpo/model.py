@@ -135,7 +135,10 @@ def _problem_corpus() -> list[str]:
 
 def encode_prompt(tokenizer, messages) -> list[int]:
     """Token ids of the chat prompt, ending where the assistant's completion begins."""
-    text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+    # Qwen3 templates open a <think> block unless told not to; the budget is for code, and the
+    # pair and teacher completions have no think block either. Other templates ignore the flag.
+    text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False,
+                                         enable_thinking=False)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -159,7 +162,7 @@ def pad_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: in
     return input_ids.to(device), attention_mask.to(device), completion_mask.to(device)
 
 
-LOGIT_CHUNK_ELEMENTS = 1 << 25  # fp32 logits per chunk (128 MiB): bounds the peak whatever the vocab
+LOGIT_CHUNK_ELEMENTS = 1 << 24  # fp32 logits per chunk (64 MiB): bounds the peak whatever the vocab
 
 
 def token_logprobs(model, input_ids, attention_mask, completion_mask) -> torch.Tensor:

@@ -121,25 +121,37 @@ def _checkpoint_dir(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step_{step:06d}"
 
 
-def save_checkpoint(run_dir: Path, step: int, wrappers, optimizer, scheduler, basis: dict, rows: list[dict]) -> Path:
-    """Knobs, optimizer, scheduler, RNG, basis and the metrics rows so far, written to a
-    temp dir then renamed (atomic)."""
+def save_checkpoint(run_dir: Path, step: int, wrappers, optimizer, scheduler, basis: dict, rows: list[dict],
+                    rng: tuple | None = None) -> Path:
+    """Knobs, optimizer, scheduler, RNG (`rng`: the state to resume from, default now), basis
+    and the metrics rows so far, written to a temp dir and swapped in; an older checkpoint of
+    the same step survives until the new one is complete."""
     final = _checkpoint_dir(run_dir, step)
-    tmp = final.with_name(final.name + ".tmp")
+    tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    cpu_rng, cuda_rng = rng or _rng_state()
     adapter.save_knobs(wrappers, tmp / "knobs.safetensors")
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "basis": basis, "rows": [r for r in rows if r["step"] <= step]}, tmp / "state.pt")
-    shutil.rmtree(final, ignore_errors=True)
+                "torch_rng": cpu_rng, "cuda_rng": cuda_rng, "basis": {n: v.cpu() for n, v in basis.items()},
+                "rows": [r for r in rows if r["step"] <= step]}, tmp / "state.pt")
+    for path in tmp.iterdir():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
     os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def _rng_state() -> tuple:
+    return torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    done = sorted(p for p in (run_dir / "checkpoints").glob("step_*") if not p.name.endswith(".tmp"))
+    done = sorted(p for p in (run_dir / "checkpoints").glob("step_*") if p.name[-4:] not in (".tmp", ".old"))
     return done[-1] if done else None
 
 
@@ -155,7 +167,9 @@ def _truncate_jsonl(path: Path, last_step: int) -> None:
                 kept.append(line if line.endswith("\n") else line + "\n")
         except (json.JSONDecodeError, KeyError, TypeError):
             continue
-    path.write_text("".join(kept))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -173,7 +187,8 @@ def evaluate(model, tok, wrappers, problems, cfg: Config, step: int, workers) ->
     if cfg.intervention == "route":
         variants["kept"] = None
     for name, context in variants.items():
-        with torch.random.fork_rng(devices=[]):
+        # manual_seed reseeds CUDA too, so fork its state as well.
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
             torch.manual_seed(cfg.seed * 1000 + step)
             if context is None:
                 ids = sample(model, tok, wrappers, prompts, 1, cfg)
@@ -194,6 +209,14 @@ def _rates(rollouts, prefix: str) -> dict:
         return {f"hack_{prefix}": None, f"gt_{prefix}": None}
     return {f"hack_{prefix}": sum(r.exploited for r in rollouts) / len(rollouts),
             f"gt_{prefix}": sum(r.gt_correct for r in rollouts) / len(rollouts)}
+
+
+def _concatenated_null(basis: dict, wrappers) -> float:
+    """The null baseline of cin_s / cin_t, which concatenate the layers: sqrt(sum k / (2 sum r))."""
+    layers = [n for n in basis if n in wrappers]
+    if not layers:
+        return 0.0
+    return projection.null_cin(sum(basis[n].shape[0] for n in layers), sum(wrappers[n].r for n in layers))
 
 
 def _grads_finite(wrappers) -> bool:
@@ -233,6 +256,7 @@ def train_step(step: int, cfg: Config, model, tok, wrappers, train, pool, basis:
     if cfg.adam_leak == "moments" and cfg.intervention != "none":
         projection.project_adam_moments(optimizer, wrappers, basis)
     before = projection.snapshot(wrappers)
+    lr = scheduler.get_last_lr()[0]  # the rate this step used
     optimizer.step()
     if cfg.adam_leak == "update" and cfg.intervention != "none":
         projection.project_update(before, wrappers, basis, cfg.gate, cfg.overshoot)
@@ -243,12 +267,13 @@ def train_step(step: int, cfg: Config, model, tok, wrappers, train, pool, basis:
     row = {"step": step, "reward": sum(r.reward for r in students) / len(students),
            **_rates(students, "s"), **_rates([r for r in rollouts if r.teacher], "t"),
            "loss": scored["loss"], "kl": scored["kl"], "grad_norm": grad_norm,
-           "cin_s": cin_s, "cin_t": cin_t, "cin": stats["cin"], "cout": stats["cout"], "cin_null": stats["cin_null"],
+           "cin_s": cin_s, "cin_t": cin_t, "cin_null_s": _concatenated_null(basis, wrappers),
+           "cin": stats["cin"], "cout": stats["cout"], "cin_null": stats["cin_null"],
            "fired": stats["fired"], "update_hackward": projection.update_hackward_fraction(before, wrappers, basis),
            "frac_zero_spread": zero_spread / cfg.prompts_per_step,
            "dS_norm": float(torch.cat([w.delta_s.detach().flatten() for w in wrappers.values()]).norm()),
            "dS_hack_norm": float(torch.cat([w.delta_s_hack.detach().flatten() for w in wrappers.values()]).norm()),
-           "lr": scheduler.get_last_lr()[0], **timings}
+           "lr": lr, **timings}
     for mode in MODES:
         of_mode = [r for r in students if r.problem.mode == mode]
         if of_mode:
@@ -305,17 +330,35 @@ def summarize(cfg: Config, rows: list[dict], final_eval: dict, complete: bool) -
     return summary, "\n".join(lines)
 
 
+# What a resumed run may change: how long it runs and where it writes.
+RESUMABLE_CHANGES = {"steps", "resume", "out_dir"}
+
+
+def _check_resume_config(run_dir: Path, config: dict) -> None:
+    stored = json.loads((run_dir / "config.json").read_text())
+    differ = {k: (stored.get(k), v) for k, v in config.items() if k not in RESUMABLE_CHANGES and stored.get(k) != v}
+    if differ:
+        fields = "; ".join(f"--{k}: run has {old!r}, asked {new!r}" for k, (old, new) in differ.items())
+        raise ConfigError(f"--resume: {run_dir} was started with a different config ({fields}); resume with the "
+                          f"same settings (only {', '.join(sorted(RESUMABLE_CHANGES))} may change)")
+
+
 def run(cfg: Config, preset: str = "smoke") -> dict:
     """Train one run end to end; returns summary.json's content."""
     run_dir = Path(cfg.out_dir) / cfg.run_name
     checkpoint = latest_checkpoint(run_dir) if cfg.resume else None
     if cfg.resume and checkpoint is None:
-        raise FileNotFoundError(f"--resume: no checkpoint under {run_dir / 'checkpoints'}; start without --resume")
+        raise FileNotFoundError(f"--resume: no checkpoint under {run_dir / 'checkpoints'}; delete {run_dir} and "
+                                f"start without --resume")
     if not cfg.resume and (run_dir / "metrics.jsonl").exists():
-        raise FileExistsError(f"{run_dir} already holds a run; pass --resume=true to continue it, or choose "
-                              f"another --run_name")
+        has = "a checkpoint; pass --resume=true to continue it" if latest_checkpoint(run_dir) else \
+            f"no checkpoint to resume from; delete {run_dir}"
+        raise FileExistsError(f"{run_dir} already holds a run with {has}, or choose another --run_name")
+    config = {"preset": preset, **dataclasses.asdict(cfg)}
+    if checkpoint is not None:
+        _check_resume_config(run_dir, config)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps({"preset": preset, **dataclasses.asdict(cfg)}, indent=2))
+    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
 
     torch.manual_seed(cfg.seed)
     model, tok = load_model_and_tokenizer(cfg.model, dtype=cfg.dtype, device=cfg.device, seed=cfg.seed)
@@ -335,13 +378,13 @@ def run(cfg: Config, preset: str = "smoke") -> dict:
     first_step = 1
     if checkpoint is not None:
         adapter.load_knobs(wrappers, checkpoint / "knobs.safetensors")
-        state = torch.load(checkpoint / "state.pt", weights_only=False)
+        state = torch.load(checkpoint / "state.pt", weights_only=False, map_location="cpu")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-        basis = state["basis"]
+        basis = {n: v.to(cfg.device) for n, v in state["basis"].items()}
         first_step = state["step"] + 1
         rows = state["rows"]
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -367,13 +410,18 @@ def run(cfg: Config, preset: str = "smoke") -> dict:
     bar = tqdm(range(first_step, cfg.steps + 1), initial=first_step - 1, total=cfg.steps, desc=cfg.run_name)
     try:
         for step in bar:
+            rng = _rng_state()  # a crash checkpoint resumes into this step exactly as it began
             try:
                 row, rollouts = train_step(step, cfg, model, tok, wrappers, train, pool, basis, optimizer,
                                            scheduler, workers)
-            except FloatingPointError as e:
-                path = save_checkpoint(run_dir, step - 1, wrappers, optimizer, scheduler, basis, rows)
-                raise TrainingDiverged(f"step {step}: {e}; the last good state (after step {step - 1}) is saved "
-                                       f"in {path}") from None
+            except Exception as e:
+                # Nothing of this step reached the knobs: every check that can fail precedes optimizer.step.
+                path = save_checkpoint(run_dir, step - 1, wrappers, optimizer, scheduler, basis, rows, rng)
+                if isinstance(e, FloatingPointError):
+                    raise TrainingDiverged(f"step {step}: {e}; the last good state (after step {step - 1}) is "
+                                           f"saved in {path}") from None
+                print(f"step {step} failed; the state after step {step - 1} is saved in {path}", file=sys.stderr)
+                raise
             if cfg.refresh_every and step % cfg.refresh_every == 0 and step < cfg.steps:
                 with adapter.ablate_quarantine(wrappers):
                     fresh = hack_basis.postprocess(hack_basis.extract_basis(
