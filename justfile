@@ -56,6 +56,10 @@ full *args:
 results *args:
     python -m projected_grpo.results {{args}}
 
+# speed and memory figures as ratios (out/bench.json); --large-vocab, --device cuda
+bench *args:
+    python -m projected_grpo.bench {{args}}
+
 # style and obvious bugs
 lint:
     ruff check src tests

@@ -111,11 +111,13 @@ class AdapterLayer(nn.Module):
         return self.delta_s + self.delta_s_hack
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.knobs()
         if self._merged_weight is not None:
-            if s.requires_grad:
-                return _MergedKnobLinear.apply(x, s, self._merged_weight, self.base.bias, self.U, self.Vh, self)
+            if torch.is_grad_enabled():
+                return _MergedKnobLinear.apply(x, self.knobs(), self._merged_weight, self.base.bias, self.U,
+                                               self.Vh, self)
+            # Decoding: nothing but the merged matmul, so a step costs what the base model's does.
             return nn.functional.linear(x, self._merged_weight, self.base.bias)
+        s = self.knobs()
         y = self.base(x)
         if not s.requires_grad and not torch.any(s):
             return y  # zero knobs and nothing to differentiate: exactly the base layer

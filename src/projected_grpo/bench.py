@@ -48,18 +48,21 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, device: str, repeats: int, warmup: int = 1) -> float:
-    """Median seconds of fn() over `repeats` runs after `warmup` runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
+def timed(fns: dict, device: str, repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds of each fn after `warmup` runs. The cases take turns round by round,
+    so drift in the machine's load hits each of them alike and the ratios stay fair."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _randomize_knobs(wrappers, scale: float = 0.05) -> None:
@@ -90,10 +93,9 @@ def generation_case(base, wrapped, wrappers, device, repeats, batch=8, prompt_le
         with context(wrappers):
             return model.generate(ids, **kwargs)
 
-    tokens = batch * new
-    base_tps = tokens / timed(lambda: run(base), device, repeats)
-    merged_tps = tokens / timed(lambda: run(wrapped, adapter.merged), device, repeats)
-    hook_tps = tokens / timed(lambda: run(wrapped), device, repeats)
+    t = timed({"base": lambda: run(base), "merged": lambda: run(wrapped, adapter.merged),
+               "hook": lambda: run(wrapped)}, device, repeats)
+    base_tps, merged_tps, hook_tps = (batch * new / t[k] for k in ("base", "merged", "hook"))
     return {"gen_base_tok_s": base_tps, "gen_merged_tok_s": merged_tps, "gen_hook_tok_s": hook_tps,
             "gen_merged_over_base": merged_tps / base_tps, "gen_hook_over_base": hook_tps / base_tps}
 
@@ -126,9 +128,8 @@ def scoring_case(base, wrapped, wrappers, device, repeats, batch=8, prompt_len=6
         finally:
             adapter.AdapterLayer.forward = original
 
-    knob = timed(knob_pass, device, repeats)
-    frozen = timed(base_pass, device, repeats)
-    naive = timed(naive_pass, device, repeats)
+    t = timed({"knob": knob_pass, "base": base_pass, "naive": naive_pass}, device, repeats)
+    knob, frozen, naive = t["knob"], t["base"], t["naive"]
     return {"score_knob_s": knob, "score_base_s": frozen, "score_naive_s": naive,
             "score_knob_over_base": knob / frozen, "score_knob_over_naive": knob / naive}
 
@@ -141,8 +142,8 @@ def extraction_case(wrapped, wrappers, tok, device, n_pairs=32, max_new=128) -> 
     def run(batch_size):
         return hack_basis.completion_grads(wrapped, tok, wrappers, messages, texts, max_new, batch_size=batch_size)
 
-    batched = timed(lambda: run(16), device, repeats=1)
-    single = timed(lambda: run(1), device, repeats=1)
+    t = timed({"batched": lambda: run(16), "single": lambda: run(1)}, device, repeats=1, warmup=0)
+    batched, single = t["batched"], t["single"]
     return {"extract_batched_s": batched, "extract_per_completion_s": single, "extract_speedup": single / batched}
 
 
@@ -150,8 +151,9 @@ def grading_case(repeats) -> dict:
     problems = builtin_problems()
     texts = [t for p in problems for t in (clean_completion(p), hack_completion(p, p.mode))]
     graded = [p for p in problems for _ in range(2)]
-    one = len(texts) / timed(lambda: rewards.grade_batch(texts, graded, workers=1), "cpu", repeats, warmup=0)
-    many = len(texts) / timed(lambda: rewards.grade_batch(texts, graded), "cpu", repeats, warmup=0)
+    t = timed({"one": lambda: rewards.grade_batch(texts, graded, workers=1),
+               "many": lambda: rewards.grade_batch(texts, graded)}, "cpu", repeats, warmup=0)
+    one, many = len(texts) / t["one"], len(texts) / t["many"]
     return {"grade_1_worker_per_s": one, "grade_parallel_per_s": many, "grade_parallel_over_1": many / one,
             "grade_workers": 2 * (os.cpu_count() or 1), "landlock_abi": sandbox.run("pass").landlock_abi}
 
@@ -216,8 +218,8 @@ def memory_case() -> dict:
 def projection_micro(wrappers, basis, repeats) -> dict:
     for layer in wrappers.values():
         layer.delta_s.grad = torch.randn_like(layer.delta_s)
-    seconds = timed(lambda: projection.project_all(wrappers, basis, "erase"), "cpu", repeats)
-    return {"project_all_ms": seconds * 1000}
+    seconds = timed({"project": lambda: projection.project_all(wrappers, basis, "erase")}, "cpu", repeats)
+    return {"project_all_ms": seconds["project"] * 1000}
 
 
 TARGETS = {  # key: (comparison, bound, what it is)

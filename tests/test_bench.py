@@ -1,0 +1,28 @@
+"""The benchmark's cases run and report sane figures (speed is never asserted here)."""
+
+import copy
+
+import torch
+
+from projected_grpo import adapter, bench
+
+
+def test_cases_run_on_a_small_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("PROJECTED_GRPO_CACHE", str(tmp_path))
+    base = bench.bench_model(512, "cpu", torch.float32, "cpu")
+    wrapped = copy.deepcopy(base)
+    wrappers = adapter.wrap(wrapped)
+    bench._randomize_knobs(wrappers)
+    gen = bench.generation_case(base, wrapped, wrappers, "cpu", repeats=1, batch=2, prompt_len=4, new=4)
+    score = bench.scoring_case(base, wrapped, wrappers, "cpu", repeats=1, batch=2, prompt_len=4, completion_len=8)
+    for figures in (gen, score):
+        assert all(v > 0 for v in figures.values())
+    assert all(layer._merged_weight is None for layer in wrappers.values())  # contexts cleaned up
+    assert adapter.AdapterLayer.forward is not bench._plain_autograd_forward  # the naive patch was undone
+
+
+def test_verdicts_follow_the_targets():
+    assert bench.verdict("gen_merged_over_base", 0.97).startswith("ok")
+    assert bench.verdict("gen_merged_over_base", 0.90).startswith("MISS")
+    assert bench.verdict("logprob_peak_over_full", 0.3).startswith("MISS")
+    assert bench.verdict("gen_hook_over_base", 0.5) == "reported"
