@@ -203,9 +203,15 @@ def children():
                 pass
     return kids
 
+def has_children():
+    try:
+        return os.waitpid(-1, os.WNOHANG) is not None
+    except ChildProcessError:
+        return False
+
 def kill_descendants():
     # Orphans keep coming back to us (subreaper) until none is left alive.
-    while True:
+    while has_children():
         try:
             os.killpg(runner, signal.SIGKILL)
         except OSError:
@@ -357,9 +363,11 @@ def run(source: str, limits: Limits | None = None) -> SandboxResult:
                 proc.wait(timeout=limits.wall_seconds + 5)
             except subprocess.TimeoutExpired:
                 error = "the supervisor did not finish in time and was killed"
-            _kill_leftovers(session=proc.pid, uid=uid)
             proc.wait()
             report = _parse_report(handles["status"])
+            if report is None or error:
+                # The supervisor did not finish its own cleanup: sweep what the run left.
+                _kill_leftovers(session=proc.pid, uid=uid)
             stdout, out_cut = _read_capped(handles["stdout"], OUTPUT_CAP)
             stderr, err_cut = _read_capped(handles["stderr"], OUTPUT_CAP)
             payload, payload_error = _parse_payload(handles["payload"])
