@@ -55,7 +55,7 @@ class Config:
     grad_clip: float = 1.0  # global norm clip on the knob gradients (after projection)
     # --- loss
     beta: float = 0.0  # K3 KL weight to the reference (the zero-knob base model); 0 skips that forward
-    clip_eps: float = 0.2  # PPO clip range on the ratio to the sampling policy
+    clip_eps: float = 0.2  # PPO clip range; with one update per batch the ratio is 1 and the clip never acts
     # --- projection
     gate: str = "one_sided"  # one_sided: remove only hack-ward motion; no_gate: both signs; reverse: flip it
     overshoot: float = 1.0  # scale of what is removed (>1 pushes away from hacking)
