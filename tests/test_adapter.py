@@ -82,7 +82,12 @@ def _loss(model, batch):
     return (logits.log_softmax(-1)[..., 0] * batch["attention_mask"]).sum()
 
 
-def test_per_sequence_grads_sum_to_autograd_and_match_single_backward(tiny):
+def _plain_autograd_forward(self, x):
+    # The naive path: y = W x + U diag(s) Vh x through ordinary autograd.
+    return self.base(x) + ((x @ self.Vh.T) * self.knobs()) @ self.U.T
+
+
+def test_per_sequence_grads_sum_to_autograd_and_match_single_backward(tiny, monkeypatch):
     model, tok = tiny
     wrappers = adapter.wrap(model)
     _randomize(wrappers, scale=0.1)
@@ -95,6 +100,12 @@ def test_per_sequence_grads_sum_to_autograd_and_match_single_backward(tiny):
         torch.testing.assert_close(gs.sum(0), layer.delta_s.grad, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(layer.delta_s_hack.grad, layer.delta_s.grad)
     per_sample = {n: layer.grad_sample.clone() for n, layer in wrappers.items()}
+    with monkeypatch.context() as patch:  # ordinary autograd through the naive formula agrees
+        patch.setattr(adapter.AdapterLayer, "forward", _plain_autograd_forward)
+        model.zero_grad()
+        _loss(model, batch).backward()
+        for n, layer in wrappers.items():
+            torch.testing.assert_close(per_sample[n].sum(0), layer.delta_s.grad, rtol=1e-5, atol=1e-8)
     for i in range(3):
         model.zero_grad()
         single = {k: v[i:i + 1] for k, v in batch.items()}
@@ -155,26 +166,6 @@ def test_svd_cache_hit_and_corrupt_file_rebuilt(tmp_path):
         U3, _, _ = adapter.thin_svd(W, tmp_path)
     assert torch.equal(U3, U)
     assert adapter.thin_svd(W, tmp_path)[0].shape == (12, 8)  # rebuilt file now loads
-
-
-def _plain_autograd_forward(self, x):
-    # The naive path: y = W x + U diag(s) Vh x through ordinary autograd.
-    return self.base(x) + ((x @ self.Vh.T) * self.knobs()) @ self.U.T
-
-
-def test_per_sequence_grads_sum_to_plain_autograd(tiny, monkeypatch):
-    model, tok = tiny
-    wrappers = adapter.wrap(model)
-    _randomize(wrappers, scale=0.1)
-    batch = _batch(tok, ("def f(x):\n    return x", "x = 1", "print('all tests passed')"))
-    with adapter.per_sample_grads(wrappers):
-        _loss(model, batch).backward()
-    custom = {n: layer.grad_sample.sum(0) for n, layer in wrappers.items()}
-    model.zero_grad()
-    monkeypatch.setattr(adapter.AdapterLayer, "forward", _plain_autograd_forward)
-    _loss(model, batch).backward()
-    for n, layer in wrappers.items():
-        torch.testing.assert_close(custom[n], layer.delta_s.grad, rtol=1e-5, atol=1e-8)
 
 
 def test_merged_scoring_gives_the_same_per_sequence_grads(tiny):

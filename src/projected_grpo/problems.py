@@ -184,6 +184,23 @@ def _parse_record(record: object, mode: str, where: str) -> Problem:
     )
 
 
+def iter_jsonl(path: Path, error: type[ValueError]):
+    """(where, record) for each non-blank line; a line that is not JSON raises `error` naming
+    file and line (and saying so when a crash cut the last line short)."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                # Writers end every line with a newline, so a last line without one was cut short.
+                truncated = " (truncated: the file ends mid-line)" if not line.endswith("\n") else ""
+                raise error(f"{where}: not valid JSON ({e.msg}){truncated}") from None
+            yield where, record
+
+
 def load_jsonl_problems(path: str | Path, mode: str = "round_robin") -> list[Problem]:
     """Read an rl-rewardhacking / LeetCodeDataset jsonl file.
 
@@ -194,17 +211,9 @@ def load_jsonl_problems(path: str | Path, mode: str = "round_robin") -> list[Pro
         raise ValueError(f"mode must be 'round_robin' or one of {MODES}, got {mode!r}")
     path = Path(path)
     problems = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ProblemFormatError(f"{where}: not valid JSON ({e.msg})") from None
-            problem_mode = MODES[len(problems) % len(MODES)] if mode == "round_robin" else mode
-            problems.append(_parse_record(record, problem_mode, where))
+    for where, record in iter_jsonl(path, ProblemFormatError):
+        problem_mode = MODES[len(problems) % len(MODES)] if mode == "round_robin" else mode
+        problems.append(_parse_record(record, problem_mode, where))
     if not problems:
         raise ProblemFormatError(f"{path}: no problems in file")
     ids = [p.id for p in problems]

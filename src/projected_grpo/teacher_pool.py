@@ -39,6 +39,7 @@ from .problems import (
     builtin_problems,
     clean_completion,
     hack_completion,
+    iter_jsonl,
     load_jsonl_problems,
     wrong_completion,
 )
@@ -320,25 +321,15 @@ def load_pool(path, modes=None) -> Pool:
     keep = _check_modes(modes)
     meta = _read_meta(meta_file)
     rows, n_lines, mode_of = [], 0, {}
-    with open(pool_file, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{pool_file}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                # The builder ends every line with a newline, so a last line without one was cut short.
-                truncated = " (truncated: the file ends mid-line)" if not line.endswith("\n") else ""
-                raise PoolFormatError(f"{where}: not valid JSON ({e.msg}){truncated}") from None
-            row = _parse_row(record, where)
-            # A problem carries one mode; rows graded under two cannot both be its frozen grades.
-            if mode_of.setdefault(row.problem_id, row.mode) != row.mode:
-                raise PoolFormatError(f"{where}: field 'mode' is {row.mode!r} but earlier rows of problem "
-                                      f"{row.problem_id!r} have {mode_of[row.problem_id]!r}")
-            n_lines += 1
-            if row.mode in keep:
-                rows.append(row)
+    for where, record in iter_jsonl(pool_file, PoolFormatError):
+        row = _parse_row(record, where)
+        # A problem carries one mode; rows graded under two cannot both be its frozen grades.
+        if mode_of.setdefault(row.problem_id, row.mode) != row.mode:
+            raise PoolFormatError(f"{where}: field 'mode' is {row.mode!r} but earlier rows of problem "
+                                  f"{row.problem_id!r} have {mode_of[row.problem_id]!r}")
+        n_lines += 1
+        if row.mode in keep:
+            rows.append(row)
     if n_lines != meta["n_rows"]:
         raise PoolFormatError(f"{pool_file}: {n_lines} rows but {meta_file} says {meta['n_rows']}; "
                               f"the pool is incomplete or was edited, {HOW_TO_BUILD.replace('DIR', str(path))}")
