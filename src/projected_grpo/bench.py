@@ -40,7 +40,7 @@ def bench_model(vocab: int, size: str, dtype: torch.dtype, device: str, seed: in
                          pad_token_id=0, eos_token_id=1, bos_token_id=0, **shapes)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return Qwen3ForCausalLM(config).to(dtype=dtype, device=device).eval()
+        return Qwen3ForCausalLM(config).to(dtype=dtype, device=device).eval()  # safe: Module.eval()
 
 
 def _sync(device: str) -> None:

@@ -54,7 +54,7 @@ def load_model_and_tokenizer(
             tokenizer.pad_token = tokenizer.eos_token
         if model.generation_config.pad_token_id is None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model.to(device).eval(), tokenizer
+    return model.to(device).eval(), tokenizer  # safe: Module.eval() (inference mode), not Python eval
 
 
 def _tiny_qwen3(tokenizer: PreTrainedTokenizerFast, seed: int) -> Qwen3ForCausalLM:
