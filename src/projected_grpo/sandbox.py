@@ -24,6 +24,7 @@ import contextlib
 import json
 import os
 import secrets
+import select
 import shutil
 import subprocess
 import sys
@@ -357,12 +358,16 @@ def run(source: str, limits: Limits | None = None) -> SandboxResult:
                                     stdout=handles["stdout"], stderr=handles["stderr"],
                                     pass_fds=(payload_fd, status_fd), start_new_session=True)
             error = None
+            # The supervisor enforces the wall clock itself; this is the backstop in case the
+            # code managed to kill or stall it. A pidfd wakes us the moment it exits
+            # (Popen.wait(timeout) polls with growing sleeps: tens of ms lost per run).
+            pidfd = os.pidfd_open(proc.pid)
             try:
-                # The supervisor enforces the wall clock itself; this is the backstop in
-                # case the code managed to kill or stall it.
-                proc.wait(timeout=limits.wall_seconds + 5)
-            except subprocess.TimeoutExpired:
-                error = "the supervisor did not finish in time and was killed"
+                if not select.select([pidfd], [], [], limits.wall_seconds + 5)[0]:
+                    error = "the supervisor did not finish in time and was killed"
+                    _kill_leftovers(session=proc.pid, uid=uid)
+            finally:
+                os.close(pidfd)
             proc.wait()
             report = _parse_report(handles["status"])
             if report is None or error:
