@@ -155,7 +155,7 @@ def grading_case(repeats) -> dict:
                "many": lambda: rewards.grade_batch(texts, graded)}, "cpu", repeats, warmup=0)
     one, many = len(texts) / t["one"], len(texts) / t["many"]
     return {"grade_1_worker_per_s": one, "grade_parallel_per_s": many, "grade_parallel_over_1": many / one,
-            "grade_workers": 2 * (os.cpu_count() or 1), "landlock_abi": sandbox.run("pass").landlock_abi}
+            "grade_workers": os.cpu_count() or 1, "landlock_abi": sandbox.run("pass").landlock_abi}
 
 
 def smoke_step_case() -> dict:

@@ -76,7 +76,7 @@ class Config:
     eval_every: int = 0  # evaluate held-out prompts (deployed, and kept for route) every N steps; 0: end only
     log_completions: int = 2  # student completions per step written to completions.jsonl
     checkpoint_every: int = 25  # plus one at the end, on Ctrl-C and before a NaN stop
-    grade_workers: int = 0  # parallel sandbox children; 0: two per core
+    grade_workers: int = 0  # parallel sandbox children; 0: one per core
     run_name: str = ""  # empty: <preset>-<intervention>[-<control>]-s<seed>
     out_dir: str = "out/runs"  # runs land in out_dir/run_name
     resume: bool = False  # continue from the latest checkpoint in the run directory

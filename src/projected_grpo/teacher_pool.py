@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="pool directory to write (e.g. out/pools/fixture)")
     parser.add_argument("--modes", help="comma-separated modes to include (default: all)")
     parser.add_argument("--problems", default="builtin", help="'builtin' or a jsonl file of problems")
-    parser.add_argument("--workers", type=int, default=None, help="parallel graders (default: 2 per core)")
+    parser.add_argument("--workers", type=int, default=None, help="parallel graders (default: one per core)")
     sampling = parser.add_argument_group("sampling from a teacher model (default: the fixture completions)")
     sampling.add_argument("--from-model", help="Hugging Face id or path, or 'tiny-random'")
     sampling.add_argument("--samples", type=int, default=4, help="completions per problem")
