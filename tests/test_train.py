@@ -67,6 +67,7 @@ def test_each_arm_runs_and_writes_its_outputs(workdir, arm, monkeypatch):
     assert (run_dir / "config.json").exists() and (run_dir / "summary.txt").read_text().startswith("run arm-")
     completions = [json.loads(line) for line in (run_dir / "completions.jsonl").read_text().splitlines()]
     assert {c["step"] for c in completions} == {1, 2, 3} and all("completion" in c for c in completions)
+    assert all(0 <= c["hack_score"] <= 1 for c in completions)
     assert (run_dir / "checkpoints" / "step_000002" / "knobs.safetensors").exists()
 
 

@@ -36,6 +36,7 @@ class Rollout:
     gt_correct: bool
     exploited: bool
     advantage: float = 0.0
+    hack_score: float | None = None  # cin of this rollout's own knob gradient, once scored
 
 
 def sample(model, tokenizer, wrappers, prompts: list[list[int]], n: int, cfg: Config) -> list[list[int]]:

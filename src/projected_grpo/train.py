@@ -246,6 +246,9 @@ def train_step(step: int, cfg: Config, model, tok, wrappers, train, pool, basis:
     g_t = {n: g[teacher].sum(0) for n, g in scored["grad_sample"].items()}
     cin_s = float(projection.hackward_fraction(g_s, basis))
     cin_t = float(projection.hackward_fraction(g_t, basis)) if teacher.any() else None
+    # Each rollout's own hack score: how hack-ward its gradient alone points (logged, not trained on).
+    for r, score in zip(rollouts, projection.hackward_fraction(scored["grad_sample"], basis).tolist()):
+        r.hack_score = score
     stats = projection.project_all(wrappers, basis, arm=cfg.intervention, gate=cfg.gate, overshoot=cfg.overshoot,
                                    preserve_magnitude=cfg.preserve_magnitude)
     timings["t_project"] = time.perf_counter() - t0
@@ -438,7 +441,8 @@ def run(cfg: Config, preset: str = "smoke") -> dict:
             _append_jsonl(run_dir / "metrics.jsonl", [row])
             _append_jsonl(run_dir / "completions.jsonl", [
                 {"step": step, "problem_id": r.problem.id, "mode": r.problem.mode, "reward": r.reward,
-                 "passed": r.passed, "gt_correct": r.gt_correct, "exploited": r.exploited, "completion": r.text}
+                 "passed": r.passed, "gt_correct": r.gt_correct, "exploited": r.exploited,
+                 "advantage": r.advantage, "hack_score": r.hack_score, "completion": r.text}
                 for r in [r for r in rollouts if not r.teacher][:cfg.log_completions]])
             bar.set_postfix(hack=f"{row['hack_s']:.2f}", cin=f"{row['cin_s']:.2f}", loss=f"{row['loss']:.3g}")
             if step % cfg.checkpoint_every == 0 or stop:
