@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from projected_grpo import adapter
+from projected_grpo import adapter, bench
 from projected_grpo.model import load_model_and_tokenizer
 
 
@@ -82,11 +82,6 @@ def _loss(model, batch):
     return (logits.log_softmax(-1)[..., 0] * batch["attention_mask"]).sum()
 
 
-def _plain_autograd_forward(self, x):
-    # The naive path: y = W x + U diag(s) Vh x through ordinary autograd.
-    return self.base(x) + ((x @ self.Vh.T) * self.knobs()) @ self.U.T
-
-
 def test_per_sequence_grads_sum_to_autograd_and_match_single_backward(tiny, monkeypatch):
     model, tok = tiny
     wrappers = adapter.wrap(model)
@@ -101,7 +96,7 @@ def test_per_sequence_grads_sum_to_autograd_and_match_single_backward(tiny, monk
         torch.testing.assert_close(layer.delta_s_hack.grad, layer.delta_s.grad)
     per_sample = {n: layer.grad_sample.clone() for n, layer in wrappers.items()}
     with monkeypatch.context() as patch:  # ordinary autograd through the naive formula agrees
-        patch.setattr(adapter.AdapterLayer, "forward", _plain_autograd_forward)
+        patch.setattr(adapter.AdapterLayer, "forward", bench._plain_autograd_forward)
         model.zero_grad()
         _loss(model, batch).backward()
         for n, layer in wrappers.items():

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -28,6 +27,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from .problems import write_atomically
 
 # Attention and MLP projections of Qwen-family models, plus the GatedDeltaNet
 # projections of the hybrid (Qwen3-Next style) architectures where present.
@@ -144,16 +145,10 @@ def weight_hash(weight: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors, written atomically."""
+    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    write_atomically(path, lambda tmp: save_file(cpu, tmp, metadata=metadata))
 
 
 def thin_svd(weight: torch.Tensor, cache_dir: Path | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -175,7 +170,7 @@ def thin_svd(weight: torch.Tensor, cache_dir: Path | None) -> tuple[torch.Tensor
     U, S, Vh = torch.linalg.svd(weight.detach().float(), full_matrices=False)
     U, Vh = U.to(weight.dtype), Vh.to(weight.dtype)
     if path is not None:
-        _atomic_save({"U": U, "S": S, "Vh": Vh}, path)
+        save_tensors({"U": U, "S": S, "Vh": Vh}, path)
     return U, S, Vh
 
 
@@ -302,7 +297,7 @@ def knob_state(wrappers: dict[str, AdapterLayer]) -> dict[str, torch.Tensor]:
 
 
 def save_knobs(wrappers: dict[str, AdapterLayer], path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    _atomic_save(knob_state(wrappers), Path(path), metadata)
+    save_tensors(knob_state(wrappers), path, metadata)
 
 
 def load_knobs(wrappers: dict[str, AdapterLayer], path: str | Path) -> None:

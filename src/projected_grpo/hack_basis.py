@@ -233,7 +233,7 @@ def save_basis(basis: HackBasis, path: str | Path) -> None:
     for name, spec in basis.spectrum.items():
         tensors[f"spectrum/{name}"] = spec
     meta = {**basis.meta, "n_pairs": str(basis.n_pairs)}
-    adapter._atomic_save(tensors, Path(path), metadata=meta)
+    adapter.save_tensors(tensors, path, metadata=meta)
 
 
 def load_basis(path: str | Path) -> HackBasis:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import ast
 import json
 import math
+import os
+import tempfile
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -199,6 +201,24 @@ def iter_jsonl(path: Path, error: type[ValueError]):
                 truncated = " (truncated: the file ends mid-line)" if not line.endswith("\n") else ""
                 raise error(f"{where}: not valid JSON ({e.msg}){truncated}") from None
             yield where, record
+
+
+def write_atomically(path: str | Path, write) -> None:
+    """Call write(temp_path) for a temp file beside `path`, then rename it into place: a
+    crash leaves the old file or the new one, never half of either. A str is written as text."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        if isinstance(write, str):
+            Path(tmp).write_text(write, encoding="utf-8")
+        else:
+            write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def load_jsonl_problems(path: str | Path, mode: str = "round_robin") -> list[Problem]:

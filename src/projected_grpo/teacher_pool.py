@@ -23,9 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
-import tempfile
 import typing
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -41,6 +39,7 @@ from .problems import (
     hack_completion,
     iter_jsonl,
     load_jsonl_problems,
+    write_atomically,
     wrong_completion,
 )
 from .rewards import grade_batch
@@ -181,29 +180,16 @@ def _describe_problems(problems: list[Problem]) -> str:
     return ", ".join(files) or "in-memory"
 
 
-def _replace_atomically(path: Path, text: str) -> None:
-    # A unique temp name in the same directory: os.replace is atomic there, and two
-    # concurrent builds never write into each other's file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_pool(out_dir, rows: list[TeacherRow], source: str, problems: list[Problem], modes) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # Drop an old meta first: a crash between the two writes below must leave a
     # directory that load_pool refuses, not an old meta beside new rows.
     (out_dir / META_FILE).unlink(missing_ok=True)
-    _replace_atomically(out_dir / POOL_FILE, "".join(json.dumps(asdict(r)) + "\n" for r in rows))
+    write_atomically(out_dir / POOL_FILE, "".join(json.dumps(asdict(r)) + "\n" for r in rows))
     meta = {"format": FORMAT, "source": source, "problems": _describe_problems(problems), "n_rows": len(rows),
             "modes": list(_check_modes(modes)), "counts": Pool(rows).counts()}
-    _replace_atomically(out_dir / META_FILE, json.dumps(meta, indent=2) + "\n")
+    write_atomically(out_dir / META_FILE, json.dumps(meta, indent=2) + "\n")
     return out_dir
 
 

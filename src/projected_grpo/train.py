@@ -34,7 +34,7 @@ from .config import MODES, Config, ConfigError, make_config, parse_overrides
 from .grpo import backward_rollouts, collect_rollouts, group_advantages, sample
 from .hack_basis import HackBasis
 from .model import encode_prompt, load_model_and_tokenizer
-from .problems import builtin_problems, default_pairs, load_jsonl_problems
+from .problems import builtin_problems, default_pairs, load_jsonl_problems, write_atomically
 from .rewards import grade_batch
 from .teacher_pool import Pool, build_pool, load_pool
 
@@ -167,9 +167,7 @@ def _truncate_jsonl(path: Path, last_step: int) -> None:
                 kept.append(line if line.endswith("\n") else line + "\n")
         except (json.JSONDecodeError, KeyError, TypeError):
             continue
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
+    write_atomically(path, "".join(kept))
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -361,7 +359,7 @@ def run(cfg: Config, preset: str = "smoke") -> dict:
     if checkpoint is not None:
         _check_resume_config(run_dir, config)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+    write_atomically(run_dir / "config.json", json.dumps(config, indent=2))
 
     torch.manual_seed(cfg.seed)
     model, tok = load_model_and_tokenizer(cfg.model, dtype=cfg.dtype, device=cfg.device, seed=cfg.seed)
@@ -390,7 +388,7 @@ def run(cfg: Config, preset: str = "smoke") -> dict:
         basis = {n: v.to(cfg.device) for n, v in state["basis"].items()}
         first_step = state["step"] + 1
         rows = state["rows"]
-        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_atomically(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
         _truncate_jsonl(run_dir / "completions.jsonl", state["step"])
         log.info("resumed %s from %s", cfg.run_name, checkpoint)
     else:
@@ -459,8 +457,8 @@ def run(cfg: Config, preset: str = "smoke") -> dict:
     save_checkpoint(run_dir, cfg.steps, wrappers, optimizer, scheduler, basis, rows)
     final_eval = evaluate(model, tok, wrappers, held_out, cfg, cfg.steps, workers)
     summary, table = summarize(cfg, rows, final_eval, complete=len(rows) == cfg.steps)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    (run_dir / "summary.txt").write_text(table + "\n")
+    write_atomically(run_dir / "summary.json", json.dumps(summary, indent=2))
+    write_atomically(run_dir / "summary.txt", table + "\n")
     print(table)
     return summary
 
