@@ -10,8 +10,8 @@ from projected_grpo.model import cut_at_eos
 
 
 def _rollout(reward):
-    return grpo.Rollout(problem=None, completion_ids=[], text="", teacher=False, reward=reward, passed=False,
-                        gt_correct=False, exploited=False)
+    return grpo.Rollout(problem=None, prompt_ids=[], completion_ids=[], text="", teacher=False, reward=reward,
+                        passed=False, gt_correct=False, exploited=False)
 
 
 def test_dr_grpo_advantage_is_reward_minus_group_mean_and_counts_flat_groups():

@@ -28,6 +28,7 @@ from .teacher_pool import Pool
 @dataclass
 class Rollout:
     problem: Problem
+    prompt_ids: list[int]  # the chat prompt, encoded once per step and shared by the group
     completion_ids: list[int]  # ends at (and includes) the first EOS, or at max_new
     text: str
     teacher: bool
@@ -76,11 +77,11 @@ def collect_rollouts(model, tokenizer, wrappers, problems: list[Problem], pool: 
         for j in range(cfg.student_group):
             k = i * cfg.student_group + j
             g = grades[k]
-            rollouts.append(Rollout(problem, student_ids[k], texts[k], False, g.reward, g.passed, g.gt_correct,
-                                    g.exploited))
+            rollouts.append(Rollout(problem, prompts[i], student_ids[k], texts[k], False, g.reward, g.passed,
+                                    g.gt_correct, g.exploited))
         if cfg.teacher_group:
             for row in pool.sample(problem.id, cfg.teacher_group, rng):
-                rollouts.append(Rollout(problem, encode_completion(tokenizer, row.completion, cfg.max_new),
+                rollouts.append(Rollout(problem, prompts[i], encode_completion(tokenizer, row.completion, cfg.max_new),
                                         row.completion, True, row.reward, row.passed, row.gt_correct,
                                         row.exploited))
     return rollouts, timings
@@ -111,8 +112,8 @@ def backward_rollouts(model, tokenizer, wrappers, rollouts: list[Rollout], cfg: 
     with adapter.scoring(wrappers), adapter.per_sample_grads(wrappers):
         for start in range(0, len(rollouts), size):
             chunk = rollouts[start:start + size]
-            prompts = [encode_prompt(tokenizer, r.problem.messages()) for r in chunk]
-            ids, attn, comp = pad_batch(prompts, [r.completion_ids for r in chunk], tokenizer.pad_token_id, device)
+            ids, attn, comp = pad_batch([r.prompt_ids for r in chunk], [r.completion_ids for r in chunk],
+                                        tokenizer.pad_token_id, device)
             logp = token_logprobs(model, ids, attn, comp)
             ref = None
             if cfg.beta > 0:
