@@ -84,17 +84,25 @@ def resolve_pool(cfg: Config, train) -> Pool | None:
     return pool
 
 
-def basis_for(cfg: Config, model, tok, wrappers, pairs, model_id: str, path: str | None = None,
-              reextract: bool = False) -> HackBasis:
+def _extract(cfg: Config, model, tok, wrappers, pairs, progress: bool = False) -> HackBasis:
+    return hack_basis.extract_basis(model, tok, wrappers, pairs, cfg.basis_k, cfg.basis_tau, cfg.loss_norm,
+                                    cfg.max_new, cfg.control, cfg.seed, progress=progress)
+
+
+def _usable(cfg: Config, basis: HackBasis) -> dict[str, torch.Tensor]:
+    """The rows the projection uses: k_use per layer, above the global noise floor."""
+    return hack_basis.postprocess(basis, cfg.basis_k_use or None, cfg.drop_bottom_frac).V
+
+
+def basis_for(cfg: Config, model, tok, wrappers, pairs, model_id: str) -> dict[str, torch.Tensor]:
+    """V from the cache (hit), or extracted and cached (miss), then cut to the usable rows."""
     request = hack_basis.basis_request(model_id, pairs, cfg.basis_mode_list, cfg.basis_k, cfg.basis_tau,
                                        cfg.loss_norm, cfg.control, cfg.max_new, cfg.seed)
-    if path is None:
-        key = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:16]
-        path = cfg.basis_path or f"out/bases/{key}.safetensors"
-    basis = hack_basis.resolve_basis(path, request, lambda: hack_basis.extract_basis(
-        model, tok, wrappers, pairs, cfg.basis_k, cfg.basis_tau, cfg.loss_norm, cfg.max_new, cfg.control,
-        cfg.seed, progress=True), reextract=reextract)
-    return hack_basis.postprocess(basis, cfg.basis_k_use or None, cfg.drop_bottom_frac)
+    key = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:16]
+    path = cfg.basis_path or f"out/bases/{key}.safetensors"
+    basis = hack_basis.resolve_basis(path, request, lambda: _extract(cfg, model, tok, wrappers, pairs, progress=True),
+                                     reextract=cfg.reextract_basis)
+    return _usable(cfg, basis)
 
 
 def basis_overlap(old: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> float:
@@ -392,7 +400,7 @@ def run(cfg: Config, preset: str = "smoke") -> dict:
         _truncate_jsonl(run_dir / "completions.jsonl", state["step"])
         log.info("resumed %s from %s", cfg.run_name, checkpoint)
     else:
-        basis = basis_for(cfg, model, tok, wrappers, pairs, model_id, reextract=cfg.reextract_basis).V
+        basis = basis_for(cfg, model, tok, wrappers, pairs, model_id)
         rows = []
 
     # Ctrl-C asks the loop to stop at the next step boundary, so the checkpoint is
@@ -425,9 +433,7 @@ def run(cfg: Config, preset: str = "smoke") -> dict:
                 raise
             if cfg.refresh_every and step % cfg.refresh_every == 0 and step < cfg.steps:
                 with adapter.ablate_quarantine(wrappers):
-                    fresh = hack_basis.postprocess(hack_basis.extract_basis(
-                        model, tok, wrappers, pairs, cfg.basis_k, cfg.basis_tau, cfg.loss_norm, cfg.max_new,
-                        cfg.control, cfg.seed), cfg.basis_k_use or None, cfg.drop_bottom_frac).V
+                    fresh = _usable(cfg, _extract(cfg, model, tok, wrappers, pairs))
                 row["basis_overlap"] = basis_overlap(basis, fresh)
                 if row["basis_overlap"] < LOW_OVERLAP:
                     warnings.warn(f"step {step}: basis refresh overlap {row['basis_overlap']:.2f} < {LOW_OVERLAP}: "
