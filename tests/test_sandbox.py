@@ -1,7 +1,11 @@
 """The sandbox runs hostile code and the host is unharmed; each test states one attack."""
 
+import ast
+import importlib.util
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -175,3 +179,32 @@ def test_code_is_confined_to_its_directory():
     assert not os.path.exists("/tmp/pg_leak_test")
     r = sandbox.run("import json, random, datetime, fractions\nopen('ok.txt', 'w').write('fine')\nprint('ok')")
     assert r.ok and r.files == {"ok.txt": b"fine"}
+
+
+def test_supervisor_is_a_stdlib_module_run_by_path(monkeypatch):
+    spec = importlib.util.find_spec("projected_grpo.sandbox_supervisor")  # finds the file, runs nothing
+    assert os.path.dirname(spec.origin) == os.path.dirname(sandbox.__file__)
+    with open(spec.origin, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not any(isinstance(n, ast.ImportFrom) for n in ast.walk(tree))  # no relative or package imports
+    assert imported <= set(sys.stdlib_module_names), imported - set(sys.stdlib_module_names)
+    # Importing it does nothing: top-level code would read sys.argv[1] and fail here.
+    imported_ok = subprocess.run([sys.executable, "-c", "import projected_grpo.sandbox_supervisor"],
+                                 capture_output=True, text=True, timeout=60)
+    assert imported_ok.returncode == 0 and imported_ok.stdout == imported_ok.stderr == ""
+    started = []
+    popen = subprocess.Popen
+
+    def spy(argv, *args, **kwargs):
+        started.append(list(argv))
+        return popen(argv, *args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", spy)
+    # Run by path with -I, the package's directory is not on the code's sys.path (nor is the package).
+    r = sandbox.run("import importlib.util as u\n"
+                    "print([u.find_spec(m) is None for m in ('sandbox_supervisor', 'projected_grpo')])")
+    assert r.ok and r.stdout == "[True, True]\n"
+    argv = next(a for a in started if a[0] == sys.executable)
+    assert argv[1:3] == ["-I", "-S"] and "-c" not in argv
+    assert os.path.isabs(argv[3]) and os.path.samefile(argv[3], spec.origin)

@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 
 # The child writes its structured payload (one JSON document) to this descriptor.
 PAYLOAD_FD = 3
-_STATUS_FD = 4  # supervisor -> caller: how the runner ended; the code never holds it
 
 OUTPUT_CAP = 64 * 1024  # bytes of stdout / stderr kept for the caller
 PAYLOAD_CAP = 4 * 1024 * 1024  # a larger payload is rejected, not parsed
@@ -80,171 +79,12 @@ class SandboxResult:
         return self.exit_code == 0 and not self.timed_out and self.error is None
 
 
-# The supervisor program, run as `python -I -S -c _SUPERVISOR <job dir> <payload fd>
-# <status fd>`, with the job's source in <job dir>/io/main.py and the limits in
-# <job dir>/io/limits.json. It forks the runner, which alone executes the code.
-_SUPERVISOR = r"""
-import ctypes, json, os, resource, select, signal, struct, sys, time
-
-job, payload_fd, status_fd = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-with open(os.path.join(job, "io", "limits.json")) as f:
-    lim = json.load(f)
-with open(os.path.join(job, "io", "main.py"), encoding="utf-8") as f:
-    source = f.read()
-libc = ctypes.CDLL(None, use_errno=True)
-libc.syscall.restype = ctypes.c_long
-libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: the code's orphans come back to us
-PAYLOAD_FD = __PAYLOAD_FD__
-
-def count_processes(uid):
-    n = 0
-    for p in os.listdir("/proc"):
-        try:
-            n += p.isdigit() and os.stat("/proc/" + p).st_uid == uid
-        except OSError:
-            pass
-    return n
-
-def landlock(rules):
-    # Filesystem: read-only beneath the stdlib, everything beneath work/, nothing
-    # else (no data files, no /tmp or /dev/shm channels between runs). Network:
-    # no TCP bind/connect. Scope: no signals or abstract sockets out of the run.
-    # `rules` are (O_PATH fd, "read" | "all" | "file") pairs opened while we could.
-    abi = libc.syscall(444, None, 0, 1)  # landlock_create_ruleset(NULL, 0, VERSION)
-    if abi < 1:
-        return 0
-    fs = (1 << 13) - 1 | (1 << 13 if abi >= 2 else 0) | (1 << 14 if abi >= 3 else 0) | (1 << 15 if abi >= 5 else 0)
-    net = 3 if abi >= 4 else 0
-    scoped = 3 if abi >= 6 else 0
-    attr = struct.pack("QQQ", fs, net, scoped) if abi >= 6 else struct.pack("QQ", fs, net)
-    ruleset = libc.syscall(444, attr, len(attr), 0)
-    if ruleset < 0:
-        raise OSError(ctypes.get_errno(), "landlock_create_ruleset")
-    access = {"read": (1 << 2) | (1 << 3), "all": fs, "file": (1 << 1) | (1 << 2)}  # READ_FILE, READ_DIR, WRITE_FILE
-    for fd, kind in rules:
-        if libc.syscall(445, ruleset, 1, struct.pack("=Qi", access[kind], fd), 0) < 0:  # PATH_BENEATH
-            raise OSError(ctypes.get_errno(), "landlock_add_rule")
-        os.close(fd)
-    libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS, required to restrict ourselves unprivileged
-    if libc.syscall(446, ruleset, 0) < 0:
-        raise OSError(ctypes.get_errno(), "landlock_restrict_self")
-    os.close(ruleset)
-    return abi
-
-def enter_sandbox(ready_fd):
-    os.setpgid(0, 0)
-    os.dup2(payload_fd, PAYLOAD_FD)
-    work = os.path.join(job, "work")
-    os.chdir(work)
-    stdlib = [p for p in sys.path if os.path.isdir(p)]
-    rules = [(os.open(p, os.O_PATH), "read") for p in stdlib]
-    rules += [(os.open(work, os.O_PATH), "all"), (os.open("/dev/null", os.O_PATH), "file")]
-    keep = {0, 1, 2, PAYLOAD_FD, ready_fd}
-    uid = lim["uid"]
-    if uid is not None:
-        # The stdlib may sit under a directory the new uid cannot search (/root);
-        # directory fds opened now keep it importable through /proc/self/fd.
-        moved = {p: os.open(p, os.O_RDONLY | os.O_DIRECTORY) for p in stdlib}
-        keep |= set(moved.values())
-        moved = {p: "/proc/self/fd/%d" % fd for p, fd in moved.items()}
-        os.setgroups([])
-        os.setgid(uid)
-        os.setuid(uid)
-        libc.prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE, so /proc/self/fd is ours again
-        def relocate(path):
-            for old, new in moved.items():
-                if path == old or path.startswith(old + os.sep):
-                    return new + path[len(old):]
-            return path
-        sys.path[:] = list(moved.values())
-        for module in list(sys.modules.values()):  # packages already imported, e.g. collections
-            if isinstance(getattr(module, "__path__", None), list):
-                module.__path__[:] = [relocate(p) for p in module.__path__]
-        sys.path_importer_cache.clear()
-    abi = landlock(rules)
-    nproc = lim["processes"] + (0 if uid is not None else count_processes(os.getuid()))
-    for res, value in ((resource.RLIMIT_CPU, lim["cpu_seconds"]),
-                       (resource.RLIMIT_AS, lim["memory_bytes"]),
-                       (resource.RLIMIT_FSIZE, lim["file_bytes"]),
-                       (resource.RLIMIT_NOFILE, lim["open_files"]),
-                       (resource.RLIMIT_NPROC, nproc),
-                       (resource.RLIMIT_CORE, 0)):
-        resource.setrlimit(res, (value, value))
-    os.write(ready_fd, b"%d" % abi)  # setup done: from here on, only the code's own doing
-    # Close everything else we hold (the status fd, the supervisor's copies).
-    edges = sorted(keep - {ready_fd}) + [1 << 16]
-    for low, high in zip(edges, edges[1:]):
-        os.closerange(low + 1, high)
-
-ready_r, ready_w = os.pipe()
-runner = os.fork()
-if runner == 0:
-    try:
-        os.close(ready_r)
-        enter_sandbox(ready_w)
-    except BaseException as e:
-        os.write(2, ("sandbox setup failed: %r\n" % (e,)).encode())
-        os._exit(111)
-    exec(compile(source, "main.py", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-os.close(ready_w)
-
-def children():
-    me = str(os.getpid())
-    kids = []
-    for p in os.listdir("/proc"):
-        if p.isdigit():
-            try:
-                with open("/proc/%s/stat" % p) as f:
-                    if f.read().rsplit(")", 1)[1].split()[1] == me:
-                        kids.append(int(p))
-            except (OSError, IndexError):
-                pass
-    return kids
-
-def has_children():
-    try:
-        return os.waitpid(-1, os.WNOHANG) is not None
-    except ChildProcessError:
-        return False
-
-def kill_descendants():
-    # Orphans keep coming back to us (subreaper) until none is left alive.
-    while has_children():
-        try:
-            os.killpg(runner, signal.SIGKILL)
-        except OSError:
-            pass
-        kids = children()
-        if not kids:
-            return
-        for pid in kids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        for pid in kids:
-            try:
-                os.waitpid(pid, 0)
-            except ChildProcessError:
-                pass
-
-pidfd = os.pidfd_open(runner)
-timed_out = not select.select([pidfd], [], [], lim["wall_seconds"])[0]
-if timed_out:
-    os.kill(runner, signal.SIGKILL)
-_, status = os.waitpid(runner, 0)
-kill_descendants()
-ready = os.read(ready_r, 16)
-report = {"timed_out": timed_out,
-          "exit_code": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
-          "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
-          "setup_ok": bool(ready),
-          "landlock_abi": int(ready) if ready.isdigit() else 0}
-os.write(status_fd, json.dumps(report).encode())
-""".replace("__PAYLOAD_FD__", str(PAYLOAD_FD))
+# The supervisor program, a module of its own (sandbox_supervisor.py: stdlib only), run by
+# path as `python -I -S <it> <job dir> <payload fd> <status fd> <PAYLOAD_FD>`, with the job's
+# source in <job dir>/io/main.py and the limits in <job dir>/io/limits.json. It forks the
+# runner, which alone executes the code. The trainer never imports it. -I (safe path) also
+# keeps the script's directory, the package, off the child's sys.path.
+_SUPERVISOR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_supervisor.py")
 
 # Where an unprivileged run lives when the caller is root: a uid no account uses,
 # different per run, so signals and RLIMIT_NPROC see only this run's processes.
@@ -353,7 +193,7 @@ def run(source: str, limits: Limits | None = None) -> SandboxResult:
             handles = {name: stack.enter_context(open(os.path.join(io_dir, name), "w+b"))
                        for name in ("stdout", "stderr", "payload", "status")}
             payload_fd, status_fd = handles["payload"].fileno(), handles["status"].fileno()
-            argv = [sys.executable, "-I", "-S", "-c", _SUPERVISOR, job, str(payload_fd), str(status_fd)]
+            argv = [sys.executable, "-I", "-S", _SUPERVISOR, job, str(payload_fd), str(status_fd), str(PAYLOAD_FD)]
             proc = subprocess.Popen(argv, cwd=work, env=_minimal_env(work), stdin=subprocess.DEVNULL,
                                     stdout=handles["stdout"], stderr=handles["stderr"],
                                     pass_fds=(payload_fd, status_fd), start_new_session=True)

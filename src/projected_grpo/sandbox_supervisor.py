@@ -1,0 +1,207 @@
+"""The sandbox's supervisor: the program `sandbox.run` starts for every run.
+
+`sandbox.run` runs this file by path; the trainer never imports it:
+
+    python -I -S .../sandbox_supervisor.py <job dir> <payload fd> <status fd> <code payload fd>
+
+with the job's source in <job dir>/io/main.py and the limits in <job dir>/io/limits.json.
+The supervisor makes itself a child subreaper and forks the *runner*, which confines
+itself (own process group, Landlock, unprivileged uid, rlimits), says on a pipe that
+setup is done, and alone executes the code, with <payload fd> moved to <code payload fd>
+(sandbox.PAYLOAD_FD) for the code's payload. The supervisor owns the wall clock, kills
+every descendant the code left, and writes one JSON report to <status fd>.
+
+Standard library only, and nothing from projected_grpo: under -I -S the package is
+not importable, and the code under test must not get the trainer's package. Importing
+this module runs nothing.
+"""
+
+import builtins
+import ctypes
+import itertools
+import json
+import os
+import resource
+import select
+import signal
+import struct
+import sys
+
+
+def count_processes(uid):
+    n = 0
+    for p in os.listdir("/proc"):
+        try:
+            n += p.isdigit() and os.stat("/proc/" + p).st_uid == uid
+        except OSError:
+            pass
+    return n
+
+
+def landlock(libc, rules):
+    # Filesystem: read-only beneath the stdlib, everything beneath work/, nothing
+    # else (no data files, no /tmp or /dev/shm channels between runs). Network:
+    # no TCP bind/connect. Scope: no signals or abstract sockets out of the run.
+    # `rules` are (O_PATH fd, "read" | "all" | "file") pairs opened while we could.
+    abi = libc.syscall(444, None, 0, 1)  # landlock_create_ruleset(NULL, 0, VERSION)
+    if abi < 1:
+        return 0
+    fs = (1 << 13) - 1 | (1 << 13 if abi >= 2 else 0) | (1 << 14 if abi >= 3 else 0) | (1 << 15 if abi >= 5 else 0)
+    net = 3 if abi >= 4 else 0
+    scoped = 3 if abi >= 6 else 0
+    attr = struct.pack("QQQ", fs, net, scoped) if abi >= 6 else struct.pack("QQ", fs, net)
+    ruleset = libc.syscall(444, attr, len(attr), 0)
+    if ruleset < 0:
+        raise OSError(ctypes.get_errno(), "landlock_create_ruleset")
+    access = {"read": (1 << 2) | (1 << 3), "all": fs, "file": (1 << 1) | (1 << 2)}  # READ_FILE, READ_DIR, WRITE_FILE
+    for fd, kind in rules:
+        if libc.syscall(445, ruleset, 1, struct.pack("=Qi", access[kind], fd), 0) < 0:  # PATH_BENEATH
+            raise OSError(ctypes.get_errno(), "landlock_add_rule")
+        os.close(fd)
+    libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS, required to restrict ourselves unprivileged
+    if libc.syscall(446, ruleset, 0) < 0:
+        raise OSError(ctypes.get_errno(), "landlock_restrict_self")
+    os.close(ruleset)
+    return abi
+
+
+def relocate(path, moved):
+    """`path` rewritten beneath the /proc/self/fd directory that stands for its stdlib directory."""
+    for old, new in moved.items():
+        if path == old or path.startswith(old + os.sep):
+            return new + path[len(old):]
+    return path
+
+
+def enter_sandbox(libc, job, lim, payload_fd, code_payload_fd, ready_fd):
+    os.setpgid(0, 0)
+    os.dup2(payload_fd, code_payload_fd)
+    work = os.path.join(job, "work")
+    os.chdir(work)
+    stdlib = [p for p in sys.path if os.path.isdir(p)]
+    rules = [(os.open(p, os.O_PATH), "read") for p in stdlib]
+    rules += [(os.open(work, os.O_PATH), "all"), (os.open("/dev/null", os.O_PATH), "file")]
+    keep = {0, 1, 2, code_payload_fd, ready_fd}
+    uid = lim["uid"]
+    if uid is not None:
+        # The stdlib may sit under a directory the new uid cannot search (/root);
+        # directory fds opened now keep it importable through /proc/self/fd.
+        moved = {p: os.open(p, os.O_RDONLY | os.O_DIRECTORY) for p in stdlib}
+        keep |= set(moved.values())
+        moved = {p: f"/proc/self/fd/{fd}" for p, fd in moved.items()}
+        os.setgroups([])
+        os.setgid(uid)
+        os.setuid(uid)
+        libc.prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE, so /proc/self/fd is ours again
+        sys.path[:] = list(moved.values())
+        for module in list(sys.modules.values()):  # packages already imported, e.g. collections
+            if isinstance(getattr(module, "__path__", None), list):
+                module.__path__[:] = [relocate(p, moved) for p in module.__path__]
+        sys.path_importer_cache.clear()
+    abi = landlock(libc, rules)
+    nproc = lim["processes"] + (0 if uid is not None else count_processes(os.getuid()))
+    for res, value in ((resource.RLIMIT_CPU, lim["cpu_seconds"]),
+                       (resource.RLIMIT_AS, lim["memory_bytes"]),
+                       (resource.RLIMIT_FSIZE, lim["file_bytes"]),
+                       (resource.RLIMIT_NOFILE, lim["open_files"]),
+                       (resource.RLIMIT_NPROC, nproc),
+                       (resource.RLIMIT_CORE, 0)):
+        resource.setrlimit(res, (value, value))
+    os.write(ready_fd, b"%d" % abi)  # setup done: from here on, only the code's own doing
+    # Close everything else we hold (the status fd, the supervisor's copies).
+    edges = sorted(keep - {ready_fd}) + [1 << 16]
+    for low, high in itertools.pairwise(edges):
+        os.closerange(low + 1, high)
+
+
+def children():
+    me = str(os.getpid())
+    kids = []
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                with open(f"/proc/{p}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[1] == me:
+                        kids.append(int(p))
+            except (OSError, IndexError):
+                pass
+    return kids
+
+
+def has_children():
+    try:
+        return os.waitpid(-1, os.WNOHANG) is not None
+    except ChildProcessError:
+        return False
+
+
+def kill_descendants(runner):
+    # Orphans keep coming back to us (subreaper) until none is left alive.
+    while has_children():
+        try:
+            os.killpg(runner, signal.SIGKILL)
+        except OSError:
+            pass
+        kids = children()
+        if not kids:
+            return
+        for pid in kids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        for pid in kids:
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+
+
+def supervise(runner, ready_r, status_fd, wall_seconds):
+    """Wait for the runner (wall clock), kill what it left, and write the report to `status_fd`."""
+    pidfd = os.pidfd_open(runner)
+    timed_out = not select.select([pidfd], [], [], wall_seconds)[0]
+    if timed_out:
+        os.kill(runner, signal.SIGKILL)
+    _, status = os.waitpid(runner, 0)
+    kill_descendants(runner)
+    ready = os.read(ready_r, 16)
+    report = {"timed_out": timed_out,
+              "exit_code": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
+              "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
+              "setup_ok": bool(ready),
+              "landlock_abi": int(ready) if ready.isdigit() else 0}
+    os.write(status_fd, json.dumps(report).encode())
+
+
+def main():
+    job = sys.argv[1]
+    payload_fd, status_fd, code_payload_fd = (int(a) for a in sys.argv[2:5])
+    with open(os.path.join(job, "io", "limits.json")) as f:
+        lim = json.load(f)
+    with open(os.path.join(job, "io", "main.py"), encoding="utf-8") as f:
+        source = f.read()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: the code's orphans come back to us
+    ready_r, ready_w = os.pipe()
+    runner = os.fork()
+    if runner == 0:
+        try:
+            os.close(ready_r)
+            enter_sandbox(libc, job, lim, payload_fd, code_payload_fd, ready_w)
+        except BaseException as e:
+            os.write(2, f"sandbox setup failed: {e!r}\n".encode())
+            os._exit(111)
+        # Only the runner reaches this line, confined above; the training process never runs this file.
+        scope = {"__name__": "__main__", "__builtins__": builtins}
+        exec(compile(source, "main.py", "exec"), scope)  # safe: only in the confined runner child, never the trainer
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    os.close(ready_w)
+    supervise(runner, ready_r, status_fd, lim["wall_seconds"])
+
+
+if __name__ == "__main__":
+    main()
