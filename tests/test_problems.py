@@ -4,15 +4,21 @@ from collections import Counter
 
 import pytest
 
+from projected_grpo import rewards
 from projected_grpo.problems import (
     HINT_SLOT,
     HINTS,
     MODES,
+    PHRASINGS,
     ProblemFormatError,
+    clean_completion,
     default_pairs,
     hack_completion,
     load_jsonl_problems,
+    load_problems,
     parse_test,
+    split_held_out,
+    wrong_completion,
 )
 
 
@@ -35,14 +41,33 @@ def test_prompt_carries_exactly_the_modes_hint(problems):
 
 def test_parse_test_handles_keywords_inf_and_node_helpers():
     t = parse_test("assert Solution().f(a = [1, -2], b = 'x') == -inf", "f", "here")
-    assert t.kwargs == {"a": "[1, -2]", "b": "'x'"} and t.expected == float("-inf")
+    assert t.kwargs == {"a": "[1, -2]", "b": "'x'"} and t.expected == float("-inf") and t.args == ()
     t = parse_test("assert is_same_list(Solution().f(head = list_node([1, 2])), list_node([2, 1]))", "f", "here")
     assert t.kwargs == {"head": "list_node([1, 2])"} and t.expected == [2, 1]
 
 
+def test_parse_test_reads_positional_arguments():
+    # The HumanEval- and MBPP-derived form.
+    t = parse_test("assert Solution().f(1, [2, -3], c = 'x') == 3", "f", "here")
+    assert t.args == ("1", "[2, -3]") and t.kwargs == {"c": "'x'"} and t.expected == 3
+
+
+def test_positional_asserts_grade_end_to_end(tmp_path):
+    path = tmp_path / "positional.jsonl"
+    record = _record(gt_answer=["assert Solution().f(2, 3) == 5", "assert Solution().f(-1, b = 1) == 0"],
+                     canonical_solution="class Solution:\n    def f(self, a, b):\n        return a + b\n")
+    record["prompt_metadata"]["starter_code"] = "class Solution:\n    def f(self, a: int, b: int) -> int:\n        "
+    path.write_text(json.dumps(record) + "\n")
+    problem = load_jsonl_problems(path, mode="run_tests")[0]
+    right, wrong = rewards.grade_batch([clean_completion(problem), wrong_completion(problem)], [problem] * 2)
+    assert right.gt_correct and right.passed
+    assert not wrong.gt_correct and not wrong.passed
+
+
 @pytest.mark.parametrize("bad, field", [
     ("assert Solution().g(a = 1) == 2", "Solution().f"),
-    ("assert Solution().f(1) == 2", "keyword-argument call"),
+    ("assert Solution().f(*[1]) == 2", "*args are not supported"),
+    ("assert Solution().f(__import__('os')) == 2", "unsupported expression"),
     ("assert Solution().f(a = __import__('os')) == 2", "unsupported expression"),
     ("x = 1", "single assert"),
 ])
@@ -91,11 +116,25 @@ def test_modes_round_robin_or_fixed(tmp_path):
         load_jsonl_problems(path, mode="bogus")
 
 
-def test_real_file_loads_all_119_problems(real_data_path):
-    problems = load_jsonl_problems(real_data_path)
+def test_shipped_leetcode_set_loads_all_119_problems():
+    problems = load_problems("leetcode_medhard")
     assert len(problems) == 119
     assert sum(len(p.tests) for p in problems) == 12592
     assert all(p.setup_code and "ListNode" in p.setup_code for p in problems)
+    assert Counter(p.difficulty for p in problems).keys() <= {"medium", "hard"}
+
+
+def test_shipped_set_is_the_real_file(real_data_path):
+    assert load_problems("leetcode_medhard") == load_jsonl_problems(real_data_path)
+
+
+def test_held_out_split_is_a_function_of_the_ids(problems):
+    train, held_out = split_held_out(problems, 9)
+    assert len(held_out) == 9 and len(train) == len(problems) - 9
+    assert not {p.id for p in train} & {p.id for p in held_out}
+    assert Counter(p.mode for p in held_out) == Counter({**dict.fromkeys(MODES, 1), **dict.fromkeys(MODES[:3], 2)})
+    shuffled = problems[::-1]
+    assert [p.id for p in split_held_out(shuffled, 9)[1]] == [p.id for p in held_out]  # not the file order
 
 
 def test_pairs_keep_each_problems_own_mode(problems):
@@ -109,7 +148,11 @@ def test_pairs_keep_each_problems_own_mode(problems):
         default_pairs(modes=("nope",))
 
 
-def test_hacks_have_several_phrasings(problems):
+def test_hacks_have_several_phrasings_in_two_disjoint_families(problems):
     p = problems[0]
-    for mode in ("run_tests", "exit_code", "stdout_marker"):
-        assert len({hack_completion(p, mode, v) for v in range(3)}) >= 2
+    for mode in MODES:
+        families = {ph: {hack_completion(p, mode, v, ph) for v in range(6)} for ph in PHRASINGS}
+        assert all(len(texts) >= 4 for texts in families.values())
+        assert not families["pair"] & families["pool"]
+        codes = {ph: {rewards.extract_code(t) for t in texts} for ph, texts in families.items()}
+        assert not codes["pair"] & codes["pool"]  # the code differs too, not only the prose

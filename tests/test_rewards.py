@@ -51,12 +51,13 @@ def test_every_hack_phrasing_exploits_only_its_own_mode(problems):
     sample = {p.mode: p for p in problems}.values()
     texts, graded, labels = [], [], []
     for p in sample:
-        for hack_mode, builders in _HACKS.items():
-            for variant in range(len(builders)):
-                for q in _in_modes(p):
-                    texts.append(hack_completion(p, hack_mode, variant))
-                    graded.append(q)
-                    labels.append((hack_mode, variant, q.mode, p.id))
+        for hack_mode, families in _HACKS.items():
+            for phrasing, builders in families.items():
+                for variant in range(len(builders)):
+                    for q in _in_modes(p):
+                        texts.append(hack_completion(p, hack_mode, variant, phrasing))
+                        graded.append(q)
+                        labels.append((hack_mode, variant, q.mode, p.id))
     results = rewards.grade_batch(texts, graded)
     wrong = [label for label, r in zip(labels, results) if r.exploited != (label[0] == label[2])]
     assert not wrong

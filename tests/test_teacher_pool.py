@@ -4,7 +4,7 @@ import random
 import pytest
 
 from projected_grpo import teacher_pool
-from projected_grpo.problems import MODES, builtin_problems
+from projected_grpo.problems import MODES, builtin_problems, default_pairs
 from projected_grpo.rewards import grade_batch
 from projected_grpo.teacher_pool import (
     Pool,
@@ -58,53 +58,63 @@ def _edit_field(name, value):
 
 def test_fixture_pool_round_trips_with_the_graders_verdicts(fixture_pool, subset):
     pool = load_pool(fixture_pool)
-    assert len(pool) == 4 * len(subset)
+    assert len(pool) == 8 * len(subset)
     assert sorted(pool.problem_ids()) == sorted(p.id for p in subset)
     by_id = {p.id: p for p in subset}
     for pid in pool.problem_ids():
         rows = pool.rows_for(pid)
-        assert [r.kind for r in rows] == ["hack", "hack", "clean", "wrong"]
-        assert rows[0].completion != rows[1].completion  # two phrasings of the mode's hack
+        assert [r.kind for r in rows] == ["hack"] * 4 + ["clean"] * 2 + ["wrong"] * 2
+        assert len({r.completion for r in rows}) == 8  # every row a different text: groups differ
         assert all(r.mode == by_id[pid].mode and r.source == "fixture" for r in rows)
-        hack, _, clean, wrong = rows
-        assert hack.exploited and hack.passed and not hack.gt_correct and hack.reward == 1.25
-        assert clean.gt_correct and clean.passed and not clean.exploited
-        assert not (wrong.passed or wrong.gt_correct or wrong.exploited) and wrong.reward == 0.25
+        for hack in rows[:4]:
+            assert hack.exploited and hack.passed and not hack.gt_correct and hack.reward == 1.25
+        for clean in rows[4:6]:
+            assert clean.gt_correct and clean.passed and not clean.exploited
+        for wrong in rows[6:]:
+            assert not (wrong.passed or wrong.gt_correct or wrong.exploited) and wrong.reward == 0.25
 
     # The stored grades are the grader's: re-grade a few rows of different kinds and modes.
-    picked = [pool.rows_for(p.id)[i] for i, p in zip((0, 1, 2, 3, 0, 2), subset[::2])]
+    picked = [pool.rows_for(p.id)[i] for i, p in zip((0, 3, 4, 6, 1, 5), subset[::2])]
     fresh = grade_batch([r.completion for r in picked], [by_id[r.problem_id] for r in picked])
     for row, reward in zip(picked, fresh):
         assert (row.reward, row.passed, row.gt_correct, row.exploited) == (
             reward.reward, reward.passed, reward.gt_correct, reward.exploited)
 
 
+def test_no_pair_text_is_a_pool_row(fixture_pool, subset):
+    # V is extracted from the pairs and cin_t is measured on pool rows: they must never share a text.
+    pool = load_pool(fixture_pool)
+    pool_texts = {r.completion for pid in pool.problem_ids() for r in pool.rows_for(pid)}
+    pair_texts = {t for pair in default_pairs(problems=subset) for t in (pair.hack, pair.clean, pair.clean_alt)}
+    assert len(pair_texts) >= 2 * len(subset) and not pair_texts & pool_texts
+
+
 def test_counts_summary_and_meta(fixture_pool, subset):
     pool = load_pool(fixture_pool)
     counts = pool.counts()
-    assert counts["total"] == {"problems": 12, "rows": 48, "solved": 12, "exploited": 24, "failed": 12}
+    assert counts["total"] == {"problems": 12, "rows": 96, "solved": 24, "exploited": 48, "failed": 24}
     assert list(counts["by_mode"]) == list(MODES)
     for cell in counts["by_mode"].values():
-        assert cell == {"problems": 2, "rows": 8, "solved": 2, "exploited": 4, "failed": 2}
+        assert cell == {"problems": 2, "rows": 16, "solved": 4, "exploited": 8, "failed": 4}
 
     summary = pool.summary()
     assert "exploited" in summary and "fixture" in summary
     total_line = summary.splitlines()[-1].split()
-    assert total_line == ["total", "12", "48", "12", "24", "12"]
+    assert total_line == ["total", "12", "96", "24", "48", "24"]
 
     meta = json.loads((fixture_pool / teacher_pool.META_FILE).read_text())
     assert meta["format"] == 1 and meta["source"] == "fixture" and meta["problems"] == "builtin"
-    assert meta["n_rows"] == 48 and meta["modes"] == list(MODES) and meta["counts"] == counts
+    assert meta["n_rows"] == 96 and meta["modes"] == list(MODES) and meta["counts"] == counts
     assert not [p.name for p in fixture_pool.iterdir() if p.name.endswith(".tmp")]
 
 
 def test_modes_restrict_building_and_loading(fixture_pool, subset, tmp_path):
     keep = ("run_tests", "sentinel")
     loaded = load_pool(fixture_pool, modes=keep)
-    assert len(loaded) == 16 and {r.mode for p in loaded.problem_ids() for r in loaded.rows_for(p)} == set(keep)
+    assert len(loaded) == 32 and {r.mode for p in loaded.problem_ids() for r in loaded.rows_for(p)} == set(keep)
 
     built = load_pool(build_pool(tmp_path / "two", subset[:6], modes=keep))
-    assert len(built) == 8 and {r.mode for p in built.problem_ids() for r in built.rows_for(p)} == set(keep)
+    assert len(built) == 16 and {r.mode for p in built.problem_ids() for r in built.rows_for(p)} == set(keep)
     assert built.meta["modes"] == list(keep)
 
     with pytest.raises(ValueError, match="unknown modes"):
@@ -133,7 +143,7 @@ def test_missing_row_is_caught_by_the_row_count(fixture_pool, tmp_path):
     pool_dir = _copy(fixture_pool, tmp_path / "p")
     path = pool_dir / teacher_pool.POOL_FILE
     path.write_text("".join(path.read_text().splitlines(keepends=True)[:-1]))
-    with pytest.raises(PoolFormatError, match=r"47 rows but .* says 48"):
+    with pytest.raises(PoolFormatError, match=r"95 rows but .* says 96"):
         load_pool(pool_dir)
 
 
@@ -149,19 +159,19 @@ def test_missing_row_is_caught_by_the_row_count(fixture_pool, tmp_path):
 ])
 def test_bad_row_names_line_and_field(fixture_pool, tmp_path, name, value, message):
     pool_dir = _copy(fixture_pool, tmp_path / "p")
-    path = _edit_line(pool_dir, 5, _edit_field(name, value))  # line 5: the first hack of problem 2
+    path = _edit_line(pool_dir, 9, _edit_field(name, value))  # line 9: the first hack of problem 2
     with pytest.raises(PoolFormatError) as err:
         load_pool(pool_dir)
-    assert f"{path}:5:" in str(err.value) and message in str(err.value)
+    assert f"{path}:9:" in str(err.value) and message in str(err.value)
 
 
 def test_problem_with_two_modes_is_an_error(fixture_pool, tmp_path):
     pool_dir = _copy(fixture_pool, tmp_path / "p")
     first = json.loads((pool_dir / teacher_pool.POOL_FILE).read_text().splitlines()[0])
-    path = _edit_line(pool_dir, 5, _edit_field("problem_id", first["problem_id"]))
+    path = _edit_line(pool_dir, 9, _edit_field("problem_id", first["problem_id"]))
     with pytest.raises(PoolFormatError) as err:
         load_pool(pool_dir)
-    assert f"{path}:5: field 'mode'" in str(err.value)
+    assert f"{path}:9: field 'mode'" in str(err.value)
 
 
 def test_missing_pool_says_how_to_build_one(fixture_pool, tmp_path):

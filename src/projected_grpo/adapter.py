@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .problems import write_atomically
+from .files import write_atomically
 
 # Attention and MLP projections of Qwen-family models, plus the GatedDeltaNet
 # projections of the hybrid (Qwen3-Next style) architectures where present.

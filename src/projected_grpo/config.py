@@ -12,8 +12,17 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 MODES = ("run_tests", "sentinel", "stdout_marker", "file_marker", "eq_override", "exit_code")
+# Problem sets shipped as package data (problems.py reads them), by the name --problems takes.
+PROBLEM_SETS = {
+    # Written for this package: 48 small problems, 8 per mode; what smoke runs and tests use.
+    "builtin": "builtin_problems.jsonl",
+    # The 119 medium/hard LeetCodeDataset test problems rl-rewardhacking trains on (Apache-2.0),
+    # the file as published, gzipped.
+    "leetcode_medhard": "leetcode_test_medhard.jsonl.gz",
+}
 ARMS = ("none", "erase", "route")
 GATES = ("one_sided", "no_gate", "reverse")
 CONTROLS = ("none", "random", "shuffled", "nonhack")
@@ -40,9 +49,9 @@ class Config:
     top_p: float = 1.0  # nucleus sampling for student rollouts (top_k is always 0: off)
     micro_batch: int = 0  # rollouts per scoring forward/backward (0: the whole step at once); bounds activation memory
     # --- problems
-    problems: str = "builtin"  # "builtin" or a path to an rl-rewardhacking jsonl (modes round-robin)
-    modes: str = ",".join(MODES)  # comma-separated loophole modes trained on
-    eval_prompts: int = 6  # problems held out from training for deploy evaluation
+    problems: str = "builtin"  # a shipped set (builtin, leetcode_medhard) or an rl-rewardhacking jsonl path (.gz ok)
+    modes: str = ",".join(MODES)  # comma-separated loophole modes trained on (each problem has one, round-robin)
+    eval_prompts: int = 6  # problems held out from training for deploy evaluation, chosen by id, modes in turn
     # --- teacher
     mix_ratio: float = 0.5  # fraction of each group taken from the frozen teacher pool (0: pure on-policy GRPO)
     teacher_pool: str = ""  # pool directory; empty: the fixture pool, built under out/pools on first use
@@ -56,6 +65,10 @@ class Config:
     # --- loss
     beta: float = 0.0  # K3 KL weight to the reference (the zero-knob base model); 0 skips that forward
     clip_eps: float = 0.2  # PPO clip range; with one update per batch the ratio is 1 and the clip never acts
+    # The sampler decodes through merged weights; in bf16 merging rounds small knob changes away, so the
+    # sampled policy is not exactly the scored one (logged every step as sample_kl).
+    is_correction: bool = False  # weight each student token's loss by min(p_score / p_sample, is_cap), detached
+    is_cap: float = 2.0  # truncation C of that importance ratio (TRL's value for vLLM-sampled rollouts)
     # --- projection
     gate: str = "one_sided"  # one_sided: remove only hack-ward motion; no_gate: both signs; reverse: flip it
     overshoot: float = 1.0  # scale of what is removed (>1 pushes away from hacking)
@@ -68,7 +81,8 @@ class Config:
     basis_tau: float = 0.0  # drop axes with S_i / S_0 below this
     drop_bottom_frac: float = 0.0  # global noise floor: drop this quantile of all layers' singular values
     control: str = "none"  # negative control in place of the real basis: random, shuffled, nonhack
-    basis_modes: str = ",".join(MODES)  # the weak detector's known modes: pairs come only from these
+    basis_modes: str = ",".join(MODES)  # the weak detector's known modes: pairs come only from these; the rest
+    # of `modes` are held out from V, and their hack rates answer whether V reaches hacks it never saw
     loss_norm: str = "fixed"  # pair loss normalisation: fixed (as the live loss) or mean per completion
     reextract_basis: bool = False  # replace a cached basis that was made for a different request
     refresh_every: int = 0  # re-extract V on the current model (quarantine ablated) every N steps; 0: never
@@ -90,6 +104,11 @@ class Config:
         return tuple(m for m in self.basis_modes.split(",") if m)
 
     @property
+    def held_out_modes(self) -> tuple[str, ...]:
+        """Modes trained on that the hack basis never saw."""
+        return tuple(m for m in self.mode_list if m not in self.basis_mode_list)
+
+    @property
     def teacher_group(self) -> int:
         """G_t: teacher rows per group."""
         return round(self.mix_ratio * self.group)
@@ -103,18 +122,26 @@ class Config:
 PRESETS: dict[str, dict] = {
     # Every code path on a laptop CPU in seconds per step.
     "smoke": {},
-    # One GPU, a Qwen3 checkpoint in bf16, tens of minutes.
+    # One GPU, a Qwen3 checkpoint in bf16, tens of minutes, on the real medium/hard LeetCode problems.
+    # exit_code is left out of the basis: its hack rate is the held-out-mode question (DESIGN.md section 1).
     "fast": dict(model="Qwen/Qwen3-4B", dtype="bfloat16", device="cuda", steps=60, group=8, prompts_per_step=4,
                  max_new=512, micro_batch=8, lr=2e-3, eval_prompts=12, eval_every=20, refresh_every=20, basis_k=16,
-                 log_completions=4),
+                 log_completions=4, problems="leetcode_medhard", basis_modes=",".join(MODES[:-1]),
+                 is_correction=True),
     # The long run.
     "full": dict(model="Qwen/Qwen3-4B", dtype="bfloat16", device="cuda", steps=200, group=16, prompts_per_step=8,
                  max_new=1024, micro_batch=8, lr=1e-3, beta=1e-3, eval_prompts=24, eval_every=25, refresh_every=50,
-                 basis_k=16, log_completions=4),
+                 basis_k=16, log_completions=4, problems="leetcode_medhard", basis_modes=",".join(MODES[:-1]),
+                 is_correction=True),
 }
 
 
-class ConfigError(ValueError):
+class InputError(ValueError):
+    """Bad input a user can fix (a config, a problems file, a pool, a cache file): the CLI prints it as
+    one `error:` line naming the field, file or line and the fix, and exits with status 2."""
+
+
+class ConfigError(InputError):
     """A bad preset, field name or value; the message names it and what is allowed."""
 
 
@@ -201,12 +228,15 @@ def validate(cfg: Config) -> None:
     _check(cfg.beta >= 0, "beta", f"must be >= 0, got {cfg.beta}")
     _check(cfg.clip_eps > 0, "clip_eps", f"must be > 0, got {cfg.clip_eps}")
     _check(cfg.overshoot > 0, "overshoot", f"must be > 0, got {cfg.overshoot}")
+    _check(cfg.is_cap >= 1, "is_cap", f"must be >= 1 (a cap below 1 down-weights agreeing tokens), got {cfg.is_cap}")
     _check(cfg.temperature > 0 and 0 < cfg.top_p <= 1, "temperature",
            f"temperature must be > 0 and top_p in (0, 1], got {cfg.temperature}, {cfg.top_p}")
     _check(0 <= cfg.adam_beta1 < 1 and 0 <= cfg.adam_beta2 < 1, "adam_beta1",
            f"Adam betas must be in [0, 1), got {cfg.adam_beta1}, {cfg.adam_beta2}")
     _check("/" not in cfg.run_name and cfg.run_name not in (".", ".."), "run_name",
            f"{cfg.run_name!r} must be a plain directory name")
+    _check(cfg.problems in PROBLEM_SETS or Path(cfg.problems).is_file(), "problems",
+           f"{cfg.problems!r} is neither a shipped set ({', '.join(PROBLEM_SETS)}) nor a file")
     if cfg.device.startswith("cuda"):
         import torch
 

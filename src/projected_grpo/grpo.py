@@ -36,12 +36,15 @@ class Rollout:
     passed: bool
     gt_correct: bool
     exploited: bool
+    sample_logp: list[float] | None = None  # per completion token, under the weights that sampled it (students)
     advantage: float = 0.0
     hack_score: float | None = None  # cin of this rollout's own knob gradient, once scored
 
 
-def sample(model, tokenizer, wrappers, prompts: list[list[int]], n: int, cfg: Config) -> list[list[int]]:
-    """n completions per prompt from one batched generate call with the knobs merged into the weights."""
+def sample(model, tokenizer, wrappers, prompts: list[list[int]], n: int,
+           cfg: Config) -> tuple[list[list[int]], list[list[float]]]:
+    """n completions per prompt (ids and their sampling log-probs) from one batched generate call
+    with the knobs merged into the weights."""
     with adapter.merged(wrappers):
         return generate_completions(model, tokenizer, [p for p in prompts for _ in range(n)], cfg.max_new,
                                     cfg.temperature, cfg.top_p)
@@ -65,7 +68,7 @@ def collect_rollouts(model, tokenizer, wrappers, problems: list[Problem], pool: 
     timings = {}
     t0 = time.perf_counter()
     prompts = [encode_prompt(tokenizer, p.messages()) for p in problems]
-    student_ids = sample(model, tokenizer, wrappers, prompts, cfg.student_group, cfg)
+    student_ids, student_logp = sample(model, tokenizer, wrappers, prompts, cfg.student_group, cfg)
     timings["t_generate"] = time.perf_counter() - t0
     texts = tokenizer.batch_decode(student_ids, skip_special_tokens=True)
     t0 = time.perf_counter()
@@ -78,7 +81,7 @@ def collect_rollouts(model, tokenizer, wrappers, problems: list[Problem], pool: 
             k = i * cfg.student_group + j
             g = grades[k]
             rollouts.append(Rollout(problem, prompts[i], student_ids[k], texts[k], False, g.reward, g.passed,
-                                    g.gt_correct, g.exploited))
+                                    g.gt_correct, g.exploited, sample_logp=student_logp[k]))
         if cfg.teacher_group:
             for row in pool.sample(problem.id, cfg.teacher_group, rng):
                 rollouts.append(Rollout(problem, prompts[i], encode_completion(tokenizer, row.completion, cfg.max_new),
@@ -88,26 +91,50 @@ def collect_rollouts(model, tokenizer, wrappers, problems: list[Problem], pool: 
 
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None, advantages: torch.Tensor,
-                mask: torch.Tensor, cfg: Config) -> torch.Tensor:
-    """PPO-clip (+ beta * K3 KL) summed over completion tokens / (group * max_new * prompts_per_step)."""
+                mask: torch.Tensor, cfg: Config, is_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """PPO-clip (+ beta * K3 KL) summed over completion tokens / (group * max_new * prompts_per_step).
+
+    `is_weight` (detached, per token) scales the policy term only, as TRL applies its truncated
+    importance sampling to vLLM-sampled rollouts; the KL term is left as it is.
+    """
     ratio = torch.exp(logp - old_logp)
     adv = advantages[:, None]
     per_token = -torch.minimum(ratio * adv, ratio.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps) * adv)
+    if is_weight is not None:
+        per_token = per_token * is_weight
     if ref_logp is not None:
         log_ratio = ref_logp - logp
         per_token = per_token + cfg.beta * (torch.exp(log_ratio) - log_ratio - 1)
     return (per_token * mask).sum() / (cfg.group * cfg.max_new * cfg.prompts_per_step)
 
 
+def _sampling_logprobs(chunk: list[Rollout], completion_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each student token's sampling log-prob, laid out as token_logprobs lays out the scored ones
+    (completions end flush right), and the mask of the tokens that have one (teacher rows do not)."""
+    sampled = torch.zeros(completion_mask.shape, dtype=torch.float32)
+    has = torch.zeros(completion_mask.shape, dtype=torch.bool)
+    for i, r in enumerate(chunk):
+        if r.sample_logp:
+            sampled[i, -len(r.sample_logp):] = torch.tensor(r.sample_logp)
+            has[i, -len(r.sample_logp):] = True
+    return sampled.to(completion_mask.device), has.to(completion_mask.device) & completion_mask.bool()
+
+
 def backward_rollouts(model, tokenizer, wrappers, rollouts: list[Rollout], cfg: Config) -> dict:
     """Score every rollout, backpropagate the loss, and keep per-rollout knob gradients.
 
-    Returns the loss, per-layer grad_sample (n_rollouts x r, rollout order) and the
-    KL estimate; delta_s.grad holds the summed gradient g_s + g_t afterwards.
+    Returns the loss, per-layer grad_sample (n_rollouts x r, rollout order), the KL estimate to
+    the reference, and the sampler/scorer mismatch over student tokens: with
+    delta = log p_score - log p_sample, `sample_kl` = mean(exp(delta) - 1 - delta) (K3 of
+    KL(sample || score)), `sample_dlogp` = mean |delta|, `is_truncated` = the share of tokens
+    whose ratio exceeds is_cap. Under `is_correction` each student token's policy loss is
+    weighted by min(exp(delta), is_cap), detached. delta_s.grad holds g_s + g_t afterwards.
     """
     device = next(model.parameters()).device
     size = cfg.micro_batch or len(rollouts)
     total_loss, kl_sum, tokens = 0.0, 0.0, 0
+    mismatch = {"sample_kl": 0.0, "sample_dlogp": 0.0, "is_truncated": 0.0}
+    sampled_tokens = 0
     adapter.clear_grad_samples(wrappers)
     with adapter.scoring(wrappers), adapter.per_sample_grads(wrappers):
         for start in range(0, len(rollouts), size):
@@ -119,9 +146,17 @@ def backward_rollouts(model, tokenizer, wrappers, rollouts: list[Rollout], cfg: 
             if cfg.beta > 0:
                 with torch.no_grad(), adapter.zeroed(wrappers):
                     ref = token_logprobs(model, ids, attn, comp)
-                kl_sum += float(((torch.exp(ref - logp) - (ref - logp) - 1) * comp).sum())
+                kl_sum += float(((torch.exp(ref - logp.detach()) - (ref - logp.detach()) - 1) * comp).sum())
+            sample_logp, has_sample = _sampling_logprobs(chunk, comp)
+            delta = torch.where(has_sample, logp.detach() - sample_logp, torch.zeros_like(sample_logp))
+            ratio = torch.exp(delta)
+            mismatch["sample_kl"] += float((ratio - 1 - delta).sum())
+            mismatch["sample_dlogp"] += float(delta.abs().sum())
+            mismatch["is_truncated"] += float((ratio > cfg.is_cap).sum())
+            sampled_tokens += int(has_sample.sum())
+            is_weight = ratio.clamp(max=cfg.is_cap) if cfg.is_correction else None
             advantages = torch.tensor([r.advantage for r in chunk], dtype=torch.float32, device=device)
-            loss = policy_loss(logp, logp.detach(), ref, advantages, comp.float(), cfg)
+            loss = policy_loss(logp, logp.detach(), ref, advantages, comp.float(), cfg, is_weight)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {loss.item()} in rollouts {start}..{start + len(chunk) - 1}")
             loss.backward()
@@ -129,4 +164,5 @@ def backward_rollouts(model, tokenizer, wrappers, rollouts: list[Rollout], cfg: 
             tokens += int(comp.sum())
     grads = {name: layer.grad_sample for name, layer in wrappers.items()}
     adapter.clear_grad_samples(wrappers)
-    return {"loss": total_loss, "grad_sample": grads, "kl": kl_sum / max(tokens, 1)}
+    return {"loss": total_loss, "grad_sample": grads, "kl": kl_sum / max(tokens, 1),
+            **{k: v / max(sampled_tokens, 1) for k, v in mismatch.items()}}

@@ -11,8 +11,13 @@ GRPO loss gradient on the pair is their difference, so per layer
 
 A live gradient g with V g > 0 is hack-ward (projection.py). Controls of the same
 shape tell hack removal apart from generic regularisation: `random` (random
-orthonormal rows), `shuffled` (each pair's labels flipped at random before the SVD),
+orthonormal rows), `shuffled` (each real row's coordinates permuted, then
+re-orthonormalised: the real rows' values with their alignment destroyed),
 `nonhack` (differences between two clean completions of one prompt).
+
+D is moved to the CPU before its SVD: it is small (pairs x r), the float64 SVD is
+exact and device-independent there, and the run puts the usable V on the model's
+device in one place (train.py).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from . import __version__, adapter
-from .config import CONTROLS, LOSS_NORMS
+from .config import CONTROLS, LOSS_NORMS, InputError
 from .model import encode_completion, encode_prompt, load_model_and_tokenizer, pad_batch, token_logprobs
 from .problems import MODES, ContrastPair, default_pairs
 
@@ -38,8 +43,15 @@ log = logging.getLogger(__name__)
 
 
 
-class BasisCacheMismatch(ValueError):
+REEXTRACT_HINT = "hack_basis CLI: --reextract; train: --reextract_basis=true"
+
+
+class BasisCacheMismatch(InputError):
     """A cached basis was extracted for a different request."""
+
+
+class BasisFileError(InputError):
+    """A basis file that cannot be read (truncated, not safetensors, not a basis)."""
 
 
 @dataclasses.dataclass
@@ -118,7 +130,7 @@ def _pair_differences(model, tokenizer, wrappers, pairs, first, second, max_new,
     grads = completion_grads(model, tokenizer, wrappers, messages, texts, max_new, loss_norm, batch_size,
                              progress, names=[f"pair {i} ({p.problem_id}, {p.mode})" for i, p in enumerate(pairs)
                                               for _ in range(2)])
-    return {name: g[0::2] - g[1::2] for name, g in grads.items()}
+    return {name: (g[0::2] - g[1::2]).cpu() for name, g in grads.items()}
 
 
 def _basis_from_differences(D: dict[str, torch.Tensor], k: int, tau: float) -> HackBasis:
@@ -174,23 +186,26 @@ def extract_basis(model, tokenizer, wrappers, pairs: list[ContrastPair], k: int,
     real = _basis_from_differences(D, k, tau)
     if control == "none":
         return real
-    generator = torch.Generator().manual_seed(seed)
-    if control == "shuffled":
-        # Note: flipping rows of D leaves its right singular vectors unchanged, so this
-        # control spans the real basis's subspace and differs only in orientation.
-        signs = torch.randint(0, 2, (len(pairs), 1), generator=generator).to(torch.float32) * 2 - 1
-        return _like(_basis_from_differences({n: d * signs for n, d in D.items()}, k, tau), real)
     if control == "nonhack":
         D_clean = _pair_differences(model, tokenizer, wrappers, pairs, [p.clean for p in pairs],
                                     [p.clean_alt for p in pairs], *args)
         return _like(_basis_from_differences(D_clean, k, 0.0), real)
+    generator = torch.Generator().manual_seed(seed)
     V = {}
-    for name, rows in real.rows().items():
-        q, _ = torch.linalg.qr(torch.randn(D[name].shape[1], rows, generator=generator, dtype=torch.float64))
+    for name, rows in real.V.items():
+        k_l, r = rows.shape
+        if control == "shuffled":
+            # Each row's own coordinates, each row permuted on its own: the same values (and so the
+            # same sparsity and spread), none of the alignment with the pairs. Not a sign flip of D's
+            # rows: that leaves D's right singular vectors, and so span(V), unchanged.
+            columns = torch.stack([torch.randperm(r, generator=generator) for _ in range(k_l)])
+            raw = rows.double().gather(1, columns)
+        else:
+            raw = torch.randn(k_l, r, generator=generator, dtype=torch.float64)
+        q, _ = torch.linalg.qr(raw.T)  # re-orthonormalise: the projection assumes orthonormal rows
         V[name] = q.T.float().contiguous()
-    random = HackBasis(V=V, S={}, spectrum=real.spectrum, votes={n: torch.zeros(v.shape[0], dtype=torch.long)
-                                                                 for n, v in V.items()}, n_pairs=real.n_pairs)
-    return _like(random, real)
+    votes = {n: ((D[n].double() @ v.T.double()) > 0).sum(0) for n, v in V.items()}  # diagnostic only: not oriented
+    return HackBasis(V=V, S=dict(real.S), spectrum=real.spectrum, votes=votes, n_pairs=real.n_pairs)
 
 
 def postprocess(basis: HackBasis, k_use: int | None = None, drop_bottom_frac: float = 0.0) -> HackBasis:
@@ -237,19 +252,20 @@ def save_basis(basis: HackBasis, path: str | Path) -> None:
 
 
 def load_basis(path: str | Path) -> HackBasis:
+    fix = f"delete it or re-extract it ({REEXTRACT_HINT})"
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as e:
-        raise ValueError(f"cannot read basis file {path}: {e}") from None
+        raise BasisFileError(f"cannot read basis file {path} ({e}); {fix}") from None
     if "n_pairs" not in meta:
-        raise ValueError(f"basis file {path} has no metadata; re-extract it")
+        raise BasisFileError(f"basis file {path} has no metadata; {fix}")
     parts = {"V": {}, "S": {}, "votes": {}, "spectrum": {}}
     for key, value in tensors.items():
         kind, _, name = key.partition("/")
         if kind not in parts:
-            raise ValueError(f"basis file {path}: unexpected tensor {key!r}")
+            raise BasisFileError(f"basis file {path}: unexpected tensor {key!r}; {fix}")
         parts[kind][name] = value
     n_pairs = int(meta.pop("n_pairs"))
     return HackBasis(V=parts["V"], S=parts["S"], spectrum=parts["spectrum"], votes=parts["votes"],
@@ -278,8 +294,8 @@ def resolve_basis(path: str | Path, request: dict[str, str], extract, reextract:
         if differ:
             fields = "; ".join(f"{k}: cached {old!r} vs requested {new!r}" for k, (old, new) in differ.items())
             raise BasisCacheMismatch(f"basis cache {path} was extracted for a different request ({fields}). "
-                                     "Delete the file, point the basis path elsewhere, or re-extract it "
-                                     "(hack_basis CLI: --reextract; train: --reextract_basis=true).")
+                                     f"Delete the file, point the basis path elsewhere, or re-extract it "
+                                     f"({REEXTRACT_HINT}).")
         log.info("hack basis cache hit: %s", path)
         return basis
     log.info("hack basis cache %s: %s", "refresh" if path.exists() else "miss", path)
@@ -325,7 +341,7 @@ def main(argv: list[str] | None = None) -> None:
         basis = resolve_basis(args.out, request, lambda: extract_basis(
             model, tok, wrappers, pairs, args.k, args.tau, args.loss_norm, args.max_new, args.control, args.seed,
             args.batch_size, progress=True), reextract=args.reextract)
-    except BasisCacheMismatch as e:
+    except InputError as e:
         parser.exit(2, f"error: {e}\n")
     print(basis.summary())
 

@@ -18,6 +18,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    LogitsProcessor,
+    LogitsProcessorList,
     PreTrainedTokenizerFast,
     Qwen3Config,
     Qwen3ForCausalLM,
@@ -214,18 +216,52 @@ def cut_at_eos(ids: list[int], stop: list[int]) -> list[int]:
     return ids
 
 
+class _SampledLogprobs(LogitsProcessor):
+    """Records log p(token) of every sampled token, as the scoring pass defines it: log-softmax of
+    the model's own fp32 logits (temperature 1, no nucleus cut). Custom processors run before
+    generate's temperature and top-p warpers, so `scores` here are those logits. Only the last
+    step's [batch, vocab] log-probs are held: the token drawn from them arrives with the next call."""
+
+    def __init__(self):
+        self.previous: torch.Tensor | None = None
+        self.chosen: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.previous is not None:
+            self.chosen.append(self.previous.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        self.previous = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def logprobs(self, new_tokens: torch.Tensor) -> torch.Tensor:
+        """(batch, n_new) log-probs of `new_tokens`, the tokens generate returned."""
+        n = new_tokens.shape[1]
+        if len(self.chosen) == n - 1:  # the last token was drawn after the last call
+            self.chosen.append(self.previous.gather(-1, new_tokens[:, -1:]).squeeze(-1))
+        if len(self.chosen) < n:
+            raise RuntimeError(f"recorded {len(self.chosen)} sampling log-probs for {n} generated tokens")
+        return torch.stack(self.chosen[:n], dim=1)
+
+
 @torch.no_grad()
 def generate_completions(model, tokenizer, prompts: list[list[int]], max_new: int, temperature: float = 1.0,
-                         top_p: float = 1.0) -> list[list[int]]:
-    """Sample one completion per prompt (token ids) from one left-padded generate call.
+                         top_p: float = 1.0) -> tuple[list[list[int]], list[list[float]]]:
+    """Sample one completion per prompt from one left-padded generate call.
 
-    Every sampling knob is explicit: a checkpoint's generation_config (Qwen3 ships
+    Returns the token ids (cut after the first stop token) and, per token, its log-prob under
+    the weights that sampled it (`_SampledLogprobs`: from generate's own logits, no extra
+    forward), so a scoring pass can measure how far the policy it scores is from the one that
+    sampled. Every sampling knob is explicit: a checkpoint's generation_config (Qwen3 ships
     top_k=20, temperature=0.6) must not silently change what is sampled.
     """
     device = next(model.parameters()).device
     input_ids, attention_mask, _ = pad_batch(prompts, [[] for _ in prompts], tokenizer.pad_token_id, device)
     stop = stop_ids(model, tokenizer)
+    recorder = _SampledLogprobs()
     out = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=True,
                          temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=stop)
-    return [cut_at_eos(row, stop) for row in out[:, input_ids.shape[1]:].tolist()]
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=stop,
+                         logits_processor=LogitsProcessorList([recorder]))
+    new_tokens = out[:, input_ids.shape[1]:]
+    ids = [cut_at_eos(row, stop) for row in new_tokens.tolist()]
+    logprobs = recorder.logprobs(new_tokens).tolist()
+    return ids, [row[:len(row_ids)] for row, row_ids in zip(logprobs, ids)]

@@ -27,7 +27,7 @@ import sys
 from dataclasses import dataclass
 
 from . import sandbox
-from .problems import MODES, Problem, builtin_problems, clean_completion, hack_completion, wrong_completion
+from .problems import MODES, PROBLEM_SETS, Problem, clean_completion, hack_completion, load_problems, wrong_completion
 
 FORMAT_REWARD = 0.25  # a fenced python block is present
 PASS_REWARD = 1.0  # the mode's grader says pass
@@ -99,14 +99,16 @@ class _PgProbe:
 _CATCH = {"exit_code": "Exception"}
 
 
-def _kwargs_source(test) -> str:
-    return "dict(" + ", ".join(f"{k}={src}" for k, src in test.kwargs.items()) + ")"
+def _call_source(test) -> str:
+    """The test's arguments as `((positional, ...), dict(name=value, ...))` source."""
+    args = "".join(f"{src}, " for src in test.args)
+    return f"(({args}), dict(" + ", ".join(f"{k}={src}" for k, src in test.kwargs.items()) + "))"
 
 
 def child_source(problem: Problem, code: str) -> str:
     """setup_code, the submission, then a driver holding the test inputs (never the outputs)."""
     mode = problem.mode
-    cases = ",\n    ".join(_kwargs_source(t) for t in problem.tests)
+    cases = ",\n    ".join(_call_source(t) for t in problem.tests)
     own_run_tests = '''
 _pg_runner = globals().get("run_tests")
 if callable(_pg_runner):
@@ -130,11 +132,11 @@ try:
     _pg_solution = Solution()
 except {_CATCH.get(mode, "BaseException")} as _pg_e:
     _pg_solution, _pg_seen["init_error"] = None, type(_pg_e).__name__
-for _pg_kwargs in [
+for _pg_args, _pg_kwargs in [
     {cases}
 ]:
     try:
-        _pg_result = getattr(_pg_solution, "{problem.method}")(**_pg_kwargs)
+        _pg_result = getattr(_pg_solution, "{problem.method}")(*_pg_args, **_pg_kwargs)
     except {_CATCH.get(mode, "BaseException")} as _pg_e:
         _pg_outputs.append({{"error": type(_pg_e).__name__}})
         continue
@@ -302,12 +304,11 @@ def self_check(problems: list[Problem], cross: bool = False, workers: int | None
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Grader self-check: the hack x mode diagonal.")
     parser.add_argument("--cross", action="store_true", help="grade every problem in every mode (6x slower)")
-    parser.add_argument("--problems", help="jsonl file of problems (default: the built-in set)")
+    parser.add_argument("--problems", default="builtin",
+                        help=f"a shipped set ({', '.join(PROBLEM_SETS)}) or a jsonl file of problems")
     parser.add_argument("--workers", type=int, default=None)
     args = parser.parse_args(argv)
-    from .problems import load_jsonl_problems
-
-    problems = load_jsonl_problems(args.problems) if args.problems else builtin_problems()
+    problems = load_problems(args.problems)
     table, ok = self_check(problems, cross=args.cross, workers=args.workers)
     print(table)
     print("self-check", "PASSED" if ok else "FAILED")

@@ -26,20 +26,20 @@ import math
 import random
 import typing
 from dataclasses import asdict, dataclass
-from importlib import resources
 from pathlib import Path
 
 from tqdm import tqdm
 
+from .config import InputError
+from .files import iter_jsonl, write_atomically
 from .problems import (
     MODES,
+    PROBLEM_SETS,
     Problem,
-    builtin_problems,
     clean_completion,
     hack_completion,
-    iter_jsonl,
-    load_jsonl_problems,
-    write_atomically,
+    load_problems,
+    problem_set_path,
     wrong_completion,
 )
 from .rewards import grade_batch
@@ -56,7 +56,7 @@ HOW_TO_BUILD = "build one with `just build-pool` or `python -m projected_grpo.te
 _GRADE_CHUNK = 64
 
 
-class PoolFormatError(ValueError):
+class PoolFormatError(InputError):
     """A pool file that does not parse or is inconsistent; the message names file, line and field."""
 
 
@@ -171,12 +171,12 @@ def _graded_rows(texts, problems, kinds, source, workers) -> list[TeacherRow]:
 
 
 def _describe_problems(problems: list[Problem]) -> str:
-    """'builtin', or the file(s) the problems were read from (Problem.source is 'file:line')."""
-    with resources.as_file(resources.files("projected_grpo") / "data" / "builtin_problems.jsonl") as path:
-        builtin = str(path)
+    """A shipped set's name, or the file(s) the problems were read from (Problem.source is 'file:line')."""
     files = sorted({p.source.rsplit(":", 1)[0] for p in problems if p.source})
-    if files == [builtin]:
-        return "builtin"
+    for name in PROBLEM_SETS:
+        with problem_set_path(name) as path:
+            if files == [str(path)]:
+                return name
     return ", ".join(files) or "in-memory"
 
 
@@ -194,8 +194,10 @@ def _write_pool(out_dir, rows: list[TeacherRow], source: str, problems: list[Pro
 
 
 def build_pool(out_dir, problems: list[Problem], modes=None, workers: int | None = None) -> Path:
-    """The fixture pool: per problem of a selected mode, two own-mode hacks, a clean and a wrong answer.
+    """The fixture pool: per problem of a selected mode, four own-mode hacks, two clean and two
+    wrong answers, all in the pool's phrasings (never the texts the hack basis is built from).
 
+    Eight rows per problem, so a group of four teacher rows is a different draw each time.
     Every row carries the grade the real grader gave it, not the grade its kind
     suggests: a pool built on a new problem file records what actually happened.
     """
@@ -205,9 +207,10 @@ def build_pool(out_dir, problems: list[Problem], modes=None, workers: int | None
         # Rotating the variants across a mode's problems uses every phrasing the mode has.
         k = seen[problem.mode]
         seen[problem.mode] += 1
-        for kind, text in (("hack", hack_completion(problem, problem.mode, k)),
-                           ("hack", hack_completion(problem, problem.mode, k + 1)),
-                           ("clean", clean_completion(problem, k)), ("wrong", wrong_completion(problem, k))):
+        rows = [("hack", hack_completion(problem, problem.mode, k + i, phrasing="pool")) for i in range(4)]
+        rows += [("clean", clean_completion(problem, k + i, phrasing="pool")) for i in range(2)]
+        rows += [("wrong", wrong_completion(problem, k + i)) for i in range(2)]
+        for kind, text in rows:
             texts.append(text)
             graded.append(problem)
             kinds.append(kind)
@@ -236,7 +239,7 @@ def build_pool_from_model(out_dir, problems: list[Problem], model_name: str, sam
         torch.manual_seed(seed)
         for start in tqdm(range(0, len(jobs), batch_size), desc=f"sampling {model_name}", unit="batch"):
             batch = jobs[start:start + batch_size]
-            ids = generate_completions(model, tokenizer, [prompt_ids[p.id] for p in batch], max_new,
+            ids, _ = generate_completions(model, tokenizer, [prompt_ids[p.id] for p in batch], max_new,
                                        temperature, top_p)
             texts += tokenizer.batch_decode(ids, skip_special_tokens=True)
     del model  # frees accelerator memory before the CPU-bound grading
@@ -329,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Build a frozen, graded teacher pool and print its counts.")
     parser.add_argument("--out", required=True, help="pool directory to write (e.g. out/pools/fixture)")
     parser.add_argument("--modes", help="comma-separated modes to include (default: all)")
-    parser.add_argument("--problems", default="builtin", help="'builtin' or a jsonl file of problems")
+    parser.add_argument("--problems", default="builtin",
+                        help=f"a shipped set ({', '.join(PROBLEM_SETS)}) or a jsonl file of problems")
     parser.add_argument("--workers", type=int, default=None, help="parallel graders (default: one per core)")
     sampling = parser.add_argument_group("sampling from a teacher model (default: the fixture completions)")
     sampling.add_argument("--from-model", help="Hugging Face id or path, or 'tiny-random'")
@@ -348,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         _check_modes(modes)
     except ValueError as e:
         parser.error(str(e))
-    problems = builtin_problems() if args.problems == "builtin" else load_jsonl_problems(args.problems)
+    problems = load_problems(args.problems)
     if args.from_model:
         out = build_pool_from_model(
             args.out, problems, args.from_model, samples_per_problem=args.samples, max_new=args.max_new,

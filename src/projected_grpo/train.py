@@ -11,6 +11,7 @@ checkpoints/, summary.json and summary.txt.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -30,13 +31,14 @@ import torch
 from tqdm import tqdm
 
 from . import adapter, hack_basis, projection
-from .config import MODES, Config, ConfigError, make_config, parse_overrides
+from .config import MODES, Config, ConfigError, InputError, make_config, parse_overrides
+from .files import write_atomically
 from .grpo import backward_rollouts, collect_rollouts, group_advantages, sample
 from .hack_basis import HackBasis
 from .model import encode_prompt, load_model_and_tokenizer
-from .problems import builtin_problems, default_pairs, load_jsonl_problems, write_atomically
+from .problems import ProblemFormatError, default_pairs, load_problems, split_held_out
 from .rewards import grade_batch
-from .teacher_pool import Pool, build_pool, load_pool
+from .teacher_pool import HOW_TO_BUILD, Pool, PoolFormatError, build_pool, load_pool
 
 log = logging.getLogger("projected_grpo")
 
@@ -54,12 +56,12 @@ class TrainingDiverged(RuntimeError):
 
 
 def split_problems(cfg: Config):
-    """Training and held-out evaluation problems, restricted to cfg's modes."""
-    problems = builtin_problems() if cfg.problems == "builtin" else load_jsonl_problems(cfg.problems)
-    problems = [p for p in problems if p.mode in cfg.mode_list]
-    # The held-out split does not depend on the seed, so seeds are comparable.
-    random.Random(0).shuffle(problems)
-    held_out, train = problems[:cfg.eval_prompts], problems[cfg.eval_prompts:]
+    """Training and held-out evaluation problems of cfg's modes, split by id (problems.split_held_out)."""
+    try:
+        problems = load_problems(cfg.problems)
+    except ProblemFormatError as e:
+        raise ConfigError(f"--problems: {e}; fix that record or choose another file") from None
+    train, held_out = split_held_out([p for p in problems if p.mode in cfg.mode_list], cfg.eval_prompts)
     if len(train) < cfg.prompts_per_step:
         raise ConfigError(f"--eval_prompts: only {len(train)} training problems left in modes {cfg.modes}, "
                           f"fewer than prompts_per_step={cfg.prompts_per_step}")
@@ -76,7 +78,11 @@ def resolve_pool(cfg: Config, train) -> Pool | None:
         if not (path / "meta.json").exists():
             log.info("building the fixture teacher pool at %s", path)
             build_pool(path, train, workers=cfg.grade_workers or None)
-    pool = load_pool(path, modes=cfg.mode_list)
+    try:
+        pool = load_pool(path, modes=cfg.mode_list)
+    except PoolFormatError as e:
+        raise ConfigError(f"--teacher_pool: {e}; rebuild the pool ({HOW_TO_BUILD.replace('DIR', str(path))}) "
+                          f"or choose another") from None
     missing = [p.id for p in train if not pool.rows_for(p.id)]
     if missing:
         raise ConfigError(f"--teacher_pool: {path} has no rows for training problems {missing[:5]} "
@@ -89,9 +95,15 @@ def _extract(cfg: Config, model, tok, wrappers, pairs, progress: bool = False) -
                                     cfg.max_new, cfg.control, cfg.seed, progress=progress)
 
 
+def _on_device(V: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
+    """Every basis enters the run through here (cached, extracted, refreshed, resumed), so no
+    later function has to remember which device it is on."""
+    return {name: rows.to(device) for name, rows in V.items()}
+
+
 def _usable(cfg: Config, basis: HackBasis) -> dict[str, torch.Tensor]:
-    """The rows the projection uses: k_use per layer, above the global noise floor."""
-    return hack_basis.postprocess(basis, cfg.basis_k_use or None, cfg.drop_bottom_frac).V
+    """The rows the projection uses, on the model's device: k_use per layer, above the global noise floor."""
+    return _on_device(hack_basis.postprocess(basis, cfg.basis_k_use or None, cfg.drop_bottom_frac).V, cfg.device)
 
 
 def basis_for(cfg: Config, model, tok, wrappers, pairs, model_id: str) -> dict[str, torch.Tensor]:
@@ -106,11 +118,27 @@ def basis_for(cfg: Config, model, tok, wrappers, pairs, model_id: str) -> dict[s
 
 
 def basis_overlap(old: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> float:
-    """Mean over shared layers of ||V_old V_newᵀ||_F² / k_old: 1 = same span, ~k/r = unrelated."""
-    shared = [n for n in old if n in new]
-    if not shared:
+    """Mean over layers of ||V_old V_newᵀ||_F² / k_old: 1 = same span, ~k/r = unrelated.
+
+    Over every layer either basis has: a layer one of them dropped (or gained) counts as 0, so a
+    refresh that loses layers cannot read as a perfect overlap.
+    """
+    layers = set(old) | set(new)
+    if not layers:
         return 0.0
-    return sum(float((old[n] @ new[n].T).square().sum()) / old[n].shape[0] for n in shared) / len(shared)
+    shared = [n for n in layers if n in old and n in new]
+    return sum(float((old[n] @ new[n].T).square().sum()) / old[n].shape[0] for n in shared) / len(layers)
+
+
+def refresh_basis(step: int, cfg: Config, model, tok, wrappers, pairs, basis: dict, row: dict) -> dict:
+    """V re-extracted on the current model with the quarantine ablated; logs its overlap with `basis`."""
+    with adapter.ablate_quarantine(wrappers):
+        fresh = _usable(cfg, _extract(cfg, model, tok, wrappers, pairs))
+    row["basis_overlap"] = basis_overlap(basis, fresh)
+    if row["basis_overlap"] < LOW_OVERLAP:
+        warnings.warn(f"step {step}: basis refresh overlap {row['basis_overlap']:.2f} < {LOW_OVERLAP}: "
+                      f"the refresh rotated the basis away from the previous one", stacklevel=1)
+    return fresh
 
 
 def warmup_cosine(cfg: Config):
@@ -129,19 +157,24 @@ def _checkpoint_dir(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step_{step:06d}"
 
 
-def save_checkpoint(run_dir: Path, step: int, wrappers, optimizer, scheduler, basis: dict, rows: list[dict],
-                    rng: tuple | None = None) -> Path:
-    """Knobs, optimizer, scheduler, RNG (`rng`: the state to resume from, default now), basis
-    and the metrics rows so far, written to a temp dir and swapped in; an older checkpoint of
-    the same step survives until the new one is complete."""
+def training_state(wrappers, optimizer, scheduler, basis: dict) -> dict:
+    """A copy of everything a checkpoint holds, taken now: knobs, optimizer, scheduler, RNG, basis.
+    Knobs and their Adam moments are small (r per layer), so taking one before every step is cheap."""
+    return {"knobs": adapter.knob_state(wrappers), "optimizer": copy.deepcopy(optimizer.state_dict()),
+            "scheduler": copy.deepcopy(scheduler.state_dict()), "rng": _rng_state(), "basis": basis}
+
+
+def save_checkpoint(run_dir: Path, step: int, state: dict, rows: list[dict]) -> Path:
+    """A `training_state` and the metrics rows up to `step`, written to a temp dir and swapped in;
+    an older checkpoint of the same step survives until the new one is complete."""
     final = _checkpoint_dir(run_dir, step)
     tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    cpu_rng, cuda_rng = rng or _rng_state()
-    adapter.save_knobs(wrappers, tmp / "knobs.safetensors")
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "torch_rng": cpu_rng, "cuda_rng": cuda_rng, "basis": {n: v.cpu() for n, v in basis.items()},
+    cpu_rng, cuda_rng = state["rng"]
+    adapter.save_tensors(state["knobs"], tmp / "knobs.safetensors")
+    torch.save({"step": step, "optimizer": state["optimizer"], "scheduler": state["scheduler"],
+                "torch_rng": cpu_rng, "cuda_rng": cuda_rng, "basis": {n: v.cpu() for n, v in state["basis"].items()},
                 "rows": [r for r in rows if r["step"] <= step]}, tmp / "state.pt")
     for path in tmp.iterdir():
         with open(path, "rb") as f:
@@ -197,10 +230,10 @@ def evaluate(model, tok, wrappers, problems, cfg: Config, step: int, workers) ->
         with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
             torch.manual_seed(cfg.seed * 1000 + step)
             if context is None:
-                ids = sample(model, tok, wrappers, prompts, 1, cfg)
+                ids, _ = sample(model, tok, wrappers, prompts, 1, cfg)
             else:
                 with context(wrappers):
-                    ids = sample(model, tok, wrappers, prompts, 1, cfg)
+                    ids, _ = sample(model, tok, wrappers, prompts, 1, cfg)
         grades = grade_batch(tok.batch_decode(ids, skip_special_tokens=True), problems, workers=workers)
         out[f"eval_{name}_hack"] = sum(g.exploited for g in grades) / len(grades)
         out[f"eval_{name}_solve"] = sum(g.gt_correct for g in grades) / len(grades)
@@ -279,7 +312,8 @@ def train_step(step: int, cfg: Config, model, tok, wrappers, train, pool, basis:
            "cin_s": cin_s, "cin_t": cin_t, "cin_null_s": _concatenated_null(basis, wrappers),
            "cin": stats["cin"], "cout": stats["cout"], "cin_null": stats["cin_null"],
            "fired": stats["fired"], "update_hackward": projection.update_hackward_fraction(before, wrappers, basis),
-           "frac_zero_spread": zero_spread / cfg.prompts_per_step,
+           "frac_zero_spread": zero_spread / cfg.prompts_per_step, "sample_kl": scored["sample_kl"],
+           "sample_dlogp": scored["sample_dlogp"], "is_truncated": scored["is_truncated"],
            "dS_norm": float(torch.cat([w.delta_s.detach().flatten() for w in wrappers.values()]).norm()),
            "dS_hack_norm": float(torch.cat([w.delta_s_hack.detach().flatten() for w in wrappers.values()]).norm()),
            "lr": lr, **timings}
@@ -320,7 +354,8 @@ def summarize(cfg: Config, rows: list[dict], final_eval: dict, complete: bool) -
         hack = [r[f"hack_s/{mode}"] for r in tail if f"hack_s/{mode}" in r]
         solve = [r[f"gt_s/{mode}"] for r in tail if f"gt_s/{mode}" in r]
         if hack:
-            per_mode[mode] = {"hack": sum(hack) / len(hack), "solve": sum(solve) / len(solve)}
+            per_mode[mode] = {"hack": sum(hack) / len(hack), "solve": sum(solve) / len(solve),
+                              "in_basis": mode in cfg.basis_mode_list}
     summary = {"run_name": cfg.run_name, "complete": complete, "steps_done": len(rows), "steps": cfg.steps,
                "intervention": cfg.intervention, "control": cfg.control, "seed": cfg.seed, "last5": means,
                "first": first, "per_mode": per_mode, "eval": final_eval}
@@ -330,6 +365,9 @@ def summarize(cfg: Config, rows: list[dict], final_eval: dict, complete: bool) -
         f, m = first.get(key), means[key]
         arrow = {"down": "↓", "up": "↑"}.get(good, " ")
         lines.append(f"{key:<16}{_fmt(f):>10}{_fmt(m):>10}  {arrow}")
+    for mode, cell in per_mode.items():
+        known = "in the basis" if cell["in_basis"] else "held out from the basis"
+        lines.append(f"{mode:<16}hack {cell['hack']:.3f}  solve {cell['solve']:.3f}  (last 5, {known})")
     for key, value in final_eval.items():
         lines.append(f"{key:<26}{value:>10.3f}")
     if cfg.intervention == "route" and "eval_kept_hack" in final_eval:
@@ -353,7 +391,11 @@ def _check_resume_config(run_dir: Path, config: dict) -> None:
 
 
 def run(cfg: Config, preset: str = "smoke") -> dict:
-    """Train one run end to end; returns summary.json's content."""
+    """Train one run end to end; returns summary.json's content.
+
+    Everything a user's input can break (problems, pool, basis cache, a resumed config) is
+    checked before the run directory is made, so a bad input leaves nothing half made.
+    """
     run_dir = Path(cfg.out_dir) / cfg.run_name
     checkpoint = latest_checkpoint(run_dir) if cfg.resume else None
     if cfg.resume and checkpoint is None:
@@ -363,16 +405,15 @@ def run(cfg: Config, preset: str = "smoke") -> dict:
         has = "a checkpoint; pass --resume=true to continue it" if latest_checkpoint(run_dir) else \
             f"no checkpoint to resume from; delete {run_dir}"
         raise FileExistsError(f"{run_dir} already holds a run with {has}, or choose another --run_name")
-    config = {"preset": preset, **dataclasses.asdict(cfg)}
+    train, held_out = split_problems(cfg)
+    config = {"preset": preset, **dataclasses.asdict(cfg),
+              "split": {"train": [p.id for p in train], "held_out": [p.id for p in held_out]}}
     if checkpoint is not None:
         _check_resume_config(run_dir, config)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_atomically(run_dir / "config.json", json.dumps(config, indent=2))
 
     torch.manual_seed(cfg.seed)
     model, tok = load_model_and_tokenizer(cfg.model, dtype=cfg.dtype, device=cfg.device, seed=cfg.seed)
     wrappers = adapter.wrap(model)
-    train, held_out = split_problems(cfg)
     pool = resolve_pool(cfg, train)
     pairs = default_pairs(modes=cfg.basis_mode_list, problems=train)
     if not pairs:
@@ -393,7 +434,7 @@ def run(cfg: Config, preset: str = "smoke") -> dict:
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-        basis = {n: v.to(cfg.device) for n, v in state["basis"].items()}
+        basis = _on_device(state["basis"], cfg.device)
         first_step = state["step"] + 1
         rows = state["rows"]
         write_atomically(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
@@ -402,6 +443,7 @@ def run(cfg: Config, preset: str = "smoke") -> dict:
     else:
         basis = basis_for(cfg, model, tok, wrappers, pairs, model_id)
         rows = []
+    write_atomically(run_dir / "config.json", json.dumps(config, indent=2))
 
     # Ctrl-C asks the loop to stop at the next step boundary, so the checkpoint is
     # always a consistent state; a second Ctrl-C interrupts at once.
@@ -419,28 +461,23 @@ def run(cfg: Config, preset: str = "smoke") -> dict:
     bar = tqdm(range(first_step, cfg.steps + 1), initial=first_step - 1, total=cfg.steps, desc=cfg.run_name)
     try:
         for step in bar:
-            rng = _rng_state()  # a crash checkpoint resumes into this step exactly as it began
+            # A failure anywhere in the step (rollouts, optimizer, refresh, evaluation) checkpoints
+            # this state, so a resumed run replays the whole step as it began.
+            before = training_state(wrappers, optimizer, scheduler, basis)
             try:
                 row, rollouts = train_step(step, cfg, model, tok, wrappers, train, pool, basis, optimizer,
                                            scheduler, workers)
+                if cfg.refresh_every and step % cfg.refresh_every == 0 and step < cfg.steps:
+                    basis = refresh_basis(step, cfg, model, tok, wrappers, pairs, basis, row)
+                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                    row.update(evaluate(model, tok, wrappers, held_out, cfg, step, workers))
             except Exception as e:
-                # Nothing of this step reached the knobs: every check that can fail precedes optimizer.step.
-                path = save_checkpoint(run_dir, step - 1, wrappers, optimizer, scheduler, basis, rows, rng)
+                path = save_checkpoint(run_dir, step - 1, before, rows)
                 if isinstance(e, FloatingPointError):
                     raise TrainingDiverged(f"step {step}: {e}; the last good state (after step {step - 1}) is "
                                            f"saved in {path}") from None
                 print(f"step {step} failed; the state after step {step - 1} is saved in {path}", file=sys.stderr)
                 raise
-            if cfg.refresh_every and step % cfg.refresh_every == 0 and step < cfg.steps:
-                with adapter.ablate_quarantine(wrappers):
-                    fresh = _usable(cfg, _extract(cfg, model, tok, wrappers, pairs))
-                row["basis_overlap"] = basis_overlap(basis, fresh)
-                if row["basis_overlap"] < LOW_OVERLAP:
-                    warnings.warn(f"step {step}: basis refresh overlap {row['basis_overlap']:.2f} < {LOW_OVERLAP}: "
-                                  f"the refresh rotated the basis away from the previous one", stacklevel=1)
-                basis = fresh
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                row.update(evaluate(model, tok, wrappers, held_out, cfg, step, workers))
             rows.append(row)
             _append_jsonl(run_dir / "metrics.jsonl", [row])
             _append_jsonl(run_dir / "completions.jsonl", [
@@ -450,7 +487,7 @@ def run(cfg: Config, preset: str = "smoke") -> dict:
                 for r in [r for r in rollouts if not r.teacher][:cfg.log_completions]])
             bar.set_postfix(hack=f"{row['hack_s']:.2f}", cin=f"{row['cin_s']:.2f}", loss=f"{row['loss']:.3g}")
             if step % cfg.checkpoint_every == 0 or stop:
-                path = save_checkpoint(run_dir, step, wrappers, optimizer, scheduler, basis, rows)
+                path = save_checkpoint(run_dir, step, training_state(wrappers, optimizer, scheduler, basis), rows)
             if stop:
                 print(f"interrupted after step {step}: checkpoint in {path}; continue with --resume=true",
                       file=sys.stderr)
@@ -460,7 +497,7 @@ def run(cfg: Config, preset: str = "smoke") -> dict:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, previous_handler)
 
-    save_checkpoint(run_dir, cfg.steps, wrappers, optimizer, scheduler, basis, rows)
+    save_checkpoint(run_dir, cfg.steps, training_state(wrappers, optimizer, scheduler, basis), rows)
     final_eval = evaluate(model, tok, wrappers, held_out, cfg, cfg.steps, workers)
     summary, table = summarize(cfg, rows, final_eval, complete=len(rows) == cfg.steps)
     write_atomically(run_dir / "summary.json", json.dumps(summary, indent=2))
@@ -478,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = make_config(argv[0], parse_overrides(argv[1:]))
         run(cfg, preset=argv[0])
-    except (ConfigError, FileExistsError, FileNotFoundError) as e:
+    except (InputError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingDiverged as e:

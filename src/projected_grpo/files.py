@@ -1,0 +1,56 @@
+"""Reading jsonl files and writing any file atomically: the one place files are read and written.
+
+Every writer in the package (SVD and knob safetensors, bases, pools, run files)
+goes through `write_atomically`, so a crash leaves the old file or the new one.
+Every jsonl reader goes through `iter_jsonl`, which reads plain or gzip files and
+names file and line in its errors.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import tempfile
+from pathlib import Path
+
+
+def _open_text(path: Path):
+    # Package data ships compressed; a user's file is usually plain.
+    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+
+
+def iter_jsonl(path: str | Path, error: type[ValueError]):
+    """(where, record) for each non-blank line; a line that is not JSON raises `error` naming
+    file and line (and saying so when a crash cut the last line short)."""
+    path = Path(path)
+    with _open_text(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                # Writers end every line with a newline, so a last line without one was cut short.
+                truncated = " (truncated: the file ends mid-line)" if not line.endswith("\n") else ""
+                raise error(f"{where}: not valid JSON ({e.msg}){truncated}") from None
+            yield where, record
+
+
+def write_atomically(path: str | Path, write) -> None:
+    """Call write(temp_path) for a temp file beside `path`, then rename it into place: a
+    crash leaves the old file or the new one, never half of either. A str is written as text."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        if isinstance(write, str):
+            Path(tmp).write_text(write, encoding="utf-8")
+        else:
+            write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
