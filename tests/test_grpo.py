@@ -1,12 +1,17 @@
 """The pieces of one GRPO step, checked against hand computations."""
 
 import math
+import os
+import random
+import warnings
 
+import pytest
 import torch
 
-from projected_grpo import grpo
+from projected_grpo import adapter, grpo
 from projected_grpo.config import make_config
-from projected_grpo.model import cut_at_eos
+from projected_grpo.model import cut_at_eos, load_model_and_tokenizer, pad_batch, token_logprobs
+from projected_grpo.problems import builtin_problems
 
 
 def _rollout(reward):
@@ -45,3 +50,104 @@ def test_completion_ends_at_the_first_stop_token():
     assert cut_at_eos([5, 6, 7], [2]) == [5, 6, 7]  # cut by max_new: no EOS to keep
     assert cut_at_eos([5, 9, 6, 2], [2, 9]) == [5, 9]  # any of several stop ids
     assert cut_at_eos([0, 0, 2], [2]) == [0, 0, 2]  # a pad-valued token the model wrote is kept
+
+
+def test_importance_weight_scales_the_policy_term_only():
+    cfg = make_config("smoke", {"group": "2", "max_new": "4", "prompts_per_step": "1", "beta": "0.5"})
+    logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    mask, adv = torch.ones(1, 2), torch.tensor([1.0])
+    ref = logp.detach() - 0.1
+    weight = torch.tensor([[0.5, 2.0]])
+    plain = grpo.policy_loss(logp, logp.detach(), ref, adv, mask, cfg)
+    weighted = grpo.policy_loss(logp, logp.detach(), ref, adv, mask, cfg, is_weight=weight)
+    denom = cfg.group * cfg.max_new * cfg.prompts_per_step
+    # The policy term -A * ratio per token becomes -A * w; the K3 term is unchanged.
+    assert math.isclose(weighted.item() - plain.item(), -(0.5 + 2.0 - 2) / denom, rel_tol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    old = os.environ.get("PROJECTED_GRPO_CACHE")
+    os.environ["PROJECTED_GRPO_CACHE"] = str(cache)
+    model, tok = load_model_and_tokenizer("tiny-random", seed=0)
+    wrappers = adapter.wrap(model)
+    with torch.no_grad():  # knobs away from zero, so the merged weights are really merged
+        for layer in wrappers.values():
+            layer.delta_s.normal_(0, 0.05)
+    yield model, tok, wrappers
+    if old is None:
+        os.environ.pop("PROJECTED_GRPO_CACHE")
+    else:
+        os.environ["PROJECTED_GRPO_CACHE"] = old
+
+
+def _student_rollouts(tiny, cfg, perturb: float):
+    """Two groups of student rollouts, sampled through merged weights perturbed by `perturb` (std)."""
+    model, tok, wrappers = tiny
+    problems = builtin_problems()[:cfg.prompts_per_step]
+    real_generate = grpo.generate_completions
+
+    def perturbed_generate(*args, **kw):
+        # A sampler whose weights are not the scored ones, as bf16 merging makes them.
+        held = {n: layer._merged_weight for n, layer in wrappers.items()}
+        gen = torch.Generator().manual_seed(1)
+        for layer in wrappers.values():
+            w = layer._merged_weight
+            layer._merged_weight = w + perturb * torch.randn(w.shape, generator=gen)
+        try:
+            return real_generate(*args, **kw)
+        finally:
+            for n, layer in wrappers.items():
+                layer._merged_weight = held[n]
+
+    torch.manual_seed(0)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(grpo, "generate_completions", perturbed_generate)
+        rollouts, _ = grpo.collect_rollouts(model, tok, wrappers, problems, None, cfg, random.Random(0), 1)
+    for i, r in enumerate(rollouts):
+        r.advantage = 1.0 if i % 2 else -1.0
+    return rollouts
+
+
+@pytest.mark.parametrize("perturb", [0.0, 0.05])
+def test_sample_kl_measures_the_sampler_mismatch_and_is_correction_weights_by_it(tiny, perturb, monkeypatch):
+    model, tok, wrappers = tiny
+    cfg = make_config("smoke", {"group": "3", "prompts_per_step": "2", "max_new": "12", "mix_ratio": "0",
+                                "is_correction": "true", "is_cap": "1.05"})
+    rollouts = _student_rollouts(tiny, cfg, perturb)
+    assert all(len(r.sample_logp) == len(r.completion_ids) for r in rollouts)
+    # The scored log-probs, computed independently of backward_rollouts.
+    ids, attn, comp = pad_batch([r.prompt_ids for r in rollouts], [r.completion_ids for r in rollouts],
+                                tok.pad_token_id)
+    with torch.no_grad(), adapter.merged(wrappers):
+        scored = token_logprobs(model, ids, attn, comp)
+    delta = torch.cat([scored[i, -len(r.completion_ids):] - torch.tensor(r.sample_logp)
+                       for i, r in enumerate(rollouts)])
+    weights = []
+    real_loss = grpo.policy_loss
+    monkeypatch.setattr(grpo, "policy_loss", lambda *a, **kw: weights.append(a[-1]) or real_loss(*a, **kw))
+    out = grpo.backward_rollouts(model, tok, wrappers, rollouts, cfg)
+    for layer in wrappers.values():
+        layer.delta_s.grad = None
+    assert math.isclose(out["sample_kl"], float((delta.exp() - 1 - delta).mean()), rel_tol=1e-4, abs_tol=1e-7)
+    assert math.isclose(out["sample_dlogp"], float(delta.abs().mean()), rel_tol=1e-4, abs_tol=1e-7)
+    got = torch.cat([weights[0][i][comp[i].bool()] for i in range(len(rollouts))])
+    torch.testing.assert_close(got, delta.exp().clamp(max=1.05), rtol=1e-4, atol=1e-6)
+    if perturb:
+        assert out["sample_kl"] > 1e-3 and out["is_truncated"] > 0 and (got < 1).any()
+    else:  # fp32 on CPU: the sampler and the scorer agree
+        assert out["sample_kl"] < 1e-8 and out["sample_dlogp"] < 1e-4
+
+
+def test_the_kl_term_does_not_warn(tiny):
+    model, tok, wrappers = tiny
+    cfg = make_config("smoke", {"group": "2", "prompts_per_step": "1", "max_new": "8", "mix_ratio": "0",
+                                "beta": "0.1"})
+    rollouts = _student_rollouts(tiny, cfg, 0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # float() of a tensor that requires grad warns
+        out = grpo.backward_rollouts(model, tok, wrappers, rollouts, cfg)
+    for layer in wrappers.values():
+        layer.delta_s.grad = None
+    assert out["kl"] >= 0
