@@ -222,3 +222,149 @@ def test_any_crash_mid_step_keeps_the_last_good_state(workdir, monkeypatch):
     train.run(_cfg(run_name="crash-straight", steps=4, checkpoint_every=25))
     strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]  # noqa: E731
     assert strip(_rows(run_dir)) == strip(_rows(workdir / "out/runs/crash-straight"))
+
+
+def test_refresh_in_the_loop_replaces_the_basis_on_the_models_device(workdir, monkeypatch):
+    seen = []
+    real_step = train.train_step
+
+    def spy(step, cfg, model, tok, wrappers, train_problems, pool, basis, *rest):
+        device = next(model.parameters()).device
+        seen.append((step, basis))
+        assert all(v.device == device for v in basis.values())
+        return real_step(step, cfg, model, tok, wrappers, train_problems, pool, basis, *rest)
+
+    monkeypatch.setattr(train, "train_step", spy)
+    train.run(_cfg(run_name="refresh", steps=3, refresh_every=1, intervention="route"))
+    rows = _rows(workdir / "out/runs/refresh")
+    assert all(0.2 < rows[i]["basis_overlap"] <= 1 + 1e-6 for i in (0, 1))  # the knobs moved a little
+    assert "basis_overlap" not in rows[2]  # no refresh after the last step
+    assert seen[1][1] is not seen[0][1] and seen[2][1] is not seen[1][1]
+    name = next(iter(seen[0][1]))
+    assert not torch.equal(seen[0][1][name], seen[1][1][name])
+
+
+def test_refresh_counts_a_dropped_layer_as_zero_and_warns_on_a_rotated_basis(workdir):
+    cfg = _cfg()
+    model, tok = train.load_model_and_tokenizer(cfg.model, dtype=cfg.dtype, device=cfg.device, seed=cfg.seed)
+    wrappers = train.adapter.wrap(model)
+    pairs = train.default_pairs(modes=cfg.basis_mode_list, problems=train.split_problems(cfg)[0])
+    fresh = train._usable(cfg, train._extract(cfg, model, tok, wrappers, pairs))  # what the refresh will find
+    row = {}
+    assert train.refresh_basis(1, cfg, model, tok, wrappers, pairs, fresh, row).keys() == fresh.keys()
+    assert row["basis_overlap"] == pytest.approx(1.0, abs=1e-5)
+    # The old basis had one more layer, which the refresh dropped: 1 of len+1 layers counts 0.
+    with_extra = {**fresh, "gone.layer": fresh[name := next(iter(fresh))]}
+    train.refresh_basis(1, cfg, model, tok, wrappers, pairs, with_extra, row)
+    assert row["basis_overlap"] == pytest.approx(len(fresh) / (len(fresh) + 1), abs=1e-5)
+    # An old basis orthogonal to the new one: overlap 0 and a warning.
+    orthogonal = {}
+    for n, V in fresh.items():
+        complement = torch.eye(V.shape[1]) - V.T @ V
+        orthogonal[n] = torch.linalg.qr(complement @ torch.randn(V.shape[1], V.shape[0]))[0].T
+    with pytest.warns(UserWarning, match="rotated the basis away"):
+        train.refresh_basis(1, cfg, model, tok, wrappers, pairs, orthogonal, row)
+    assert row["basis_overlap"] < 1e-5
+    assert train.basis_overlap({name: fresh[name]}, {}) == 0.0
+
+
+def test_evaluation_samples_deployed_without_the_quarantine_and_leaves_the_training_rng(workdir, monkeypatch):
+    cfg = _cfg(intervention="route")
+    model, tok = train.load_model_and_tokenizer(cfg.model, dtype=cfg.dtype, device=cfg.device, seed=cfg.seed)
+    wrappers = train.adapter.wrap(model)
+    with torch.no_grad():
+        for layer in wrappers.values():
+            layer.delta_s.normal_(0, 0.1)
+            layer.delta_s_hack.normal_(0, 0.1)
+    knobs = train.adapter.knob_state(wrappers)
+    seen = []
+    real_sample = train.sample
+
+    def spy(model, tok, wrappers, *args):
+        seen.append({k: v.clone() for k, v in train.adapter.knob_state(wrappers).items()})
+        return real_sample(model, tok, wrappers, *args)
+
+    monkeypatch.setattr(train, "sample", spy)
+    rng = torch.get_rng_state()
+    out = train.evaluate(model, tok, wrappers, train.split_problems(cfg)[1], cfg, 5, workers=1)
+    assert torch.equal(torch.get_rng_state(), rng)  # training's random stream is not consumed
+    assert set(out) == {"eval_deployed_hack", "eval_deployed_solve", "eval_kept_hack", "eval_kept_solve"}
+    deployed, kept = seen
+    for key, value in knobs.items():
+        if key.endswith("delta_s_hack"):
+            assert not deployed[key].any() and torch.equal(kept[key], value)
+        else:
+            assert torch.equal(deployed[key], value) and torch.equal(kept[key], value)
+    assert all(torch.equal(v, knobs[k]) for k, v in train.adapter.knob_state(wrappers).items())  # restored
+
+
+@pytest.mark.parametrize("where", ["refresh", "evaluate"])
+def test_a_crash_in_refresh_or_evaluation_keeps_the_pre_step_state(workdir, monkeypatch, where):
+    real = getattr(train, f"{'refresh_basis' if where == 'refresh' else 'evaluate'}")
+    calls = []
+
+    def flaky(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError(f"{where} failed (simulated)")
+        return real(*args)
+
+    name = "refresh_basis" if where == "refresh" else "evaluate"
+    kw = dict(steps=4, checkpoint_every=25, refresh_every=1, eval_every=1)
+    monkeypatch.setattr(train, name, flaky)
+    with pytest.raises(RuntimeError, match="simulated"):
+        train.run(_cfg(run_name=f"crash-{where}", **kw))
+    run_dir = workdir / "out/runs" / f"crash-{where}"
+    assert train.latest_checkpoint(run_dir).name == "step_000001"
+    assert [r["step"] for r in _rows(run_dir)] == [1]
+    monkeypatch.setattr(train, name, real)
+    train.run(_cfg(run_name=f"crash-{where}", resume="true", **kw))
+    train.run(_cfg(run_name=f"straight-{where}", **kw))
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]  # noqa: E731
+    assert strip(_rows(run_dir)) == strip(_rows(workdir / "out/runs" / f"straight-{where}"))
+
+
+def _last_error_line(capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines and not any(line.startswith("Traceback") for line in lines)
+    return lines[-1]
+
+
+def test_user_errors_print_one_line_exit_2_and_leave_no_run_directory(workdir, capsys):
+    bad_problems = workdir / "bad_problems.jsonl"
+    bad_problems.write_text('{"id": 1, "func_name": "Solution().f"}\n')
+    bad_basis = workdir / "cut_basis.safetensors"
+    train.run(_cfg(run_name="basis-source", steps=1, basis_path=bad_basis))
+    bad_basis.write_bytes(bad_basis.read_bytes()[:100])
+    pools = sorted((workdir / "out" / "pools").glob("fixture-*"))
+    garbled = workdir / "garbled_pool"
+    garbled.mkdir()
+    for name in ("meta.json", "pool.jsonl"):
+        (garbled / name).write_bytes((pools[0] / name).read_bytes())
+    with open(garbled / "pool.jsonl", "a") as f:
+        f.write("{garbled\n")
+    for override, names in [(f"--problems={bad_problems}", [f"{bad_problems}:1", "--problems", "missing field"]),
+                            (f"--teacher_pool={garbled}", [f"{garbled / 'pool.jsonl'}:", "rebuild the pool"]),
+                            (f"--basis_path={bad_basis}", [str(bad_basis), "--reextract_basis=true"]),
+                            ("--problems=no/such/file.jsonl", ["--problems", "no/such/file.jsonl"])]:
+        assert train.main(["smoke", override, "--steps=1", "--run_name=bad-input"]) == 2, override
+        line = _last_error_line(capsys)
+        assert line.startswith("error: ") and all(n in line for n in names), line
+        assert not (workdir / "out/runs/bad-input").exists()
+
+
+def test_fast_preset_trains_on_the_shipped_real_problems(workdir):
+    # A dry run of fast's code path (bf16, real problems, importance correction) on the CPU.
+    summary = train.run(make_config("fast", {"device": "cpu", "model": "tiny-random", "steps": "1", "max_new": "8",
+                                             "mix_ratio": "0", "eval_prompts": "6", "eval_every": "0",
+                                             "refresh_every": "0", "group": "2", "prompts_per_step": "2"}),
+                        preset="fast")
+    run_dir = workdir / "out/runs/fast-erase-s0"
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["problems"] == "leetcode_medhard" and config["dtype"] == "bfloat16" and config["is_correction"]
+    assert len(config["split"]["train"]) == 113 and len(config["split"]["held_out"]) == 6
+    assert "exit_code" not in config["basis_modes"]
+    row = _rows(run_dir)[0]
+    assert row["sample_kl"] >= 0 and "sample_dlogp" in row
+    assert summary["complete"] and summary["per_mode"] and all(
+        cell["in_basis"] == (mode != "exit_code") for mode, cell in summary["per_mode"].items())
