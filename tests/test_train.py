@@ -224,7 +224,9 @@ def test_any_crash_mid_step_keeps_the_last_good_state(workdir, monkeypatch):
     assert strip(_rows(run_dir)) == strip(_rows(workdir / "out/runs/crash-straight"))
 
 
-def test_refresh_in_the_loop_replaces_the_basis_on_the_models_device(workdir, monkeypatch):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))])
+def test_refresh_in_the_loop_replaces_the_basis_on_the_models_device(workdir, monkeypatch, device):
     seen = []
     real_step = train.train_step
 
@@ -235,8 +237,12 @@ def test_refresh_in_the_loop_replaces_the_basis_on_the_models_device(workdir, mo
         return real_step(step, cfg, model, tok, wrappers, train_problems, pool, basis, *rest)
 
     monkeypatch.setattr(train, "train_step", spy)
-    train.run(_cfg(run_name="refresh", steps=3, refresh_every=1, intervention="route"))
-    rows = _rows(workdir / "out/runs/refresh")
+    # A cached basis (loaded on the CPU) at the start, then refreshes: the first sweep of a study.
+    kw = dict(steps=3, refresh_every=1, intervention="route", device=device, basis_path=workdir / f"{device}.st")
+    train.run(_cfg(run_name=f"refresh-{device}-miss", **kw))
+    seen.clear()
+    train.run(_cfg(run_name=f"refresh-{device}", **kw))
+    rows = _rows(workdir / f"out/runs/refresh-{device}")
     assert all(0.2 < rows[i]["basis_overlap"] <= 1 + 1e-6 for i in (0, 1))  # the knobs moved a little
     assert "basis_overlap" not in rows[2]  # no refresh after the last step
     assert seen[1][1] is not seen[0][1] and seen[2][1] is not seen[1][1]
