@@ -296,12 +296,8 @@ def knob_state(wrappers: dict[str, AdapterLayer]) -> dict[str, torch.Tensor]:
             for name, layer in wrappers.items() for k in ("delta_s", "delta_s_hack")}
 
 
-def save_knobs(wrappers: dict[str, AdapterLayer], path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    save_tensors(knob_state(wrappers), path, metadata)
-
-
 def load_knobs(wrappers: dict[str, AdapterLayer], path: str | Path) -> None:
-    """Load knobs saved by save_knobs; any missing, extra or misshapen key is an error."""
+    """Load a saved knob_state (save_tensors); any missing, extra or misshapen key is an error."""
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError) as e:
