@@ -104,11 +104,6 @@ class Config:
         return tuple(m for m in self.basis_modes.split(",") if m)
 
     @property
-    def held_out_modes(self) -> tuple[str, ...]:
-        """Modes trained on that the hack basis never saw."""
-        return tuple(m for m in self.mode_list if m not in self.basis_mode_list)
-
-    @property
     def teacher_group(self) -> int:
         """G_t: teacher rows per group."""
         return round(self.mix_ratio * self.group)
