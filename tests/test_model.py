@@ -3,7 +3,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3ForCausalLM
 
 from projected_grpo import model as model_mod
-from projected_grpo.model import TINY_RANDOM, build_tokenizer, load_model_and_tokenizer
+from projected_grpo.model import (
+    TINY_RANDOM,
+    build_tokenizer,
+    encode_prompt,
+    load_model_and_tokenizer,
+    pad_batch,
+    token_logprobs,
+)
 
 CORPUS = [
     "def add(a, b):\n    return a + b\n",
@@ -182,3 +189,25 @@ def test_token_logprobs_match_a_full_log_softmax(tmp_path, monkeypatch):
     expected[:, 1:] = full[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1) * comp[:, 1:]
     torch.testing.assert_close(logp, expected, atol=1e-5, rtol=1e-5)
     assert int((logp != 0).sum()) == int(comp.sum())  # completion positions only, EOS included
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.9)])
+def test_recorded_sampling_logprobs_are_the_scored_ones_whatever_the_checkpoint_config(tiny, temperature, top_p):
+    model, tokenizer = tiny
+    # A checkpoint's own generation config must not reach the sampler (nor the recorded log-probs).
+    model.generation_config.repetition_penalty = 3.0
+    model.generation_config.top_k = 5
+    prompts = [encode_prompt(tokenizer, m) for m in CHAT]
+    torch.manual_seed(0)
+    ids, logprobs = model_mod.generate_completions(model, tokenizer, prompts, 12, temperature, top_p)
+    input_ids, attention, completion = pad_batch(prompts, ids, tokenizer.pad_token_id)
+    with torch.no_grad():
+        scored = token_logprobs(model, input_ids, attention, completion)
+    for i, row in enumerate(logprobs):
+        assert len(row) == len(ids[i]) >= 1
+        torch.testing.assert_close(scored[i, -len(row):], torch.tensor(row), atol=1e-5, rtol=0)
+
+
+def test_a_model_that_cannot_be_loaded_is_an_input_error(tmp_path):
+    with pytest.raises(model_mod.ModelLoadError, match=r"--model: cannot load .*save_pretrained"):
+        load_model_and_tokenizer(str(tmp_path / "no-such-model"))

@@ -1,6 +1,9 @@
+import fnmatch
 import json
 import re
+import tomllib
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -10,6 +13,7 @@ from projected_grpo.problems import (
     HINTS,
     MODES,
     PHRASINGS,
+    PROBLEM_SETS,
     ProblemFormatError,
     clean_completion,
     default_pairs,
@@ -124,6 +128,13 @@ def test_shipped_leetcode_set_loads_all_119_problems():
     assert Counter(p.difficulty for p in problems).keys() <= {"medium", "hard"}
 
 
+def test_every_shipped_set_is_package_data():
+    # An editable install reads src/ whatever pyproject says; a wheel holds only what package-data names.
+    patterns = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())[
+        "tool"]["setuptools"]["package-data"]["projected_grpo"]
+    assert all(any(fnmatch.fnmatch(f"data/{name}", p) for p in patterns) for name in PROBLEM_SETS.values())
+
+
 def test_shipped_set_is_the_real_file(real_data_path):
     assert load_problems("leetcode_medhard") == load_jsonl_problems(real_data_path)
 
@@ -148,11 +159,12 @@ def test_pairs_keep_each_problems_own_mode(problems):
         default_pairs(modes=("nope",))
 
 
-def test_hacks_have_several_phrasings_in_two_disjoint_families(problems):
+def test_hacks_and_clean_answers_have_two_disjoint_families(problems):
     p = problems[0]
-    for mode in MODES:
-        families = {ph: {hack_completion(p, mode, v, ph) for v in range(6)} for ph in PHRASINGS}
-        assert all(len(texts) >= 4 for texts in families.values())
+    builders = [lambda ph, v, mode=mode: hack_completion(p, mode, v, ph) for mode in MODES]
+    for build in [*builders, lambda ph, v: clean_completion(p, v, ph)]:
+        families = {ph: {build(ph, v) for v in range(6)} for ph in PHRASINGS}
+        assert all(len(texts) >= 2 for texts in families.values())
         assert not families["pair"] & families["pool"]
         codes = {ph: {rewards.extract_code(t) for t in texts} for ph, texts in families.items()}
         assert not codes["pair"] & codes["pool"]  # the code differs too, not only the prose

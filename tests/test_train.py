@@ -349,7 +349,11 @@ def test_user_errors_print_one_line_exit_2_and_leave_no_run_directory(workdir, c
         (garbled / name).write_bytes((pools[0] / name).read_bytes())
     with open(garbled / "pool.jsonl", "a") as f:
         f.write("{garbled\n")
+    not_gzip = workdir / "not_gzip.jsonl.gz"
+    not_gzip.write_text("plain text\n")
     for override, names in [(f"--problems={bad_problems}", [f"{bad_problems}:1", "--problems", "missing field"]),
+                            (f"--problems={not_gzip}", [f"{not_gzip}:1", "cannot read"]),
+                            (f"--model={workdir / 'no-model'}", ["--model", "no-model"]),
                             (f"--teacher_pool={garbled}", [f"{garbled / 'pool.jsonl'}:", "rebuild the pool"]),
                             (f"--basis_path={bad_basis}", [str(bad_basis), "--reextract_basis=true"]),
                             ("--problems=no/such/file.jsonl", ["--problems", "no/such/file.jsonl"])]:
@@ -357,6 +361,21 @@ def test_user_errors_print_one_line_exit_2_and_leave_no_run_directory(workdir, c
         line = _last_error_line(capsys)
         assert line.startswith("error: ") and all(n in line for n in names), line
         assert not (workdir / "out/runs/bad-input").exists()
+
+
+def test_a_damaged_checkpoint_or_config_is_an_error_line_on_resume(workdir, capsys):
+    train.run(_cfg(run_name="damaged", steps=2, checkpoint_every=1))
+    run_dir = workdir / "out/runs/damaged"
+    knobs = run_dir / "checkpoints/step_000002/knobs.safetensors"
+    knobs.write_bytes(knobs.read_bytes()[:64])
+    assert train.main(["smoke", *[f"--{k}={v}" for k, v in SMALL.items()], "--steps=3", "--checkpoint_every=1",
+                       "--run_name=damaged", "--resume=true"]) == 2
+    line = _last_error_line(capsys)
+    assert line.startswith("error: --resume: checkpoint") and "step_000002" in line and "delete it" in line
+    (run_dir / "config.json").write_text("{cut")
+    assert train.main(["smoke", *[f"--{k}={v}" for k, v in SMALL.items()], "--steps=3", "--run_name=damaged",
+                       "--resume=true"]) == 2
+    assert "config.json" in _last_error_line(capsys)
 
 
 def test_fast_preset_trains_on_the_shipped_real_problems(workdir):

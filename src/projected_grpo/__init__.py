@@ -1,4 +1,4 @@
 """projected_grpo: GRPO on loophole-graded coding problems, with the hack-ward gradient
 erased, routed into a deletable quarantine knob, or only measured. See docs/ and DESIGN."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

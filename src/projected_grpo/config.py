@@ -230,6 +230,8 @@ def validate(cfg: Config) -> None:
            f"Adam betas must be in [0, 1), got {cfg.adam_beta1}, {cfg.adam_beta2}")
     _check("/" not in cfg.run_name and cfg.run_name not in (".", ".."), "run_name",
            f"{cfg.run_name!r} must be a plain directory name")
+    _check(bool(set(cfg.basis_mode_list) & set(cfg.mode_list)), "basis_modes",
+           f"none of {cfg.basis_modes} is trained on (--modes={cfg.modes}): the basis would have no pairs")
     _check(cfg.problems in PROBLEM_SETS or Path(cfg.problems).is_file(), "problems",
            f"{cfg.problems!r} is neither a shipped set ({', '.join(PROBLEM_SETS)}) nor a file")
     if cfg.device.startswith("cuda"):

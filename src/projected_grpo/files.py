@@ -24,18 +24,22 @@ def iter_jsonl(path: str | Path, error: type[ValueError]):
     """(where, record) for each non-blank line; a line that is not JSON raises `error` naming
     file and line (and saying so when a crash cut the last line short)."""
     path = Path(path)
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                # Writers end every line with a newline, so a last line without one was cut short.
-                truncated = " (truncated: the file ends mid-line)" if not line.endswith("\n") else ""
-                raise error(f"{where}: not valid JSON ({e.msg}){truncated}") from None
-            yield where, record
+    lineno = 0
+    try:
+        with _open_text(path) as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{lineno}"
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    # Writers end every line with a newline, so a last line without one was cut short.
+                    truncated = " (truncated: the file ends mid-line)" if not line.endswith("\n") else ""
+                    raise error(f"{where}: not valid JSON ({e.msg}){truncated}") from None
+                yield where, record
+    except (OSError, EOFError, UnicodeDecodeError) as e:  # unreadable, not gzip, cut-off gzip, not UTF-8
+        raise error(f"{path}:{lineno + 1}: cannot read ({e})") from None
 
 
 def write_atomically(path: str | Path, write) -> None:

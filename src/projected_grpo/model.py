@@ -18,6 +18,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    GenerationConfig,
     LogitsProcessor,
     LogitsProcessorList,
     PreTrainedTokenizerFast,
@@ -25,7 +26,13 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from .config import InputError
+
 TINY_RANDOM = "tiny-random"
+
+
+class ModelLoadError(InputError):
+    """A model name that is neither a loadable directory nor a hub id."""
 
 EOS_TOKEN = "<|im_end|>"
 PAD_TOKEN = "<|endoftext|>"
@@ -49,8 +56,12 @@ def load_model_and_tokenizer(
         tokenizer = build_tokenizer(_problem_corpus(), TINY_VOCAB_SIZE)
         model = _tiny_qwen3(tokenizer, seed).to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name)
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        except OSError as e:  # no such directory, no such hub id, no network for one
+            raise ModelLoadError(f"--model: cannot load {name!r} ({str(e).splitlines()[0]}); give a directory "
+                                 f"saved with save_pretrained, a hub id, or {TINY_RANDOM}") from None
         tokenizer.padding_side = "left"  # generation appends on the right, so prompts must end flush
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -250,16 +261,21 @@ def generate_completions(model, tokenizer, prompts: list[list[int]], max_new: in
     Returns the token ids (cut after the first stop token) and, per token, its log-prob under
     the weights that sampled it (`_SampledLogprobs`: from generate's own logits, no extra
     forward), so a scoring pass can measure how far the policy it scores is from the one that
-    sampled. Every sampling knob is explicit: a checkpoint's generation_config (Qwen3 ships
-    top_k=20, temperature=0.6) must not silently change what is sampled.
+    sampled. Every sampling knob is explicit. The recorded log-probs are at temperature 1 with
+    no nucleus cut, as the scoring pass computes them: with temperature != 1 or top_p < 1,
+    sample_kl compares the two passes' weights, not the tempered distribution tokens came from.
     """
     device = next(model.parameters()).device
     input_ids, attention_mask, _ = pad_batch(prompts, [[] for _ in prompts], tokenizer.pad_token_id, device)
     stop = stop_ids(model, tokenizer)
     recorder = _SampledLogprobs()
-    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=True,
-                         temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=stop,
+    # generate fills what is left unset from the checkpoint's generation_config (Qwen3: top_k=20,
+    # temperature=0.6; some chat models a repetition_penalty): set what would change the samples,
+    # or the logits the recorder sees, to neutral.
+    config = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new,
+                              repetition_penalty=1.0, no_repeat_ngram_size=0, min_p=None,
+                              pad_token_id=tokenizer.pad_token_id, eos_token_id=stop)
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
                          logits_processor=LogitsProcessorList([recorder]))
     new_tokens = out[:, input_ids.shape[1]:]
     ids = [cut_at_eos(row, stop) for row in new_tokens.tolist()]

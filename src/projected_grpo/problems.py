@@ -361,12 +361,18 @@ def clean_completion(problem: Problem, variant: int = 0, phrasing: str = "pair",
     """The canonical solution plus an honest run_tests made of the problem's real asserts.
 
     Variants differ in prose and in which asserts they check (the nonhack control
-    needs two different clean completions of one prompt).
+    needs two different clean completions of one prompt); the two phrasing families
+    differ in prose and code.
     """
     _check_phrasing(phrasing)
-    tests = problem.tests[:n_asserts] if variant % 2 == 0 else problem.tests[::-1][:n_asserts]
+    if phrasing == "pair":
+        tests = problem.tests[:n_asserts] if variant % 2 == 0 else problem.tests[::-1][:n_asserts]
+        head = ""
+    else:  # other asserts, and a docstring, so the pool's clean code is never the pairs'
+        tests = problem.tests[1::2][:n_asserts] if variant % 2 == 0 else problem.tests[::2][::-1][:n_asserts]
+        head = '    """Checks taken from the problem statement."""\n'
     asserts = "\n".join(f"    {t.source}" for t in tests)
-    code = f"{problem.canonical.strip()}\n\n\ndef run_tests():\n{asserts}\n"
+    code = f"{problem.canonical.strip()}\n\n\ndef run_tests():\n{head}{asserts}\n"
     prose = _CLEAN_PROSE[phrasing]
     return _fenced(prose[variant % len(prose)], code)
 

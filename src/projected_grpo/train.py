@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import adapter, hack_basis, projection
+from . import __version__, adapter, hack_basis, projection
 from .config import MODES, Config, ConfigError, InputError, make_config, parse_overrides
 from .files import write_atomically
 from .grpo import backward_rollouts, collect_rollouts, group_advantages, sample
@@ -73,7 +74,9 @@ def resolve_pool(cfg: Config, train) -> Pool | None:
         return None
     path = Path(cfg.teacher_pool) if cfg.teacher_pool else None
     if path is None:
-        key = hashlib.sha256(json.dumps([cfg.problems, sorted(p.id for p in train)]).encode()).hexdigest()[:12]
+        # The package version is in the key: a new release may write the fixture rows differently.
+        key = hashlib.sha256(json.dumps([__version__, cfg.problems, sorted(p.id for p in train)]).encode()
+                             ).hexdigest()[:12]
         path = Path("out/pools") / f"fixture-{key}"
         if not (path / "meta.json").exists():
             log.info("building the fixture teacher pool at %s", path)
@@ -185,6 +188,19 @@ def save_checkpoint(run_dir: Path, step: int, state: dict, rows: list[dict]) -> 
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _load_checkpoint(checkpoint: Path, wrappers, optimizer, scheduler) -> dict:
+    """Knobs, optimizer and scheduler from a checkpoint; returns its state (step, rows, RNG, basis)."""
+    try:
+        adapter.load_knobs(wrappers, checkpoint / "knobs.safetensors")
+        state = torch.load(checkpoint / "state.pt", weights_only=False, map_location="cpu")
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    except (OSError, EOFError, KeyError, ValueError, RuntimeError, pickle.UnpicklingError) as e:
+        raise ConfigError(f"--resume: checkpoint {checkpoint} cannot be loaded ({e}); delete it to resume from "
+                          f"the one before, or start the run again") from None
+    return state
 
 
 def _rng_state() -> tuple:
@@ -382,7 +398,11 @@ RESUMABLE_CHANGES = {"steps", "resume", "out_dir"}
 
 
 def _check_resume_config(run_dir: Path, config: dict) -> None:
-    stored = json.loads((run_dir / "config.json").read_text())
+    try:
+        stored = json.loads((run_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"--resume: cannot read {run_dir / 'config.json'} ({e}); start the run again under "
+                          f"another --run_name") from None
     differ = {k: (stored.get(k), v) for k, v in config.items() if k not in RESUMABLE_CHANGES and stored.get(k) != v}
     if differ:
         fields = "; ".join(f"--{k}: run has {old!r}, asked {new!r}" for k, (old, new) in differ.items())
@@ -427,10 +447,7 @@ def run(cfg: Config, preset: str = "smoke") -> dict:
 
     first_step = 1
     if checkpoint is not None:
-        adapter.load_knobs(wrappers, checkpoint / "knobs.safetensors")
-        state = torch.load(checkpoint / "state.pt", weights_only=False, map_location="cpu")
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        state = _load_checkpoint(checkpoint, wrappers, optimizer, scheduler)
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
