@@ -23,9 +23,13 @@ PROBLEM_SETS = {
     # the file as published, gzipped.
     "leetcode_medhard": "leetcode_test_medhard.jsonl.gz",
 }
-ARMS = ("none", "erase", "route")
+ARMS = ("none", "erase", "route")  # what the projection does to the gradient
+# What a run does about hacking: a projection arm, or a baseline a user would pick instead
+# (screen, penalty: a weak detector of the known modes; trusted: keep only a clean subspace).
+INTERVENTIONS = (*ARMS, "screen", "penalty", "trusted")
 GATES = ("one_sided", "no_gate", "reverse")
-CONTROLS = ("none", "random", "shuffled", "nonhack")
+CONTROLS = ("none", "random", "shuffled", "nonhack", "capacity")
+PAIR_SOURCES = ("templates", "pool")
 ADAM_LEAK = ("none", "moments", "update")
 LOSS_NORMS = ("fixed", "mean")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -34,12 +38,16 @@ DTYPES = ("float32", "bfloat16", "float16")
 @dataclass
 class Config:
     # --- the experiment
-    intervention: str = "erase"  # none: measure only (vanilla GRPO); erase: drop the hack-ward part; route: divert it
+    intervention: str = "erase"  # none: measure only (vanilla GRPO); erase: drop the hack-ward part; route: divert
+    # it into the quarantine; screen / penalty: the known modes' detector zeroes the advantage / sets the reward of
+    # flagged rollouts; trusted: keep only the gradient inside a subspace of clean completions' gradients
     seed: int = 0  # seeds weights of tiny-random, sampling, problem order, controls: same seed => same run
     # --- model
     model: str = "tiny-random"  # HF id or local path; tiny-random builds a 2-layer Qwen3 offline
     dtype: str = "float32"  # bfloat16 on GPU; knobs and their optimizer stay fp32 either way
     device: str = "cpu"  # cpu or cuda; asking for cuda where none exists is an error up front
+    threads: int = 0  # torch CPU threads; 0: torch's default (all cores, or OMP_NUM_THREADS). Two runs sharing
+    # cores with default threads fight: a step can run 10-100x slower than alone
     # --- the loop
     steps: int = 30  # optimizer steps
     group: int = 4  # rollouts per prompt (G = G_s + G_t); the GRPO advantage is relative within it
@@ -80,10 +88,15 @@ class Config:
     basis_k_use: int = 0  # rows kept per layer after extraction (0: all k)
     basis_tau: float = 0.0  # drop axes with S_i / S_0 below this
     drop_bottom_frac: float = 0.0  # global noise floor: drop this quantile of all layers' singular values
-    control: str = "none"  # negative control in place of the real basis: random, shuffled, nonhack
+    control: str = "none"  # negative control in place of the real basis: random, shuffled, nonhack; capacity (route
+    # only): the main knob is erased along the real V, the quarantine fed along a random basis of the same size
     basis_modes: str = ",".join(MODES)  # the weak detector's known modes: pairs come only from these; the rest
     # of `modes` are held out from V, and their hack rates answer whether V reaches hacks it never saw
     loss_norm: str = "fixed"  # pair loss normalisation: fixed (as the live loss) or mean per completion
+    pairs: str = "templates"  # where V's (hack, clean) pairs come from: the package's templates, or the graded
+    # teacher pool's own (exploited, gt_correct) completions of a problem (kept out of the mixed-in teacher rows)
+    penalty_reward: float = 0.0  # under penalty, the reward a flagged rollout gets instead of its own
+    trusted_from: str = ""  # trusted: jsonl of {"problem_id", "completion"} clean answers; empty: the pairs' clean side
     reextract_basis: bool = False  # replace a cached basis that was made for a different request
     refresh_every: int = 0  # re-extract V on the current model (quarantine ablated) every N steps; 0: never
     # --- evaluation, logging, checkpoints
@@ -199,8 +212,9 @@ def _check(ok: bool, field: str, message: str) -> None:
 
 def validate(cfg: Config) -> None:
     """Every rule a run depends on, checked before anything heavy happens."""
-    for name, allowed in (("intervention", ARMS), ("gate", GATES), ("control", CONTROLS), ("adam_leak", ADAM_LEAK),
-                          ("loss_norm", LOSS_NORMS), ("dtype", DTYPES)):
+    for name, allowed in (("intervention", INTERVENTIONS), ("gate", GATES), ("control", CONTROLS),
+                          ("adam_leak", ADAM_LEAK), ("loss_norm", LOSS_NORMS), ("dtype", DTYPES),
+                          ("pairs", PAIR_SOURCES)):
         value = getattr(cfg, name)
         _check(value in allowed, name, f"{value!r} is not one of {', '.join(allowed)}")
     for name in ("modes", "basis_modes"):
@@ -211,7 +225,7 @@ def validate(cfg: Config) -> None:
     for name in ("steps", "group", "prompts_per_step", "max_new", "basis_k", "checkpoint_every"):
         _check(getattr(cfg, name) >= 1, name, f"must be >= 1, got {getattr(cfg, name)}")
     for name in ("micro_batch", "eval_prompts", "warmup", "refresh_every", "eval_every", "log_completions",
-                 "grade_workers", "basis_k_use"):
+                 "grade_workers", "basis_k_use", "threads"):
         _check(getattr(cfg, name) >= 0, name, f"must be >= 0, got {getattr(cfg, name)}")
     _check(0.0 <= cfg.mix_ratio <= 1.0, "mix_ratio", f"must be in [0, 1], got {cfg.mix_ratio}")
     _check(cfg.student_group >= 1, "mix_ratio",
@@ -223,6 +237,13 @@ def validate(cfg: Config) -> None:
     _check(cfg.beta >= 0, "beta", f"must be >= 0, got {cfg.beta}")
     _check(cfg.clip_eps > 0, "clip_eps", f"must be > 0, got {cfg.clip_eps}")
     _check(cfg.overshoot > 0, "overshoot", f"must be > 0, got {cfg.overshoot}")
+    _check(cfg.control != "capacity" or cfg.intervention == "route", "control",
+           f"capacity controls the quarantine, which only route has (--intervention={cfg.intervention})")
+    _check(cfg.control == "none" or cfg.intervention in ARMS, "control",
+           f"{cfg.intervention} does not use the hack basis to train, so a control basis would change only its logging")
+    _check(not cfg.trusted_from or cfg.intervention == "trusted", "trusted_from",
+           f"only --intervention=trusted reads it (got {cfg.intervention})")
+    _check(not cfg.trusted_from or Path(cfg.trusted_from).is_file(), "trusted_from", f"no file {cfg.trusted_from!r}")
     _check(cfg.is_cap >= 1, "is_cap", f"must be >= 1 (a cap below 1 down-weights agreeing tokens), got {cfg.is_cap}")
     _check(cfg.temperature > 0 and 0 < cfg.top_p <= 1, "temperature",
            f"temperature must be > 0 and top_p in (0, 1], got {cfg.temperature}, {cfg.top_p}")

@@ -431,6 +431,8 @@ def run(cfg: Config, preset: str = "smoke") -> dict:
     if checkpoint is not None:
         _check_resume_config(run_dir, config)
 
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     model, tok = load_model_and_tokenizer(cfg.model, dtype=cfg.dtype, device=cfg.device, seed=cfg.seed)
     wrappers = adapter.wrap(model)
