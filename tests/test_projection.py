@@ -3,8 +3,10 @@ import math
 import pytest
 import torch
 
+from projected_grpo.hack_basis import random_like
 from projected_grpo.projection import (
     hackward_fraction,
+    keep_trusted,
     null_cin,
     project,
     project_adam_moments,
@@ -276,3 +278,34 @@ def test_project_update_keeps_the_actual_step_out_of_the_hackward_half():
     assert update_hackward_fraction(before, wrappers, {"a": V}) > 0.3
     project_update(before, wrappers, {"a": V})
     assert update_hackward_fraction(before, wrappers, {"a": V}) < ATOL
+
+
+def test_capacity_control_erases_along_v_and_feeds_the_quarantine_along_r():
+    wrappers = make_layers()
+    basis = {"a": random_basis(3, 20, 1), "b": random_basis(5, 20, 2)}
+    R = random_like(basis, seed=9)
+    assert {n: r.shape for n, r in R.items()} == {n: v.shape for n, v in basis.items()}  # same capacity
+    for rows in R.values():
+        torch.testing.assert_close(rows @ rows.T, torch.eye(rows.shape[0]), atol=1e-5, rtol=0)
+    before = {n: layer.delta_s.grad.clone() for n, layer in wrappers.items()}
+    project_all(wrappers, basis, arm="route", quarantine=R)
+    for n in basis:
+        torch.testing.assert_close(wrappers[n].delta_s.grad, project(before[n], basis[n])[0])  # as under erase
+        torch.testing.assert_close(wrappers[n].delta_s_hack.grad, project(before[n], R[n])[1])  # relu(R g) R
+        assert not torch.allclose(wrappers[n].delta_s_hack.grad, project(before[n], basis[n])[1])
+
+
+def test_trusted_keeps_a_gradient_inside_t_and_removes_one_orthogonal_to_it():
+    T = {"a": random_basis(3, 20, 4)}
+    w = {"a": torch.tensor([1.0, 0.5, 0.25])}
+    inside = 2.0 * T["a"][0]
+    orthogonal = torch.randn(20, generator=gen(5))
+    orthogonal -= T["a"].T @ (T["a"] @ orthogonal)
+    mixed = T["a"][1] + orthogonal
+    for g, expected in ((inside, inside), (orthogonal, torch.zeros(20)), (mixed, 0.5 * T["a"][1])):
+        wrappers = {"a": FakeLayer(20), "b": FakeLayer(20)}
+        wrappers["a"].delta_s.grad = g.clone()
+        wrappers["b"].delta_s.grad = torch.randn(20)
+        keep_trusted(wrappers, T, w)
+        torch.testing.assert_close(wrappers["a"].delta_s.grad, expected, atol=1e-5, rtol=0)
+        assert not wrappers["b"].delta_s.grad.any()  # no trusted subspace: nothing is trusted

@@ -13,6 +13,7 @@ from projected_grpo.teacher_pool import (
     build_pool,
     build_pool_from_model,
     load_pool,
+    pairs_from_pool,
 )
 
 
@@ -214,3 +215,21 @@ def test_pool_from_tiny_random_model(subset, tmp_path, monkeypatch):
             assert isinstance(row.completion, str) and "<|im_end|>" not in row.completion
             assert row.exploited == (row.passed and not row.gt_correct)
             assert row.reward in (0.0, 0.25, 1.25)
+
+
+def test_pool_pairs_are_graded_rows_kept_out_of_the_mixed_in_rows(fixture_pool, subset):
+    pool = load_pool(fixture_pool)
+    pairs, used = pairs_from_pool(pool, subset, modes=("run_tests", "sentinel"))
+    assert {p.mode for p in pairs} == {"run_tests", "sentinel"} and len(pairs) == 4  # two problems per mode
+    by_text = {r.completion: r for pid in pool.problem_ids() for r in pool.rows_for(pid)}
+    for pair in pairs:
+        assert by_text[pair.hack].exploited and by_text[pair.clean].gt_correct
+        assert by_text[pair.clean_alt].gt_correct and pair.clean_alt != pair.clean
+        assert {by_text[t].problem_id for t in (pair.hack, pair.clean, pair.clean_alt)} == {pair.problem_id}
+    rest = pool.without(used)
+    assert len(rest) == len(pool) - 3 * len(pairs)
+    mixed_in = {r.completion for pid in rest.problem_ids() for r in rest.rows_for(pid)}
+    assert not mixed_in & {t for p in pairs for t in (p.hack, p.clean, p.clean_alt)}
+    rng = random.Random(0)
+    drawn = {r.completion for p in pairs for _ in range(20) for r in rest.sample(p.problem_id, 4, rng)}
+    assert not drawn & {p.hack for p in pairs}

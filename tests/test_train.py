@@ -393,3 +393,21 @@ def test_fast_preset_trains_on_the_shipped_real_problems(workdir):
     assert row["sample_kl"] >= 0 and "sample_dlogp" in row
     assert summary["complete"] and summary["per_mode"] and all(
         cell["in_basis"] == (mode != "exit_code") for mode, cell in summary["per_mode"].items())
+
+
+@pytest.mark.parametrize("overrides", [{"intervention": "screen"}, {"intervention": "penalty"},
+                                       {"intervention": "trusted"}, {"intervention": "route", "control": "capacity"},
+                                       {"intervention": "erase", "pairs": "pool"}])
+def test_baselines_and_controls_run_end_to_end(workdir, overrides):
+    name = "-".join(overrides.values())
+    summary = train.run(_cfg(run_name=f"baseline-{name}", steps=2, **overrides))
+    rows = _rows(workdir / "out/runs" / f"baseline-{name}")
+    assert summary["complete"] and all("detector_recall" in r and "hack_auroc" in r for r in rows)
+    scores = (workdir / "out/runs" / f"baseline-{name}" / "scores.jsonl").read_text().splitlines()
+    assert len(scores) == 2 * 2 * 2  # steps x prompts x student samples
+    if overrides.get("control") == "capacity":
+        assert rows[-1]["dS_hack_norm"] > 0
+    if overrides["intervention"] == "trusted":
+        assert all(r["cout"] != r["cin"] for r in rows)  # the trusted projection changed the gradient
+    if overrides["intervention"] in ("screen", "penalty"):
+        assert all(r["cout"] == r["cin"] for r in rows)  # no projection: the gradient is only measured

@@ -50,16 +50,63 @@ def sample(model, tokenizer, wrappers, prompts: list[list[int]], n: int,
                                     cfg.temperature, cfg.top_p)
 
 
-def group_advantages(rollouts: list[Rollout], group: int) -> int:
-    """Dr.GRPO: A = R - mean(R) within each group, in place. Returns the zero-spread group count."""
+def group_advantages(rollouts: list[Rollout], group: int, rewards: list[float] | None = None) -> int:
+    """Dr.GRPO: A = R - mean(R) within each group, in place (R: `rewards`, default each rollout's
+    own). Returns the zero-spread group count."""
+    rewards = [r.reward for r in rollouts] if rewards is None else rewards
     zero_spread = 0
     for start in range(0, len(rollouts), group):
-        members = rollouts[start:start + group]
-        mean = sum(r.reward for r in members) / len(members)
-        for r in members:
-            r.advantage = r.reward - mean
-        zero_spread += all(r.reward == members[0].reward for r in members)
+        members = rewards[start:start + group]
+        mean = sum(members) / len(members)
+        for r, reward in zip(rollouts[start:start + group], members):
+            r.advantage = reward - mean
+        zero_spread += all(reward == members[0] for reward in members)
     return zero_spread
+
+
+def detected(r: Rollout, known_modes: tuple[str, ...]) -> bool:
+    """The weak detector: the hack detectors of the known modes, run on a graded student rollout.
+
+    A mode's detector recognises its own exploit (the grader passed the rollout through that
+    mode's flaw while the oracle failed it); a hack of a mode outside `known_modes` goes unseen.
+    This is the one oracle-derived signal training may read, and only under the screen and
+    penalty baselines, the interventions a user would otherwise pick (rl-rewardhacking's
+    screening and penalty with a monitor).
+    """
+    return not r.teacher and r.exploited and r.problem.mode in known_modes
+
+
+def apply_detector(rollouts: list[Rollout], cfg: Config) -> tuple[int, dict]:
+    """Group advantages, with the screen / penalty baselines acting on detected rollouts.
+
+    penalty: a flagged rollout's reward becomes cfg.penalty_reward before the group mean;
+    screen: its advantage is set to 0 after it (it neither teaches nor shifts the others).
+    Returns the zero-spread group count and the detector's recall and precision against the
+    oracle on student rollouts (logged under every intervention, never trained on).
+    """
+    flagged = [detected(r, cfg.basis_mode_list) for r in rollouts]
+    rewards = [cfg.penalty_reward if f and cfg.intervention == "penalty" else r.reward
+               for r, f in zip(rollouts, flagged)]
+    zero_spread = group_advantages(rollouts, cfg.group, rewards)
+    if cfg.intervention == "screen":
+        for r, f in zip(rollouts, flagged):
+            if f:
+                r.advantage = 0.0
+    students = [(r.exploited, f) for r, f in zip(rollouts, flagged) if not r.teacher]
+    hits = sum(e and f for e, f in students)
+    n_exploited, n_flagged = sum(e for e, _ in students), sum(f for _, f in students)
+    return zero_spread, {"detector_recall": hits / n_exploited if n_exploited else None,
+                         "detector_precision": hits / n_flagged if n_flagged else None}
+
+
+def auroc(scores: list[float], labels: list[bool]) -> float | None:
+    """P(score of a positive > score of a negative), ties counting half; None without both classes."""
+    positives = [s for s, y in zip(scores, labels) if y]
+    negatives = [s for s, y in zip(scores, labels) if not y]
+    if not positives or not negatives:
+        return None
+    wins = sum((p > n) + 0.5 * (p == n) for p in positives for n in negatives)
+    return wins / (len(positives) * len(negatives))
 
 
 def collect_rollouts(model, tokenizer, wrappers, problems: list[Problem], pool: Pool | None, cfg: Config,

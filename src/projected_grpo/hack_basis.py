@@ -190,22 +190,53 @@ def extract_basis(model, tokenizer, wrappers, pairs: list[ContrastPair], k: int,
         D_clean = _pair_differences(model, tokenizer, wrappers, pairs, [p.clean for p in pairs],
                                     [p.clean_alt for p in pairs], *args)
         return _like(_basis_from_differences(D_clean, k, 0.0), real)
-    generator = torch.Generator().manual_seed(seed)
-    V = {}
-    for name, rows in real.V.items():
-        k_l, r = rows.shape
-        if control == "shuffled":
-            # Each row's own coordinates, each row permuted on its own: the same values (and so the
-            # same sparsity and spread), none of the alignment with the pairs. Not a sign flip of D's
-            # rows: that leaves D's right singular vectors, and so span(V), unchanged.
-            columns = torch.stack([torch.randperm(r, generator=generator) for _ in range(k_l)])
-            raw = rows.double().gather(1, columns)
-        else:
-            raw = torch.randn(k_l, r, generator=generator, dtype=torch.float64)
-        q, _ = torch.linalg.qr(raw.T)  # re-orthonormalise: the projection assumes orthonormal rows
-        V[name] = q.T.float().contiguous()
+    if control == "capacity":
+        return real  # the main knob is erased along the real V; the quarantine's basis is random_like(V)
+    V = random_like(real.V, seed) if control == "random" else _shuffled_like(real.V, seed)
     votes = {n: ((D[n].double() @ v.T.double()) > 0).sum(0) for n, v in V.items()}  # diagnostic only: not oriented
     return HackBasis(V=V, S=dict(real.S), spectrum=real.spectrum, votes=votes, n_pairs=real.n_pairs)
+
+
+def _orthonormal_rows(raw: torch.Tensor) -> torch.Tensor:
+    q, _ = torch.linalg.qr(raw.double().T)  # the projection assumes orthonormal rows
+    return q.T.float().contiguous()
+
+
+def random_like(V: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """Random orthonormal rows (seeded, on the CPU) of V's per-layer shapes: the random control,
+    and the quarantine's basis under the capacity control."""
+    generator = torch.Generator().manual_seed(seed)
+    return {name: _orthonormal_rows(torch.randn(*rows.shape, generator=generator, dtype=torch.float64))
+            for name, rows in V.items()}
+
+
+def _shuffled_like(V: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """Each row's own coordinates, each row permuted on its own, re-orthonormalised: the same values
+    (and so the same sparsity and spread), none of the alignment with the pairs. Not a sign flip of
+    D's rows: that leaves D's right singular vectors, and so span(V), unchanged."""
+    generator = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, rows in V.items():
+        columns = torch.stack([torch.randperm(rows.shape[1], generator=generator) for _ in range(rows.shape[0])])
+        out[name] = _orthonormal_rows(rows.cpu().double().gather(1, columns))
+    return out
+
+
+def trusted_basis(model, tokenizer, wrappers, messages: list, completions: list[str], k: int, max_new: int,
+                  loss_norm: str = "fixed", batch_size: int = 8,
+                  progress: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The trusted subspace of the trusted-direction baseline, in knob space: per layer, T = the
+    top-k right singular vectors of the clean completions' knob gradients (n x r) and their
+    weights w = S_i / S_0, so the strongest clean direction passes whole (projection.keep_trusted)."""
+    grads = completion_grads(model, tokenizer, wrappers, messages, completions, max_new, loss_norm, batch_size,
+                             progress)
+    T, w = {}, {}
+    for name, G in grads.items():
+        _, s, q = torch.linalg.svd(G.cpu().double(), full_matrices=False)
+        keep = min(k, int((s > s[0] * 1e-9).sum()) if s.numel() and s[0] > 0 else 0)
+        if keep:
+            T[name], w[name] = q[:keep].float().contiguous(), (s[:keep] / s[0]).float()
+    return T, w
 
 
 def postprocess(basis: HackBasis, k_use: int | None = None, drop_bottom_frac: float = 0.0) -> HackBasis:

@@ -74,7 +74,8 @@ def null_cin(k: int, r: int) -> float:
 
 @torch.no_grad()
 def project_all(wrappers: dict, basis: dict[str, torch.Tensor], arm: str = "none",
-                gate: str = "one_sided", overshoot: float = 1.0, preserve_magnitude: bool = False) -> dict:
+                gate: str = "one_sided", overshoot: float = 1.0, preserve_magnitude: bool = False,
+                quarantine: dict[str, torch.Tensor] | None = None) -> dict:
     """Apply the arm to every layer's `delta_s.grad` and return the step's aggregates.
 
     none: measure only, gradients untouched. erase: delta_s.grad = g_proj. route: additionally
@@ -82,6 +83,10 @@ def project_all(wrappers: dict, basis: dict[str, torch.Tensor], arm: str = "none
     a sum, so backward gives delta_s_hack the same g). The quarantine learns only what route puts
     there: its gradient is cleared in every other case (arms none and erase, layers without a basis).
     Layers with no gradient or no basis are otherwise skipped.
+
+    `quarantine` (the capacity control, route only): rows of the same per-layer shape as `basis`
+    along which the quarantine is fed instead, the gated component of g along them; delta_s is still
+    erased along `basis`. A second, deleted knob of the same size, but fed without the hack basis.
 
     Returns means over the layers acted on: `cin`, `cout` (of the gradient the optimizer will see,
     so cout == cin under none), `fired` (fraction of layers where the gate removed something; 0
@@ -96,8 +101,11 @@ def project_all(wrappers: dict, basis: dict[str, torch.Tensor], arm: str = "none
     # Layers of one shape are projected together: a few batched ops, not a dozen per layer.
     for names, V in _stacked(basis, [n for n in basis if n in wrappers and wrappers[n].delta_s.grad is not None]):
         grads = [wrappers[n].delta_s.grad for n in names]
-        g_proj, removed, cin, cout = project(torch.stack(grads), V.to(grads[0].device), gate, overshoot,
-                                             preserve_magnitude)
+        g = torch.stack(grads)
+        g_proj, removed, cin, cout = project(g, V.to(grads[0].device), gate, overshoot, preserve_magnitude)
+        if arm == "route" and quarantine is not None:
+            R = torch.stack([quarantine[n] for n in names]).to(grads[0].device)
+            removed = project(g, R, gate, overshoot)[1]
         for i, name in enumerate(names):
             if arm != "none":
                 grads[i].copy_(g_proj[i])
@@ -113,6 +121,22 @@ def project_all(wrappers: dict, basis: dict[str, torch.Tensor], arm: str = "none
 
     return {"cin": mean(cins), "cout": mean(couts), "fired": mean(fired), "cin_null": mean(nulls),
             "layers": len(cins)}
+
+
+@torch.no_grad()
+def keep_trusted(wrappers: dict, T: dict[str, torch.Tensor], w: dict[str, torch.Tensor]) -> None:
+    """The trusted-direction baseline: delta_s.grad <- Tᵀ (w * (T g)) per layer, the opposite of
+    erase: only the part of g inside the clean completions' subspace survives, each direction
+    scaled by its weight. A layer with no trusted subspace keeps nothing."""
+    for name, layer in wrappers.items():
+        g = layer.delta_s.grad
+        if g is None:
+            continue
+        if name not in T:
+            g.zero_()
+            continue
+        rows = T[name].to(g.device, torch.float32)
+        g.copy_(((rows @ g.float()) * w[name].to(g.device)) @ rows)
 
 
 def _stacked(basis: dict[str, torch.Tensor], names: list[str]) -> list[tuple[list[str], torch.Tensor]]:

@@ -35,6 +35,7 @@ from .files import iter_jsonl, write_atomically
 from .problems import (
     MODES,
     PROBLEM_SETS,
+    ContrastPair,
     Problem,
     clean_completion,
     hack_completion,
@@ -102,6 +103,11 @@ class Pool:
     def rows_for(self, problem_id: str) -> list[TeacherRow]:
         return list(self._by_problem.get(problem_id, ()))
 
+    def without(self, rows) -> Pool:
+        """The pool less `rows` (by value: a text sampled twice goes with its copy)."""
+        drop = set(rows)
+        return Pool([r for rs in self._by_problem.values() for r in rs if r not in drop], self.meta, self.path)
+
     def sample(self, problem_id: str, n: int, rng: random.Random) -> list[TeacherRow]:
         """n distinct rows of the problem, or n drawn with replacement when it has fewer than n."""
         if n < 0:
@@ -135,6 +141,29 @@ class Pool:
         for name, cell in [*counts["by_mode"].items(), ("total", counts["total"])]:
             lines.append(name.ljust(14) + "".join(str(cell[c]).rjust(11) for c in columns))
         return "\n".join(lines)
+
+
+def pairs_from_pool(pool: Pool, problems: list[Problem], modes) -> tuple[list[ContrastPair], list[TeacherRow]]:
+    """(exploited, gt_correct) completions of one problem, from the pool's own graded rows, as pairs.
+
+    Per problem of a mode in `modes` with at least one exploited and one gt_correct row: the
+    first of each (the second gt_correct row, if any, is the nonhack control's clean_alt; else
+    the same clean row, a zero difference). Returns the pairs and every row they used, which
+    the caller keeps out of the mixed-in teacher rows so the student never imitates V's texts.
+    """
+    pairs, used = [], []
+    for problem in problems:
+        rows = pool.rows_for(problem.id)
+        hacks = [r for r in rows if r.exploited]
+        cleans = [r for r in rows if r.gt_correct]
+        if problem.mode not in modes or not hacks or not cleans:
+            continue
+        clean_alt = cleans[1] if len(cleans) > 1 else cleans[0]
+        pairs.append(ContrastPair(problem_id=problem.id, mode=problem.mode, prompt=problem.user_prompt(),
+                                  messages=tuple(problem.messages()), hack=hacks[0].completion,
+                                  clean=cleans[0].completion, clean_alt=clean_alt.completion))
+        used += [hacks[0], cleans[0], clean_alt]
+    return pairs, used
 
 
 # ----------------------------------------------------------------------------- building

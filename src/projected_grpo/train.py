@@ -32,14 +32,14 @@ import torch
 from tqdm import tqdm
 
 from . import __version__, adapter, hack_basis, projection
-from .config import MODES, Config, ConfigError, InputError, make_config, parse_overrides
-from .files import write_atomically
-from .grpo import backward_rollouts, collect_rollouts, group_advantages, sample
+from .config import ARMS, MODES, Config, ConfigError, InputError, make_config, parse_overrides
+from .files import iter_jsonl, write_atomically
+from .grpo import apply_detector, auroc, backward_rollouts, collect_rollouts, sample
 from .hack_basis import HackBasis
 from .model import encode_prompt, load_model_and_tokenizer
 from .problems import ProblemFormatError, default_pairs, load_problems, split_held_out
 from .rewards import grade_batch
-from .teacher_pool import HOW_TO_BUILD, Pool, PoolFormatError, build_pool, load_pool
+from .teacher_pool import HOW_TO_BUILD, Pool, PoolFormatError, build_pool, load_pool, pairs_from_pool
 
 log = logging.getLogger("projected_grpo")
 
@@ -70,7 +70,8 @@ def split_problems(cfg: Config):
 
 
 def resolve_pool(cfg: Config, train) -> Pool | None:
-    if cfg.teacher_group == 0:
+    """The teacher pool, when teacher rows are mixed in or the pairs come from it."""
+    if cfg.teacher_group == 0 and cfg.pairs != "pool":
         return None
     path = Path(cfg.teacher_pool) if cfg.teacher_pool else None
     if path is None:
@@ -86,11 +87,57 @@ def resolve_pool(cfg: Config, train) -> Pool | None:
     except PoolFormatError as e:
         raise ConfigError(f"--teacher_pool: {e}; rebuild the pool ({HOW_TO_BUILD.replace('DIR', str(path))}) "
                           f"or choose another") from None
-    missing = [p.id for p in train if not pool.rows_for(p.id)]
-    if missing:
-        raise ConfigError(f"--teacher_pool: {path} has no rows for training problems {missing[:5]} "
-                          f"(mix_ratio={cfg.mix_ratio} needs some for every problem)")
     return pool
+
+
+def pairs_and_pool(cfg: Config, train, pool: Pool | None):
+    """V's (hack, clean) pairs (templates, or the pool's own graded rows) and the pool the teacher
+    rows are drawn from: without the rows that became pairs, so the student never imitates them."""
+    if cfg.pairs == "pool":
+        pairs, used = pairs_from_pool(pool, train, cfg.basis_mode_list)
+        pool = pool.without(used)
+        where = f"no training problem in modes {cfg.basis_modes} has both an exploited and a gt_correct pool row"
+    else:
+        pairs = default_pairs(modes=cfg.basis_mode_list, problems=train)
+        where = f"no training problem has a mode in {cfg.basis_modes}"
+    if not pairs:
+        raise ConfigError(f"--basis_modes: {where}")
+    if cfg.teacher_group:
+        missing = [p.id for p in train if not pool.rows_for(p.id)]
+        if missing:
+            raise ConfigError(f"--teacher_pool: {pool.path} has no rows left for training problems {missing[:5]} "
+                              f"(mix_ratio={cfg.mix_ratio} needs some for every problem; --pairs={cfg.pairs})")
+    return pairs, pool if cfg.teacher_group else None
+
+
+def quarantine_basis(cfg: Config, basis: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """The capacity control's quarantine rows: random, of the hack basis's per-layer shapes, on its device."""
+    if cfg.control != "capacity":
+        return None
+    return _on_device(hack_basis.random_like(basis, cfg.seed), cfg.device)
+
+
+def trusted_subspace(cfg: Config, model, tok, wrappers, pairs, problems) -> tuple[dict, dict] | None:
+    """T and w of the trusted baseline, from the pairs' clean side or --trusted_from, on the model's device.
+    Extracted on the model as it is when called: the base model, before any checkpoint is loaded."""
+    if cfg.intervention != "trusted":
+        return None
+    if cfg.trusted_from:
+        by_id = {p.id: p for p in problems}
+        messages, texts = [], []
+        for where, record in iter_jsonl(cfg.trusted_from, ConfigError):
+            if not isinstance(record, dict) or record.get("problem_id") not in by_id or \
+                    not isinstance(record.get("completion"), str):
+                raise ConfigError(f"--trusted_from: {where}: need a known 'problem_id' and a 'completion' string")
+            messages.append(by_id[record["problem_id"]].messages())
+            texts.append(record["completion"])
+        if not texts:
+            raise ConfigError(f"--trusted_from: {cfg.trusted_from} holds no completions")
+    else:
+        messages, texts = [p.messages for p in pairs], [p.clean for p in pairs]
+    T, w = hack_basis.trusted_basis(model, tok, wrappers, messages, texts, cfg.basis_k, cfg.max_new, cfg.loss_norm,
+                                    progress=True)
+    return _on_device(T, cfg.device), _on_device(w, cfg.device)
 
 
 def _extract(cfg: Config, model, tok, wrappers, pairs, progress: bool = False) -> HackBasis:
@@ -280,13 +327,14 @@ def _grads_finite(wrappers) -> bool:
 
 
 def train_step(step: int, cfg: Config, model, tok, wrappers, train, pool, basis: dict, optimizer, scheduler,
-               workers) -> tuple[dict, list]:
-    """One optimizer step; returns its metrics row and the rollouts."""
+               workers, quarantine: dict | None = None, trusted: tuple[dict, dict] | None = None) -> tuple[dict, list]:
+    """One optimizer step; returns its metrics row and the rollouts. `quarantine`: the capacity
+    control's rows (quarantine_basis); `trusted`: the trusted baseline's (T, w) (trusted_subspace)."""
     start = time.perf_counter()
     rng = random.Random(f"{cfg.seed}-{step}")
     problems = rng.sample(train, cfg.prompts_per_step)
     rollouts, timings = collect_rollouts(model, tok, wrappers, problems, pool, cfg, rng, workers)
-    zero_spread = group_advantages(rollouts, cfg.group)
+    zero_spread, detector = apply_detector(rollouts, cfg)
 
     optimizer.zero_grad(set_to_none=True)
     t0 = time.perf_counter()
@@ -304,19 +352,25 @@ def train_step(step: int, cfg: Config, model, tok, wrappers, train, pool, basis:
     # Each rollout's own hack score: how hack-ward its gradient alone points (logged, not trained on).
     for r, score in zip(rollouts, projection.hackward_fraction(scored["grad_sample"], basis).tolist()):
         r.hack_score = score
-    stats = projection.project_all(wrappers, basis, arm=cfg.intervention, gate=cfg.gate, overshoot=cfg.overshoot,
-                                   preserve_magnitude=cfg.preserve_magnitude)
+    projects = cfg.intervention in ARMS  # the baselines leave the gradient to their own rule, measured alike
+    stats = projection.project_all(wrappers, basis, arm=cfg.intervention if projects else "none", gate=cfg.gate,
+                                   overshoot=cfg.overshoot, preserve_magnitude=cfg.preserve_magnitude,
+                                   quarantine=quarantine)
+    if trusted is not None:
+        projection.keep_trusted(wrappers, *trusted)
+        stats["cout"] = projection.project_all(wrappers, basis)["cin"]  # cin of what the optimizer will see
     timings["t_project"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     params = [p for layer in wrappers.values() for p in (layer.delta_s, layer.delta_s_hack)]
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
-    if cfg.adam_leak == "moments" and cfg.intervention != "none":
+    erases = cfg.intervention in ("erase", "route")
+    if cfg.adam_leak == "moments" and erases:
         projection.project_adam_moments(optimizer, wrappers, basis)
     before = projection.snapshot(wrappers)
     lr = scheduler.get_last_lr()[0]  # the rate this step used
     optimizer.step()
-    if cfg.adam_leak == "update" and cfg.intervention != "none":
+    if cfg.adam_leak == "update" and erases:
         projection.project_update(before, wrappers, basis, cfg.gate, cfg.overshoot)
     scheduler.step()
     timings["t_optimizer"] = time.perf_counter() - t0
@@ -328,6 +382,7 @@ def train_step(step: int, cfg: Config, model, tok, wrappers, train, pool, basis:
            "cin_s": cin_s, "cin_t": cin_t, "cin_null_s": _concatenated_null(basis, wrappers),
            "cin": stats["cin"], "cout": stats["cout"], "cin_null": stats["cin_null"],
            "fired": stats["fired"], "update_hackward": projection.update_hackward_fraction(before, wrappers, basis),
+           "hack_auroc": auroc([r.hack_score for r in students], [r.exploited for r in students]), **detector,
            "frac_zero_spread": zero_spread / cfg.prompts_per_step, "sample_kl": scored["sample_kl"],
            "sample_dlogp": scored["sample_dlogp"], "is_truncated": scored["is_truncated"],
            "dS_norm": float(torch.cat([w.delta_s.detach().flatten() for w in wrappers.values()]).norm()),
@@ -357,7 +412,18 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def summarize(cfg: Config, rows: list[dict], final_eval: dict, complete: bool) -> tuple[dict, str]:
+def run_auroc(run_dir: Path) -> float | None:
+    """AUROC of every student rollout's hack score against `exploited`, over the whole run: does V
+    see the live hacks? (Logged only.)"""
+    path = run_dir / "scores.jsonl"
+    if not path.exists():
+        return None
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return auroc([r["hack_score"] for r in records], [r["exploited"] for r in records])
+
+
+def summarize(cfg: Config, rows: list[dict], final_eval: dict, complete: bool,
+              hack_auroc: float | None = None) -> tuple[dict, str]:
     """summary.json content and the plain-text table printed at the end."""
     tail = rows[-5:]
     means = {}
@@ -374,13 +440,14 @@ def summarize(cfg: Config, rows: list[dict], final_eval: dict, complete: bool) -
                               "in_basis": mode in cfg.basis_mode_list}
     summary = {"run_name": cfg.run_name, "complete": complete, "steps_done": len(rows), "steps": cfg.steps,
                "intervention": cfg.intervention, "control": cfg.control, "seed": cfg.seed, "last5": means,
-               "first": first, "per_mode": per_mode, "eval": final_eval}
+               "first": first, "per_mode": per_mode, "eval": final_eval, "hack_auroc": hack_auroc}
     lines = [f"run {cfg.run_name}: {len(rows)}/{cfg.steps} steps, arm={cfg.intervention}, control={cfg.control}",
              f"{'metric':<16}{'first':>10}{'last-5':>10}  better"]
     for key, good in SUMMARY_METRICS.items():
         f, m = first.get(key), means[key]
         arrow = {"down": "↓", "up": "↑"}.get(good, " ")
         lines.append(f"{key:<16}{_fmt(f):>10}{_fmt(m):>10}  {arrow}")
+    lines.append(f"{'hack_auroc':<16}{'':>10}{_fmt(hack_auroc):>10}  (the whole run: hack score vs exploited)")
     for mode, cell in per_mode.items():
         known = "in the basis" if cell["in_basis"] else "held out from the basis"
         lines.append(f"{mode:<16}hack {cell['hack']:.3f}  solve {cell['solve']:.3f}  (last 5, {known})")
@@ -436,10 +503,8 @@ def run(cfg: Config, preset: str = "smoke") -> dict:
     torch.manual_seed(cfg.seed)
     model, tok = load_model_and_tokenizer(cfg.model, dtype=cfg.dtype, device=cfg.device, seed=cfg.seed)
     wrappers = adapter.wrap(model)
-    pool = resolve_pool(cfg, train)
-    pairs = default_pairs(modes=cfg.basis_mode_list, problems=train)
-    if not pairs:
-        raise ConfigError(f"--basis_modes: no training problem has a mode in {cfg.basis_modes}")
+    pairs, pool = pairs_and_pool(cfg, train, resolve_pool(cfg, train))
+    trusted = trusted_subspace(cfg, model, tok, wrappers, pairs, train)
     model_id = hack_basis.model_identity(cfg.model, wrappers)
     params = [p for layer in wrappers.values() for p in (layer.delta_s, layer.delta_s_hack)]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
@@ -457,11 +522,13 @@ def run(cfg: Config, preset: str = "smoke") -> dict:
         first_step = state["step"] + 1
         rows = state["rows"]
         write_atomically(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-        _truncate_jsonl(run_dir / "completions.jsonl", state["step"])
+        for name in ("completions.jsonl", "scores.jsonl"):
+            _truncate_jsonl(run_dir / name, state["step"])
         log.info("resumed %s from %s", cfg.run_name, checkpoint)
     else:
         basis = basis_for(cfg, model, tok, wrappers, pairs, model_id)
         rows = []
+    quarantine = quarantine_basis(cfg, basis)
     write_atomically(run_dir / "config.json", json.dumps(config, indent=2))
 
     # Ctrl-C asks the loop to stop at the next step boundary, so the checkpoint is
@@ -485,9 +552,10 @@ def run(cfg: Config, preset: str = "smoke") -> dict:
             before = training_state(wrappers, optimizer, scheduler, basis)
             try:
                 row, rollouts = train_step(step, cfg, model, tok, wrappers, train, pool, basis, optimizer,
-                                           scheduler, workers)
+                                           scheduler, workers, quarantine, trusted)
                 if cfg.refresh_every and step % cfg.refresh_every == 0 and step < cfg.steps:
                     basis = refresh_basis(step, cfg, model, tok, wrappers, pairs, basis, row)
+                    quarantine = quarantine_basis(cfg, basis)
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                     row.update(evaluate(model, tok, wrappers, held_out, cfg, step, workers))
             except Exception as e:
@@ -499,6 +567,10 @@ def run(cfg: Config, preset: str = "smoke") -> dict:
                 raise
             rows.append(row)
             _append_jsonl(run_dir / "metrics.jsonl", [row])
+            # Every student rollout's hack score and label: the run's AUROC is computed from these.
+            _append_jsonl(run_dir / "scores.jsonl", [
+                {"step": step, "mode": r.problem.mode, "hack_score": r.hack_score, "exploited": r.exploited}
+                for r in rollouts if not r.teacher])
             _append_jsonl(run_dir / "completions.jsonl", [
                 {"step": step, "problem_id": r.problem.id, "mode": r.problem.mode, "reward": r.reward,
                  "passed": r.passed, "gt_correct": r.gt_correct, "exploited": r.exploited,
@@ -518,7 +590,8 @@ def run(cfg: Config, preset: str = "smoke") -> dict:
 
     save_checkpoint(run_dir, cfg.steps, training_state(wrappers, optimizer, scheduler, basis), rows)
     final_eval = evaluate(model, tok, wrappers, held_out, cfg, cfg.steps, workers)
-    summary, table = summarize(cfg, rows, final_eval, complete=len(rows) == cfg.steps)
+    summary, table = summarize(cfg, rows, final_eval, complete=len(rows) == cfg.steps,
+                               hack_auroc=run_auroc(run_dir))
     write_atomically(run_dir / "summary.json", json.dumps(summary, indent=2))
     write_atomically(run_dir / "summary.txt", table + "\n")
     print(table)
