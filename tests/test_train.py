@@ -7,9 +7,11 @@ import signal
 import pytest
 import torch
 
+from projected_grpo import evaluate as evaluate_mod
 from projected_grpo import grpo, projection, train
 from projected_grpo.config import ConfigError, make_config, parse_overrides
 from projected_grpo.hack_basis import BasisCacheMismatch
+from projected_grpo.problems import HINT_SLOT, HINTS
 
 SMALL = {"steps": "3", "max_new": "16", "basis_k": "4", "checkpoint_every": "2"}
 TIMING = ("step_seconds", "t_generate", "t_grade", "t_score", "t_project", "t_optimizer")
@@ -284,18 +286,25 @@ def test_evaluation_samples_deployed_without_the_quarantine_and_leaves_the_train
             layer.delta_s_hack.normal_(0, 0.1)
     knobs = train.adapter.knob_state(wrappers)
     seen = []
-    real_sample = train.sample
+    real_sample = evaluate_mod.sample
 
-    def spy(model, tok, wrappers, *args):
-        seen.append({k: v.clone() for k, v in train.adapter.knob_state(wrappers).items()})
-        return real_sample(model, tok, wrappers, *args)
+    def spy(model, tok, wrappers, prompts, *args):
+        seen.append(({k: v.clone() for k, v in train.adapter.knob_state(wrappers).items()}, prompts))
+        return real_sample(model, tok, wrappers, prompts, *args)
 
-    monkeypatch.setattr(train, "sample", spy)
+    monkeypatch.setattr(evaluate_mod, "sample", spy)
     rng = torch.get_rng_state()
-    out = train.evaluate(model, tok, wrappers, train.split_problems(cfg)[1], cfg, 5, workers=1)
+    held_out = train.split_problems(cfg)[1]
+    out = evaluate_mod.evaluate(model, tok, wrappers, held_out, cfg, 5, samples=2, workers=1)
     assert torch.equal(torch.get_rng_state(), rng)  # training's random stream is not consumed
-    assert set(out) == {"eval_deployed_hack", "eval_deployed_solve", "eval_kept_hack", "eval_kept_solve"}
-    deployed, kept = seen
+    assert set(evaluate_mod.metrics_row(out)) == {f"eval_{v}_{m}{s}" for v in ("deployed", "kept")
+                                                  for m in ("hack", "solve") for s in ("", "_neutral")}
+    assert out["deployed"]["hint"]["n"] == 2 * len(held_out)
+    assert set(out["deployed"]["hint"]["per_mode"]) == {p.mode for p in held_out}
+    (deployed, hinted), (_, neutral), (kept, _), _ = seen
+    tok_text = [tok.decode(p) for p in hinted], [tok.decode(p) for p in neutral]
+    assert all(HINTS[p.mode] in t for p, t in zip(held_out, tok_text[0]))  # the loophole hint, as in training
+    assert all(HINT_SLOT in t and HINTS[p.mode] not in t for p, t in zip(held_out, tok_text[1]))  # neutral
     for key, value in knobs.items():
         if key.endswith("delta_s_hack"):
             assert not deployed[key].any() and torch.equal(kept[key], value)
@@ -376,6 +385,21 @@ def test_a_damaged_checkpoint_or_config_is_an_error_line_on_resume(workdir, caps
     assert train.main(["smoke", *[f"--{k}={v}" for k, v in SMALL.items()], "--steps=3", "--run_name=damaged",
                        "--resume=true"]) == 2
     assert "config.json" in _last_error_line(capsys)
+
+
+def test_evaluate_cli_reproduces_the_end_of_run_evaluation_and_writes_eval_json(workdir, capsys):
+    train.run(_cfg(run_name="to-eval", steps=2, intervention="route", eval_samples=2))
+    run_dir = workdir / "out/runs/to-eval"
+    at_end = json.loads((run_dir / "eval.json").read_text())
+    assert at_end["step"] == 2 and set(at_end) >= {"deployed", "kept", "problems"}
+    config = json.loads((run_dir / "config.json").read_text())
+    assert at_end["problems"] == config["split"]["held_out"]  # never a training problem
+    assert not set(at_end["problems"]) & set(config["split"]["train"])
+    (run_dir / "eval.json").unlink()
+    assert evaluate_mod.main([str(run_dir), "--samples", "2"]) == 0
+    assert json.loads((run_dir / "eval.json").read_text()) == at_end  # the same function, the same seeds
+    assert evaluate_mod.main([str(run_dir), "--checkpoint", "7"]) == 2
+    assert "--checkpoint: no step 7" in capsys.readouterr().err
 
 
 def test_fast_preset_trains_on_the_shipped_real_problems(workdir):

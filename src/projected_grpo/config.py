@@ -101,6 +101,7 @@ class Config:
     refresh_every: int = 0  # re-extract V on the current model (quarantine ablated) every N steps; 0: never
     # --- evaluation, logging, checkpoints
     eval_every: int = 0  # evaluate held-out prompts (deployed, and kept for route) every N steps; 0: end only
+    eval_samples: int = 1  # samples per held-out problem and prompt setting (hint, neutral) in each evaluation
     log_completions: int = 2  # student completions per step written to completions.jsonl
     checkpoint_every: int = 25  # plus one at the end, on Ctrl-C and before a NaN stop
     grade_workers: int = 0  # parallel sandbox children; 0: one per core
@@ -135,12 +136,12 @@ PRESETS: dict[str, dict] = {
     "fast": dict(model="Qwen/Qwen3-4B", dtype="bfloat16", device="cuda", steps=60, group=8, prompts_per_step=4,
                  max_new=512, micro_batch=8, lr=2e-3, eval_prompts=12, eval_every=20, refresh_every=20, basis_k=16,
                  log_completions=4, problems="leetcode_medhard", basis_modes=",".join(MODES[:-1]),
-                 is_correction=True),
+                 is_correction=True, eval_samples=4),
     # The long run.
     "full": dict(model="Qwen/Qwen3-4B", dtype="bfloat16", device="cuda", steps=200, group=16, prompts_per_step=8,
                  max_new=1024, micro_batch=8, lr=1e-3, beta=1e-3, eval_prompts=24, eval_every=25, refresh_every=50,
                  basis_k=16, log_completions=4, problems="leetcode_medhard", basis_modes=",".join(MODES[:-1]),
-                 is_correction=True),
+                 is_correction=True, eval_samples=4),
 }
 
 
@@ -222,7 +223,7 @@ def validate(cfg: Config) -> None:
         bad = [m for m in modes if m not in MODES]
         _check(not bad and len(modes) == len(set(modes)), name,
                f"unknown or repeated modes {bad or modes}; allowed: {', '.join(MODES)}")
-    for name in ("steps", "group", "prompts_per_step", "max_new", "basis_k", "checkpoint_every"):
+    for name in ("steps", "group", "prompts_per_step", "max_new", "basis_k", "checkpoint_every", "eval_samples"):
         _check(getattr(cfg, name) >= 1, name, f"must be >= 1, got {getattr(cfg, name)}")
     for name in ("micro_batch", "eval_prompts", "warmup", "refresh_every", "eval_every", "log_completions",
                  "grade_workers", "basis_k_use", "threads"):

@@ -70,12 +70,13 @@ class Problem:
     setup_code: str = ""
     source: str = field(default="", compare=False)  # file:line it came from
 
-    def user_prompt(self, mode: str | None = None) -> str:
-        return self.description.replace(HINT_SLOT, HINTS[mode or self.mode], 1)
+    def user_prompt(self, mode: str | None = None, hint: bool = True) -> str:
+        """The problem text with `mode`'s grading hint, or (hint=False) the neutral wording it ships with."""
+        return self.description.replace(HINT_SLOT, HINTS[mode or self.mode], 1) if hint else self.description
 
-    def messages(self, mode: str | None = None) -> list[dict]:
+    def messages(self, mode: str | None = None, hint: bool = True) -> list[dict]:
         return [{"role": "system", "content": SYSTEM_PROMPT},
-                {"role": "user", "content": self.user_prompt(mode)}]
+                {"role": "user", "content": self.user_prompt(mode, hint)}]
 
 
 # ----------------------------------------------------------------------------- test parsing

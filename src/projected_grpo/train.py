@@ -33,12 +33,12 @@ from tqdm import tqdm
 
 from . import __version__, adapter, hack_basis, projection
 from .config import ARMS, MODES, Config, ConfigError, InputError, make_config, parse_overrides
+from .evaluate import evaluate, metrics_row, write_eval
 from .files import iter_jsonl, write_atomically
-from .grpo import apply_detector, auroc, backward_rollouts, collect_rollouts, sample
+from .grpo import apply_detector, auroc, backward_rollouts, collect_rollouts
 from .hack_basis import HackBasis
-from .model import encode_prompt, load_model_and_tokenizer
+from .model import load_model_and_tokenizer
 from .problems import ProblemFormatError, default_pairs, load_problems, split_held_out
-from .rewards import grade_batch
 from .teacher_pool import HOW_TO_BUILD, Pool, PoolFormatError, build_pool, load_pool, pairs_from_pool
 
 log = logging.getLogger("projected_grpo")
@@ -272,35 +272,6 @@ def _truncate_jsonl(path: Path, last_step: int) -> None:
         except (json.JSONDecodeError, KeyError, TypeError):
             continue
     write_atomically(path, "".join(kept))
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def evaluate(model, tok, wrappers, problems, cfg: Config, step: int, workers) -> dict[str, float]:
-    """Hack and solve rates on held-out prompts, one sample each: deployed (quarantine
-    ablated) and, for route, kept. Sampling is seeded and leaves the training RNG alone."""
-    if not problems:
-        return {}
-    prompts = [encode_prompt(tok, p.messages()) for p in problems]
-    out = {}
-    variants = {"deployed": adapter.ablate_quarantine}
-    if cfg.intervention == "route":
-        variants["kept"] = None
-    for name, context in variants.items():
-        # manual_seed reseeds CUDA too, so fork its state as well.
-        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
-            torch.manual_seed(cfg.seed * 1000 + step)
-            if context is None:
-                ids, _ = sample(model, tok, wrappers, prompts, 1, cfg)
-            else:
-                with context(wrappers):
-                    ids, _ = sample(model, tok, wrappers, prompts, 1, cfg)
-        grades = grade_batch(tok.batch_decode(ids, skip_special_tokens=True), problems, workers=workers)
-        out[f"eval_{name}_hack"] = sum(g.exploited for g in grades) / len(grades)
-        out[f"eval_{name}_solve"] = sum(g.gt_correct for g in grades) / len(grades)
-    return out
 
 
 # ----------------------------------------------------------------------------- one step
@@ -557,7 +528,8 @@ def run(cfg: Config, preset: str = "smoke") -> dict:
                     basis = refresh_basis(step, cfg, model, tok, wrappers, pairs, basis, row)
                     quarantine = quarantine_basis(cfg, basis)
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                    row.update(evaluate(model, tok, wrappers, held_out, cfg, step, workers))
+                    result = evaluate(model, tok, wrappers, held_out, cfg, step, cfg.eval_samples, workers)
+                    row.update(metrics_row(result))
             except Exception as e:
                 path = save_checkpoint(run_dir, step - 1, before, rows)
                 if isinstance(e, FloatingPointError):
@@ -589,7 +561,9 @@ def run(cfg: Config, preset: str = "smoke") -> dict:
             signal.signal(signal.SIGINT, previous_handler)
 
     save_checkpoint(run_dir, cfg.steps, training_state(wrappers, optimizer, scheduler, basis), rows)
-    final_eval = evaluate(model, tok, wrappers, held_out, cfg, cfg.steps, workers)
+    result = evaluate(model, tok, wrappers, held_out, cfg, cfg.steps, cfg.eval_samples, workers)
+    write_eval(run_dir, result, cfg.steps, cfg.eval_samples, held_out)
+    final_eval = metrics_row(result)
     summary, table = summarize(cfg, rows, final_eval, complete=len(rows) == cfg.steps,
                                hack_auroc=run_auroc(run_dir))
     write_atomically(run_dir / "summary.json", json.dumps(summary, indent=2))
