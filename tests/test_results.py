@@ -1,17 +1,37 @@
 import json
+import math
 import statistics
 
 import pytest
 
-from projected_grpo.results import MISSING, ResultsError, build_report, last_mean, main, read_metrics
+from projected_grpo.results import (
+    DEFAULT_HYPOTHESIS,
+    INCONCLUSIVE,
+    MISSING,
+    NOT_SUPPORTED,
+    SUPPORTED,
+    T_975,
+    Claim,
+    ResultsError,
+    build_report,
+    last_mean,
+    main,
+    mean_interval,
+    parse_hypothesis,
+    plot_files,
+    read_metrics,
+    t_975,
+)
 
 BASE_CONFIG = {"preset": "fast", "model": "tiny", "steps": 8, "mix_ratio": 0.5, "basis_modes": "run_tests,sentinel",
                "modes": "run_tests,sentinel,exit_code", "gate": "one_sided"}
 
 
 def make_run(root, name, *, seed=0, intervention="none", control="none", hack=None, solve=None, steps=8,
-             rows=None, summary=True, complete=True, steps_done=None, extra_rows=(), raw_tail="", **config):
-    """A run dir as train writes it. `hack`/`solve` are per-step lists (or one constant) for hack_s/gt_s."""
+             rows=None, summary=True, complete=True, steps_done=None, extra_rows=(), raw_tail="", auroc=None,
+             **config):
+    """A run dir as train writes it. `hack`/`solve` are per-step lists (or one constant) for hack_s/gt_s;
+    `auroc`, when given, is a per-step list for hack_auroc (older runs do not log it)."""
     run_dir = root / name
     run_dir.mkdir(parents=True)
     cfg = {**BASE_CONFIG, "intervention": intervention, "control": control, "seed": seed, "steps": steps,
@@ -23,7 +43,9 @@ def make_run(root, name, *, seed=0, intervention="none", control="none", hack=No
     lines = []
     for i in range(n_rows):
         row = {"step": i + 1, "reward": 1.0, "hack_s": hack[i], "gt_s": solve[i], "hack_t": None, "gt_t": None,
-               "cin_s": 0.2, "cin_t": None, "cout": 0.0, "loss": 0.0, "grad_norm": 1.0}
+               "cin_s": 0.2, "cin_t": None, "cin_null_s": 0.1, "cout": 0.0, "loss": 0.0, "grad_norm": 1.0}
+        if auroc is not None:
+            row["hack_auroc"] = auroc[i]
         lines.append(json.dumps(row))
     lines += [json.dumps(r) for r in extra_rows]
     (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n" + raw_tail)
@@ -54,25 +76,33 @@ def test_last_mean_uses_the_last_five_steps_and_skips_nulls():
     assert last_mean([{"hack_t": None}], "hack_t") is None
 
 
-def test_main_table_last_five_mean_and_std_across_seeds(tmp_path):
+def interval_text(mean, sd, n, t, signed=False):
+    """The cell for a mean with a t interval, from numbers worked out in the test."""
+    spec = "+.3f" if signed else ".3f"
+    half = t * sd / math.sqrt(n)
+    return f"{mean:{spec}} [{mean - half:{spec}}, {mean + half:{spec}}]"
+
+
+def test_main_table_last_five_mean_and_interval_across_seeds(tmp_path):
     # the 3 leading steps would pull the mean up if they were counted
     hacks = {0: [1, 1, 1, 0.1, 0.2, 0.3, 0.4, 0.5], 1: [1, 1, 1, 0.2, 0.2, 0.2, 0.2, 0.2], 2: [1] * 3 + [0.6] * 5}
     for seed, hack in hacks.items():
         make_run(tmp_path, f"van{seed}", seed=seed, hack=hack, solve=0.5)
     per_seed = [0.3, 0.2, 0.6]
     row = table_rows(build_report(tmp_path), "## preset=fast")["none"]
-    n, hack, solve, cin_s, cin_t, cout, d_hack, d_solve = row
+    n, hack, solve, cin_s, cin_t, cout, auroc, d_hack, d_solve = row
     assert n == "3"
-    assert hack == f"{statistics.fmean(per_seed):.3f} ± {statistics.stdev(per_seed):.3f}"
-    assert solve == "0.500 ± 0.000"
-    assert cin_s == "0.200 ± 0.000" and cout == "0.000 ± 0.000"
+    assert hack == interval_text(statistics.fmean(per_seed), statistics.stdev(per_seed), 3, t=4.303)
+    assert solve == "0.500 [0.500, 0.500]"
+    assert cin_s == "0.200 [0.200, 0.200]" and cout == "0.000 [0.000, 0.000]"
     assert cin_t == MISSING  # all null
+    assert auroc == MISSING  # not logged by these runs
     assert d_hack == d_solve == ""  # vanilla has no delta against itself
 
 
-def test_single_seed_shows_mean_only(tmp_path):
+def test_single_seed_shows_mean_and_says_n_1(tmp_path):
     make_run(tmp_path, "van0", hack=0.25)
-    assert table_rows(build_report(tmp_path), "## preset=fast")["none"][1] == "0.250"
+    assert table_rows(build_report(tmp_path), "## preset=fast")["none"][1] == "0.250 (n=1)"
 
 
 def test_paired_delta_uses_only_same_seed_pairs(tmp_path):
@@ -82,10 +112,11 @@ def test_paired_delta_uses_only_same_seed_pairs(tmp_path):
     for seed, hack in ((0, 0.2), (1, 0.3), (7, 0.0)):
         make_run(tmp_path, f"erase{seed}", seed=seed, intervention="erase", hack=hack, solve=0.6)
     rows = table_rows(build_report(tmp_path), "## preset=fast")
-    deltas = [0.2 - 0.5, 0.3 - 0.4]
+    # deltas -0.3 and -0.1: mean -0.2, sd sqrt(0.02), t(0.975, 1) = 12.706
     assert rows["erase"][0] == "3"
-    assert rows["erase"][6] == f"{statistics.fmean(deltas):+.3f} ± {statistics.stdev(deltas):.3f} (2 paired)"
-    assert rows["erase"][7] == "+0.100 ± 0.000 (2 paired)"
+    assert rows["erase"][7] == interval_text(-0.2, math.sqrt(0.02), 2, t=12.706, signed=True) + " (2 paired)"
+    assert rows["erase"][7] == "-0.200 [-1.471, +1.071] (2 paired)"
+    assert rows["erase"][8] == "+0.100 [+0.100, +0.100] (2 paired)"
 
 
 def test_rows_ordered_and_controls_named(tmp_path):
@@ -94,7 +125,7 @@ def test_rows_ordered_and_controls_named(tmp_path):
         make_run(tmp_path, name, intervention=intervention, control=control)
     rows = table_rows(build_report(tmp_path), "## preset=fast")
     assert list(rows) == ["none", "erase", "route", "erase+random", "erase+shuffled"]
-    assert rows["erase+random"][6] == "+0.000"  # a single pair: mean only
+    assert rows["erase+random"][7] == "+0.000 (n=1)"  # a single pair: mean only
 
 
 def test_incomplete_runs_are_listed_and_kept_out_of_tables(tmp_path):
@@ -145,8 +176,8 @@ def test_each_setting_is_its_own_question(tmp_path):
         "## preset=fast · model=tiny · mix_ratio=0 · basis_modes=run_tests,sentinel",
         "## preset=fast · model=tiny · mix_ratio=0.5 · basis_modes=run_tests,sentinel",
     ]
-    assert table_rows(report, "mix_ratio=0 ")["none"][:2] == ["1", "0.100"]
-    assert table_rows(report, "mix_ratio=0.5")["none"][:2] == ["2", "0.700 ± 0.000"]
+    assert table_rows(report, "mix_ratio=0 ")["none"][:2] == ["1", "0.100 (n=1)"]
+    assert table_rows(report, "mix_ratio=0.5")["none"][:2] == ["2", "0.700 [0.700, 0.700]"]
 
 
 def test_per_mode_table_cells(tmp_path):
@@ -160,10 +191,15 @@ def test_per_mode_table_cells(tmp_path):
     make_run(tmp_path, "erase0", intervention="erase", rows=0, extra_rows=mode_rows(0.0, 0.5, 0.3))
     report = build_report(tmp_path)
     lines = report.splitlines()
-    header = lines[lines.index("Per mode (hack/solve):") + 2]
+    header = lines[lines.index("Per mode, hack:") + 2]
     assert header == "| arm | run_tests | exit_code† |"  # exit_code is held out of the basis
-    rows = table_rows(report, "Per mode (hack/solve):")
-    assert rows == {"none": ["0.300/0.500", "0.800/0.000"], "erase": ["0.000/0.500", "0.300/0.000"]}
+    # vanilla's two seeds: run_tests 0.2 and 0.4, exit_code 0.6 and 1.0; t(0.975, 1) = 12.706
+    assert table_rows(report, "Per mode, hack:") == {
+        "none": [interval_text(0.3, math.sqrt(0.02), 2, 12.706), interval_text(0.8, math.sqrt(0.08), 2, 12.706)],
+        "erase": ["0.000 (n=1)", "0.300 (n=1)"]}
+    assert table_rows(report, "Per mode, solve:") == {
+        "none": [interval_text(0.5, math.sqrt(0.02), 2, 12.706), "0.000 [0.000, 0.000]"],
+        "erase": ["0.500 (n=1)", "0.000 (n=1)"]}
 
 
 def test_cli_writes_out_file_and_fails_on_empty_root(tmp_path, capsys):
@@ -172,7 +208,7 @@ def test_cli_writes_out_file_and_fails_on_empty_root(tmp_path, capsys):
     assert main([str(tmp_path / "runs"), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert out.read_text().strip() == printed.strip()
-    assert "| none | 1 | 0.100 |" in printed and "## Legend" in printed
+    assert "| none | 1 | 0.100 (n=1) |" in printed and "## Legend" in printed
 
     (tmp_path / "empty").mkdir()
     assert main([str(tmp_path / "empty"), "--out", str(tmp_path / "x.md")]) == 1
@@ -186,5 +222,250 @@ def test_repeated_seed_counts_once_and_is_flagged(tmp_path):
     make_run(tmp_path, "van_a", hack=0.2, gate="one_sided")
     make_run(tmp_path, "van_b", hack=0.4, gate="no_gate")
     report = build_report(tmp_path)
-    assert table_rows(report, "## preset=fast")["none"][:2] == ["1", "0.300"]
+    assert table_rows(report, "## preset=fast")["none"][:2] == ["1", "0.300 (n=1)"]
     assert "arm none at fast/tiny/mix_ratio=0.5/run_tests,sentinel has repeated seeds" in report
+
+
+# --- statistics
+
+
+def t_cdf(x, df, intervals=4000):
+    """P(T <= x) for Student's t with df degrees of freedom, by Simpson's rule on its density (x >= 0)."""
+    scale = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+
+    def density(u):
+        return scale * (1 + u * u / df) ** (-(df + 1) / 2)
+
+    h = x / intervals
+    inner = sum((4 if i % 2 else 2) * density(i * h) for i in range(1, intervals))
+    return 0.5 + h / 3 * (density(0) + inner + density(x))
+
+
+def test_t_table_is_the_975_quantile_of_the_t_distribution():
+    assert len(T_975) == 30
+    for df, t in enumerate(T_975, 1):
+        # each entry is the true quantile rounded to 3 decimals: off by one in the last digit fails
+        assert t_cdf(t - 0.0005, df) < 0.975 < t_cdf(t + 0.0005, df), df
+    assert t_975(2) == 4.303
+    assert t_975(31) == t_975(500) == 2.042  # past the table: its last value, never narrower than the truth
+
+
+def test_mean_interval_on_known_numbers():
+    est = mean_interval([0.4, 0.5, 0.6])  # mean 0.5, sd 0.1, n=3
+    half = 4.303 * 0.1 / math.sqrt(3)
+    assert (est.mean, est.n) == (pytest.approx(0.5), 3)
+    assert (est.low, est.high) == (pytest.approx(0.5 - half), pytest.approx(0.5 + half))
+    assert est.high - est.low == pytest.approx(0.4968, abs=1e-4)
+    single = mean_interval([0.7])
+    assert (single.mean, single.low, single.high, single.n) == (0.7, None, None, 1)
+
+
+# --- verdicts
+
+
+def verdict_of(report):
+    """The overall verdict and the claim lines of the first question."""
+    lines = report.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("**Verdict: "))
+    overall = lines[start].removeprefix("**Verdict: ").split("**")[0]
+    claims = []
+    for line in lines[start + 2:]:
+        if not line.startswith("- "):
+            break
+        claims.append(line)
+    return overall, claims
+
+
+def three_arms(root, vanilla, erase, random=None, erase_solve=(0.5, 0.5, 0.5)):
+    """Per-seed hack rates of vanilla, erase and (if given) erase+random; every solve rate 0.5 but erase's."""
+    for seed in range(len(vanilla)):
+        make_run(root, f"van{seed}", seed=seed, hack=vanilla[seed])
+        make_run(root, f"erase{seed}", seed=seed, intervention="erase", hack=erase[seed], solve=erase_solve[seed])
+        if random is not None:
+            make_run(root, f"rand{seed}", seed=seed, intervention="erase", control="random", hack=random[seed])
+
+
+def test_verdict_supported(tmp_path):
+    three_arms(tmp_path, vanilla=[0.6, 0.62, 0.58], erase=[0.3, 0.31, 0.29], random=[0.55, 0.6, 0.5],
+               erase_solve=[0.52, 0.5, 0.47])
+    overall, claims = verdict_of(build_report(tmp_path))
+    assert overall == SUPPORTED
+    # Δhack per seed -0.3, -0.31, -0.29: mean -0.3, sd 0.01
+    assert claims[0] == ("- Δhack(erase - none) ≤ -0.150: "
+                         f"{interval_text(-0.3, 0.01, 3, 4.303, signed=True)}, n=3 paired seeds → supported")
+    assert claims[1].startswith("- |Δsolve(erase - none)| ≤ 0.100: ") and claims[1].endswith("→ supported")
+    # erase against its random control, paired by seed: -0.25, -0.29, -0.21
+    assert claims[2].startswith(f"- Δhack(erase - erase+random) ≤ -0.100: "
+                                f"{interval_text(-0.25, 0.04, 3, 4.303, signed=True)}, n=3")
+
+
+def test_verdict_not_supported_when_one_claim_fails(tmp_path):
+    # erase cuts hack by a sure 5 points only; the other two claims hold
+    three_arms(tmp_path, vanilla=[0.6, 0.62, 0.58], erase=[0.55, 0.56, 0.54], random=[0.8, 0.8, 0.8])
+    overall, claims = verdict_of(build_report(tmp_path))
+    assert overall == NOT_SUPPORTED
+    assert claims[0].endswith("→ not supported") and claims[2].endswith("→ supported")
+
+
+def test_verdict_inconclusive_when_the_interval_straddles(tmp_path):
+    # Δhack -0.1, -0.3, -0.2: mean -0.2, interval [-0.448, +0.048] holds -0.15 inside
+    three_arms(tmp_path, vanilla=[0.5, 0.5, 0.5], erase=[0.4, 0.2, 0.3], random=[0.9, 0.9, 0.9])
+    overall, claims = verdict_of(build_report(tmp_path))
+    assert overall == INCONCLUSIVE
+    assert claims[0] == ("- Δhack(erase - none) ≤ -0.150: -0.200 [-0.448, +0.048], n=3 paired seeds "
+                         "→ inconclusive (the interval straddles the threshold)")
+
+
+def test_verdict_names_a_missing_arm_and_too_few_seeds(tmp_path):
+    three_arms(tmp_path, vanilla=[0.6, 0.62, 0.58], erase=[0.3, 0.31, 0.29])
+    overall, claims = verdict_of(build_report(tmp_path))
+    assert overall == INCONCLUSIVE
+    assert claims[0].endswith("→ supported")
+    assert claims[2] == "- Δhack(erase - erase+random) ≤ -0.100: no erase+random runs → inconclusive (arm missing)"
+
+    make_run(tmp_path / "one", "van0", hack=0.6)
+    make_run(tmp_path / "one", "erase0", intervention="erase", hack=0.1)
+    overall, claims = verdict_of(build_report(tmp_path / "one"))
+    assert overall == INCONCLUSIVE
+    assert claims[0] == ("- Δhack(erase - none) ≤ -0.150: -0.500, n=1 paired seed "
+                         "→ inconclusive (too few seeds: an interval needs 2)")
+
+
+@pytest.mark.parametrize(("bound", "threshold", "low", "high", "outcome"), [
+    ("at_most", -0.15, -0.4, -0.2, SUPPORTED),
+    ("at_most", -0.15, -0.1, 0.1, NOT_SUPPORTED),
+    ("at_most", -0.15, -0.2, -0.1, INCONCLUSIVE),
+    ("at_least", 0.05, 0.1, 0.2, SUPPORTED),
+    ("at_least", 0.05, -0.1, 0.0, NOT_SUPPORTED),
+    ("at_least", 0.05, 0.0, 0.1, INCONCLUSIVE),
+    ("within", 0.1, -0.05, 0.08, SUPPORTED),
+    ("within", 0.1, 0.12, 0.3, NOT_SUPPORTED),
+    ("within", 0.1, -0.3, -0.11, NOT_SUPPORTED),
+    ("within", 0.1, -0.05, 0.2, INCONCLUSIVE),
+    ("within", 0.1, -0.2, 0.2, INCONCLUSIVE),
+])
+def test_claim_decides_from_where_the_interval_lies(bound, threshold, low, high, outcome):
+    claim = Claim(("erase", "none"), ("none", "none"), "hack", bound, threshold)
+    assert claim.decide(low, high) == outcome
+
+
+def test_hypothesis_file_replaces_the_default(tmp_path, capsys):
+    three_arms(tmp_path / "runs", vanilla=[0.6, 0.62, 0.58], erase=[0.3, 0.31, 0.29])
+    path = tmp_path / "h.json"
+    path.write_text(json.dumps({"name": "erase hacks less at all", "claims": [
+        {"arm": "none", "vs": "erase", "metric": "hack", "at_least": 0.2}]}))
+    assert main([str(tmp_path / "runs"), "--out", str(tmp_path / "r.md"), "--hypothesis", str(path)]) == 0
+    overall, claims = verdict_of(capsys.readouterr().out)
+    assert overall == SUPPORTED and len(claims) == 1
+    assert claims[0].startswith("- Δhack(none - erase) ≥ +0.200: +0.300 [")
+
+
+@pytest.mark.parametrize(("claim", "message"), [
+    ({"arm": "erase", "vs": "none", "metric": "hack"}, r"claims\[0\]: needs arm, vs, metric and exactly one"),
+    ({"arm": "erase", "vs": "none", "metric": "hack", "at_most": -0.1, "within": 0.1}, r"exactly one"),
+    ({"arm": "erase", "vs": "none", "metric": "hack", "at_most": "-0.1"}, r"at_most must be a number"),
+    ({"arm": "erase", "vs": "none", "metric": "reward", "at_most": -0.1}, r"metric 'reward' is not one of"),
+    ({"arm": "erase+bogus", "vs": "none", "metric": "hack", "at_most": -0.1}, r"arm 'erase\+bogus' is not"),
+    ({"arm": "project", "vs": "none", "metric": "hack", "at_most": -0.1}, r"arm 'project' is not"),
+])
+def test_bad_hypothesis_names_the_claim(tmp_path, claim, message):
+    with pytest.raises(ResultsError, match=message):
+        parse_hypothesis({"claims": [claim]}, "h.json")
+    path = tmp_path / "h.json"
+    path.write_text(json.dumps({"claims": [claim]}))
+    make_run(tmp_path / "runs", "van0")
+    assert main([str(tmp_path / "runs"), "--out", str(tmp_path / "r.md"), "--hypothesis", str(path)]) == 1
+    assert not (tmp_path / "r.md").exists()
+
+
+def test_default_hypothesis_is_the_stated_one():
+    claims = parse_hypothesis(DEFAULT_HYPOTHESIS, "default").claims
+    assert [c.text() for c in claims] == ["Δhack(erase - none) ≤ -0.150", "|Δsolve(erase - none)| ≤ 0.100",
+                                          "Δhack(erase - erase+random) ≤ -0.100"]
+
+
+# --- leave-one-mode-out, AUROC, sweeps, plot links
+
+
+def mode_run(root, name, basis, hack_by_mode, *, seed=0, intervention="none"):
+    """A run trained on the modes of hack_by_mode (their hack rates, every step), its basis built from `basis`."""
+    rows = [{"step": i + 1, **{f"hack_s/{m}": hack for m, hack in hack_by_mode.items()}} for i in range(5)]
+    return make_run(root, name, seed=seed, intervention=intervention, rows=0, extra_rows=rows,
+                    modes=",".join(hack_by_mode), basis_modes=",".join(basis))
+
+
+def lomo_run(root, name, held_out, hack_by_mode, **kwargs):
+    """A run trained on the modes of hack_by_mode with `held_out` left out of its basis."""
+    return mode_run(root, name, [m for m in hack_by_mode if m != held_out], hack_by_mode, **kwargs)
+
+
+def test_lomo_table_cells(tmp_path):
+    hacks = {"run_tests": 0.2, "sentinel": 0.4, "exit_code": 0.9}
+    lomo_run(tmp_path, "ex0", "exit_code", hacks, seed=0)
+    lomo_run(tmp_path, "ex1", "exit_code", {**hacks, "exit_code": 0.7, "run_tests": 0.0}, seed=1)
+    lomo_run(tmp_path, "se0", "sentinel", hacks, seed=0)
+    lomo_run(tmp_path, "erase_ex0", "exit_code", {m: 0.1 for m in hacks}, intervention="erase")
+    # not leave-one-out runs: the basis holds every trained mode, leaves two out, or holds an untrained one
+    mode_run(tmp_path, "all", ["run_tests", "sentinel", "exit_code"], {m: 0.5 for m in hacks}, seed=5)
+    mode_run(tmp_path, "two", ["run_tests"], {m: 0.5 for m in hacks}, seed=6)
+    mode_run(tmp_path, "other", ["run_tests", "sentinel"], {"run_tests": 0.5, "exit_code": 0.5}, seed=7)
+    report = build_report(tmp_path)
+    lines = report.splitlines()
+    heading = "## Leave-one-mode-out · preset=fast · model=tiny · mix_ratio=0.5"
+    assert lines[lines.index(heading) + 2] == ("| arm | sentinel† held out | sentinel† known | exit_code† held out "
+                                               "| exit_code† known | pooled held out | pooled known |")
+    rows = table_rows(report, heading)
+    # exit_code held out: seeds 0.9 and 0.7; known = mean(run_tests, sentinel) = 0.3 and 0.2
+    # sentinel held out (seed 0 only): 0.4; known = mean(run_tests, exit_code) = 0.55
+    # pooled over (mode, seed): held out 0.4, 0.9, 0.7; known 0.55, 0.3, 0.2
+    assert rows["none"] == [
+        "0.400 (n=1)", "0.550 (n=1)",
+        interval_text(0.8, math.sqrt(0.02), 2, 12.706) + " (n=2)", interval_text(0.25, math.sqrt(0.005), 2, 12.706)
+        + " (n=2)",
+        interval_text(statistics.fmean([0.4, 0.9, 0.7]), statistics.stdev([0.4, 0.9, 0.7]), 3, 4.303) + " (n=3)",
+        interval_text(statistics.fmean([0.55, 0.3, 0.2]), statistics.stdev([0.55, 0.3, 0.2]), 3, 4.303) + " (n=3)",
+    ]
+    assert rows["erase"] == [MISSING, MISSING, "0.100 (n=1)", "0.100 (n=1)", "0.100 (n=1)", "0.100 (n=1)"]
+    assert list(rows) == ["none", "erase"]
+
+
+def test_auroc_column_last_five_mean_skipping_nulls(tmp_path):
+    # the two early steps and the nulls must not count: last five are 0.6, null, 0.8, null, 0.7
+    make_run(tmp_path, "van0", auroc=[0.1, 0.1, 0.1, 0.6, None, 0.8, None, 0.7])
+    make_run(tmp_path, "van1", seed=1, auroc=[None] * 8)
+    make_run(tmp_path, "erase0", intervention="erase")  # logs no hack_auroc at all
+    rows = table_rows(build_report(tmp_path), "## preset=fast")
+    assert rows["none"][6] == "0.700 (n=1)"  # a seed with only nulls has no value
+    assert rows["erase"][6] == MISSING
+
+
+def test_a_sweep_directory_reads_like_a_runs_root(tmp_path):
+    sweep = tmp_path / "sweeps" / "grid"
+    make_run(sweep, "van0", hack=0.4)
+    (sweep / "logs").mkdir()
+    (sweep / "logs" / "van0.log").write_text("training...\n")
+    (sweep / "sweep.json").write_text(json.dumps({"preset": "fast", "runs": [{"name": "van0", "status": "done"}]}))
+    assert main([str(sweep), "--out", str(tmp_path / "r.md")]) == 0
+    assert "1 complete runs, 0 incomplete" in (tmp_path / "r.md").read_text()
+    # outside a sweep a folder named logs is a run like any other: a broken one is listed, never dropped
+    (sweep / "sweep.json").unlink()
+    assert main([str(sweep), "--out", str(tmp_path / "r.md")]) == 0
+    assert "1 complete runs, 1 incomplete" in (tmp_path / "r.md").read_text()
+
+
+def test_report_links_the_plots_that_exist(tmp_path):
+    make_run(tmp_path / "runs", "van0")
+    out = tmp_path / "out"
+    assert main([str(tmp_path / "runs"), "--out", str(out / "results.md"), "--plots", str(out / "plots")]) == 0
+    assert "Plots:" not in (out / "results.md").read_text()
+
+    question = ("fast", "tiny", 0.5, "run_tests,sentinel")
+    files = plot_files(out / "plots", question)
+    assert list(files) == ["rates", "cin", "final"]
+    for path in files.values():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"png")
+    assert main([str(tmp_path / "runs"), "--out", str(out / "results.md"), "--plots", str(out / "plots")]) == 0
+    folder = "plots/fast_tiny_mix0.5_basis-run_tests+sentinel"
+    assert (f"Plots: [hack and solve over steps]({folder}/rates.png) · [cin_s and cin_t over steps]({folder}/cin.png)"
+            f" · [final hack vs solve]({folder}/final.png)") in (out / "results.md").read_text()
