@@ -56,6 +56,10 @@ full *args:
 results *args:
     python -m projected_grpo.results {{args}}
 
+# PNG plots per question under out/plots, which `results` then links (needs pip install -e '.[plot]')
+plots *args:
+    python -m projected_grpo.plots {{args}}
+
 # speed and memory figures as ratios (out/bench.json); --large-vocab, --device cuda
 bench *args:
     python -m projected_grpo.bench {{args}}
