@@ -124,8 +124,8 @@ def test_rows_ordered_and_controls_named(tmp_path):
                                         ("d", "none", "none"), ("e", "erase", "shuffled")):
         make_run(tmp_path, name, intervention=intervention, control=control)
     rows = table_rows(build_report(tmp_path), "## preset=fast")
-    assert list(rows) == ["none", "erase", "route", "erase+random", "erase+shuffled"]
-    assert rows["erase+random"][7] == "+0.000 (n=1)"  # a single pair: mean only
+    assert list(rows) == ["none", "erase", "route", "erase:random", "erase:shuffled"]
+    assert rows["erase:random"][7] == "+0.000 (n=1)"  # a single pair: mean only
 
 
 def test_incomplete_runs_are_listed_and_kept_out_of_tables(tmp_path):
@@ -277,7 +277,7 @@ def verdict_of(report):
 
 
 def three_arms(root, vanilla, erase, random=None, erase_solve=(0.5, 0.5, 0.5)):
-    """Per-seed hack rates of vanilla, erase and (if given) erase+random; every solve rate 0.5 but erase's."""
+    """Per-seed hack rates of vanilla, erase and (if given) erase:random; every solve rate 0.5 but erase's."""
     for seed in range(len(vanilla)):
         make_run(root, f"van{seed}", seed=seed, hack=vanilla[seed])
         make_run(root, f"erase{seed}", seed=seed, intervention="erase", hack=erase[seed], solve=erase_solve[seed])
@@ -295,7 +295,7 @@ def test_verdict_supported(tmp_path):
                          f"{interval_text(-0.3, 0.01, 3, 4.303, signed=True)}, n=3 paired seeds → supported")
     assert claims[1].startswith("- |Δsolve(erase - none)| ≤ 0.100: ") and claims[1].endswith("→ supported")
     # erase against its random control, paired by seed: -0.25, -0.29, -0.21
-    assert claims[2].startswith(f"- Δhack(erase - erase+random) ≤ -0.100: "
+    assert claims[2].startswith(f"- Δhack(erase - erase:random) ≤ -0.100: "
                                 f"{interval_text(-0.25, 0.04, 3, 4.303, signed=True)}, n=3")
 
 
@@ -321,7 +321,7 @@ def test_verdict_names_a_missing_arm_and_too_few_seeds(tmp_path):
     overall, claims = verdict_of(build_report(tmp_path))
     assert overall == INCONCLUSIVE
     assert claims[0].endswith("→ supported")
-    assert claims[2] == "- Δhack(erase - erase+random) ≤ -0.100: no erase+random runs → inconclusive (arm missing)"
+    assert claims[2] == "- Δhack(erase - erase:random) ≤ -0.100: no erase:random runs → inconclusive (arm missing)"
 
     make_run(tmp_path / "one", "van0", hack=0.6)
     make_run(tmp_path / "one", "erase0", intervention="erase", hack=0.1)
@@ -381,7 +381,7 @@ def test_bad_hypothesis_names_the_claim(tmp_path, claim, message):
 def test_default_hypothesis_is_the_stated_one():
     claims = parse_hypothesis(DEFAULT_HYPOTHESIS, "default").claims
     assert [c.text() for c in claims] == ["Δhack(erase - none) ≤ -0.150", "|Δsolve(erase - none)| ≤ 0.100",
-                                          "Δhack(erase - erase+random) ≤ -0.100"]
+                                          "Δhack(erase - erase:random) ≤ -0.100"]
 
 
 # --- leave-one-mode-out, AUROC, sweeps, plot links

@@ -54,7 +54,7 @@ DEFAULT_HYPOTHESIS = {
     "claims": [
         {"arm": "erase", "vs": "none", "metric": "hack", "at_most": -0.15},
         {"arm": "erase", "vs": "none", "metric": "solve", "within": 0.10},
-        {"arm": "erase", "vs": "erase+random", "metric": "hack", "at_most": -0.10},
+        {"arm": "erase", "vs": "erase:random", "metric": "hack", "at_most": -0.10},
     ],
 }
 BOUNDS = ("at_most", "at_least", "within")
@@ -232,15 +232,15 @@ def plot_files(plots_dir: Path, question: tuple) -> dict[str, Path]:
 
 def arm_name(arm: tuple[str, str]) -> str:
     intervention, control = arm
-    return intervention if control == "none" else f"{intervention}+{control}"
+    return intervention if control == "none" else f"{intervention}:{control}"
 
 
 def parse_arm(name: str) -> tuple[str, str]:
     """arm_name's inverse, checked against the interventions and controls config knows."""
-    intervention, _, control = name.partition("+")
+    intervention, _, control = name.partition(":")
     control = control or "none"
     if intervention not in INTERVENTIONS or control not in CONTROLS:
-        raise ValueError(f"arm {name!r} is not <intervention>[+<control>] with an intervention in "
+        raise ValueError(f"arm {name!r} is not <intervention>[:<control>] with an intervention in "
                          f"{', '.join(INTERVENTIONS)} and a control in {', '.join(CONTROLS[1:])}")
     return (intervention, control)
 
