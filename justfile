@@ -56,6 +56,10 @@ full *args:
 results *args:
     python -m projected_grpo.results {{args}}
 
+# held-out evaluation of a run's checkpoint (hint and neutral prompts, per mode; writes RUN_DIR/eval.json)
+evaluate *args:
+    python -m projected_grpo.evaluate {{args}}
+
 # PNG plots per question under out/plots, which `results` then links (needs pip install -e '.[plot]')
 plots *args:
     python -m projected_grpo.plots {{args}}
