@@ -1,0 +1,453 @@
+"""Sweeps: grids of arms x seeds, and the leave-one-mode-out (LOMO) study.
+
+    python -m projected_grpo.sweep PRESET [--arms none,erase,route] [--seeds 1,2,3] [--jobs N]
+        [--devices cuda:0,cuda:1] [--name NAME] [--lomo] [--force] [--field=value ...]
+
+An arm is `intervention[:control]`: `erase:random` is the erase arm on a random basis. Each run is
+a child `python -m projected_grpo.train PRESET ...` writing out/sweeps/<name>/<run_name>/ (the
+name defaults to the preset), with its output in out/sweeps/<name>/logs/<run_name>.log, so that
+`python -m projected_grpo.results out/sweeps/<name>` tables the study. Running the same command
+again skips finished runs and resumes interrupted ones. `--lomo` trains every run on all of the
+config's modes but builds the basis without one of them, each mode in turn: does V reach the
+hack it never saw? Extra `--field=value` overrides go to every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, fields
+from datetime import datetime
+from pathlib import Path
+
+from . import __version__
+from .config import CONTROLS, INTERVENTIONS, Config, InputError, make_config, parse_overrides
+from .files import write_atomically
+
+SWEEPS_ROOT = Path("out/sweeps")
+# Fields the sweep sets for each run itself, and what to use instead.
+SET_BY_SWEEP = {
+    "run_name": "runs are named <preset>-<intervention>[-<control>]-s<seed>; --name names the sweep",
+    "out_dir": "runs land in out/sweeps/<name>; --name names the sweep",
+    "seed": "use --seeds",
+    "intervention": "use --arms",
+    "control": "use --arms intervention:control",
+    "resume": "running the sweep again resumes interrupted runs",
+    "threads": "--jobs splits the cores between the runs",
+}
+SWEEP_OPTIONS = ("arms", "seeds", "jobs", "devices", "name", "lomo", "force")  # the parser's, for spelling hints
+# What makes two invocations the same study: one directory must never mix two.
+STUDY_KEYS = ("preset", "arms", "seeds", "lomo_modes", "overrides")
+POLL_SECONDS = 0.2
+
+
+class SweepError(InputError):
+    """A bad grid, a run directory that cannot be resumed, or a directory holding another study."""
+
+
+@dataclass
+class PlannedRun:
+    name: str
+    overrides: dict[str, str]  # the child's --field=value arguments
+    action: str = "fresh"  # fresh, resume or skip: decided up front from the run directory
+    device: str | None = None  # a resumed run goes back to the device it started on; None: any
+    status: str = "pending"  # pending, done, failed or interrupted
+    exit_code: int | None = None
+
+
+# ----------------------------------------------------------------------------- the grid
+
+
+def parse_arms(text: str) -> list[tuple[str, str]]:
+    """`none,erase:random` -> [("none", "none"), ("erase", "random")]."""
+    arms = []
+    for arm in text.split(","):
+        intervention, _, control = arm.partition(":")
+        control = control or "none"
+        if intervention not in INTERVENTIONS:
+            raise SweepError(f"--arms: unknown intervention {intervention!r} in {arm!r}; "
+                             f"allowed: {', '.join(INTERVENTIONS)}")
+        if control not in CONTROLS:
+            raise SweepError(f"--arms: unknown control {control!r} in {arm!r}; allowed: {', '.join(CONTROLS)}")
+        if (intervention, control) in arms:
+            raise SweepError(f"--arms: {arm!r} is listed twice")
+        arms.append((intervention, control))
+    return arms
+
+
+def arm_label(intervention: str, control: str) -> str:
+    return intervention if control == "none" else f"{intervention}:{control}"
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise SweepError(f"--seeds: expected comma-separated integers, got {text!r}") from None
+    if len(seeds) != len(set(seeds)):
+        raise SweepError(f"--seeds: {text!r} repeats a seed")
+    return seeds
+
+
+def run_name(preset: str, intervention: str, control: str, seed: int, left_out: str | None = None) -> str:
+    """`<preset>-<intervention>[-<control>]-s<seed>[-lomo-<mode>]`: train's default name, plus the LOMO mode."""
+    name = f"{preset}-{intervention}" + (f"-{control}" if control != "none" else "") + f"-s{seed}"
+    return name + (f"-lomo-{left_out}" if left_out else "")
+
+
+def expand_grid(preset: str, arms: list[tuple[str, str]], seeds: list[int], lomo_modes: list[str] | None,
+                overrides: dict[str, str], sweep_dir: Path) -> list[PlannedRun]:
+    """One run per (left-out mode,) seed and arm. Seeds vary slowest within a mode, so a sweep cut
+    short already holds every arm of its first seeds: complete same-seed comparisons."""
+    runs = []
+    for left_out in lomo_modes or [None]:
+        for seed in seeds:
+            for intervention, control in arms:
+                name = run_name(preset, intervention, control, seed, left_out)
+                run_fields = {**overrides, "seed": str(seed), "intervention": intervention, "control": control,
+                              "run_name": name, "out_dir": str(sweep_dir)}
+                if left_out:
+                    run_fields["basis_modes"] = ",".join(m for m in lomo_modes if m != left_out)
+                runs.append(PlannedRun(name, run_fields))
+    return runs
+
+
+def check_overrides(overrides: dict[str, str], lomo: bool, devices: bool) -> None:
+    """Refuse the fields the sweep sets per run, before they silently lose to it, and a misspelt
+    sweep option, before it reads as a config field."""
+    config_fields = [f.name for f in fields(Config)]
+    for name in overrides:
+        closest = difflib.get_close_matches(name, config_fields + list(SWEEP_OPTIONS), n=1)
+        if name not in config_fields and closest and closest[0] in SWEEP_OPTIONS:
+            raise SweepError(f"unknown option --{name}; did you mean --{closest[0]}?")
+    set_here = dict(SET_BY_SWEEP)
+    if lomo:
+        set_here["basis_modes"] = "--lomo sets it per run: the config's modes minus the one left out"
+    if devices:
+        set_here["device"] = "--devices gives each run its device"
+    for name in overrides:
+        if name in set_here:
+            raise SweepError(f"--{name} is set by the sweep for each run ({set_here[name]})")
+
+
+def validate_runs(preset: str, runs: list[PlannedRun]) -> dict[str, int]:
+    """Every run's config made and validated before anything starts; returns each run's steps."""
+    steps = {}
+    for run in runs:
+        try:
+            steps[run.name] = make_config(preset, run.overrides).steps
+        except InputError as e:
+            raise SweepError(f"run {run.name}: {e}") from None
+    return steps
+
+
+# ----------------------------------------------------------------------------- cores and devices
+
+
+def available_cores() -> int:
+    # sched_getaffinity honours a taskset or container limit; macOS has no such call.
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def thread_split(cores: int, concurrent: int, overrides: dict[str, str]) -> dict[str, str]:
+    """Each of `concurrent` runs gets its share of the cores for torch and for grading: runs that
+    each assume every core fight over them and can step 10-100x slower than alone."""
+    share = str(max(1, cores // concurrent))
+    return {"threads": share} if "grade_workers" in overrides else {"threads": share, "grade_workers": share}
+
+
+def device_slots(device: str, jobs: int | None, devices: list[str]) -> list[str | None]:
+    """One entry per run that may go at once: a device to pass, or None to keep the config's."""
+    if devices:
+        if jobs is not None:
+            raise SweepError("--jobs and --devices: give one (with --devices, one run per device at a time)")
+        not_gpus = [d for d in devices if not d.startswith("cuda")]
+        if not_gpus or len(devices) != len(set(devices)):
+            raise SweepError(f"--devices: expected distinct cuda devices (cuda:0,cuda:1), got {','.join(devices)}; "
+                             f"on CPU use --jobs")
+        return list(devices)
+    jobs = 1 if jobs is None else jobs
+    if jobs < 1:
+        raise SweepError(f"--jobs: must be >= 1, got {jobs}")
+    if jobs > 1 and device.startswith("cuda"):
+        raise SweepError(f"--jobs {jobs} on {device}: runs would share one GPU; list GPUs with --devices "
+                         f"cuda:0,cuda:1 or run one at a time")
+    return [None] * jobs
+
+
+def child_invocation(preset: str, overrides: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """The train command line and environment of one run."""
+    argv = [sys.executable, "-m", "projected_grpo.train", preset, *(f"--{k}={v}" for k, v in overrides.items())]
+    # OpenMP pools (MKL, OpenBLAS) size themselves before torch.set_num_threads can.
+    return argv, {**os.environ, "OMP_NUM_THREADS": overrides["threads"]}
+
+
+# ----------------------------------------------------------------------------- run directories
+
+
+def decide(run_dir: Path, steps: int) -> str:
+    """skip a finished run, resume an interrupted one, start fresh otherwise."""
+    summary_path, metrics = run_dir / "summary.json", run_dir / "metrics.jsonl"
+    if summary_path.exists():
+        try:
+            summary = json.loads(summary_path.read_text())
+        except json.JSONDecodeError as e:
+            raise SweepError(f"{summary_path}: not valid JSON ({e}); delete it to resume the run") from None
+        if summary.get("complete") is True and summary.get("steps_done") == steps:
+            return "skip"
+    if not metrics.exists():
+        return "fresh"
+    # Imported here: train pulls in torch and transformers (seconds), which a sweep of fresh runs never needs.
+    from .train import latest_checkpoint
+
+    if latest_checkpoint(run_dir) is None:
+        raise SweepError(f"{run_dir} has metrics.jsonl but no checkpoint to resume from; delete it or rename it")
+    return "resume"
+
+
+def settings_started_with(run_dir: Path) -> dict:
+    """threads, grade_workers and device of a run's config.json: train resumes only with the same
+    config, so a run resumed under another --jobs or on another GPU keeps the ones it started with."""
+    path = run_dir / "config.json"
+    try:
+        config = json.loads(path.read_text())
+        return {key: config[key] for key in ("threads", "grade_workers", "device")}
+    except (OSError, json.JSONDecodeError, KeyError) as e:
+        raise SweepError(f"{path}: cannot read the run's settings ({e}); delete or rename {run_dir}") from None
+
+
+def plan_actions(runs: list[PlannedRun], steps: dict[str, int], sweep_dir: Path, devices: list[str]) -> None:
+    """Decide every run's action up front, naming every run directory that cannot be resumed at once."""
+    problems = []
+    for run in runs:
+        run_dir = sweep_dir / run.name
+        try:
+            run.action = decide(run_dir, steps[run.name])
+            if run.action == "skip":
+                run.status = "done"
+            if run.action == "resume":
+                started = settings_started_with(run_dir)
+                run.overrides.update(resume="true", threads=str(started["threads"]),
+                                     grade_workers=str(started["grade_workers"]))
+                if devices:
+                    run.device = started["device"]
+                    if run.device not in devices:
+                        raise SweepError(f"{run_dir} started on {run.device}, which --devices does not list")
+        except SweepError as e:
+            problems.append(str(e))
+    if problems:
+        raise SweepError("; ".join(problems))
+
+
+# ----------------------------------------------------------------------------- sweep.json
+
+
+def git_state(directory: Path) -> tuple[str | None, bool | None]:
+    """(commit, uncommitted changes under `directory`) when it is tracked in a git checkout, else (None, None)."""
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=directory, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout if out.returncode == 0 else None
+
+    # An installed package inside some other repository (a venv in a project) is not tracked there.
+    if not git("ls-files", "--", "."):
+        return None, None
+    commit, status = git("rev-parse", "HEAD"), git("status", "--porcelain", "--", ".")
+    if commit is None or status is None:
+        return None, None
+    return commit.strip(), bool(status.strip())
+
+
+def sweep_record(preset: str, arms: list[tuple[str, str]], seeds: list[int], lomo_modes: list[str] | None,
+                 overrides: dict[str, str], jobs: int, devices: list[str]) -> dict:
+    """What sweep.json says about the study and the code that ran it; save_record adds the runs."""
+    commit, dirty = git_state(Path(__file__).parent)
+    return {"preset": preset, "arms": [arm_label(*arm) for arm in arms], "seeds": seeds, "lomo_modes": lomo_modes,
+            "overrides": overrides, "jobs": jobs, "devices": devices or None, "version": __version__,
+            "git_commit": commit, "git_dirty": dirty,
+            "started": datetime.now().astimezone().isoformat(timespec="seconds")}
+
+
+def check_same_study(path: Path, record: dict, force: bool) -> None:
+    if not path.exists() or force:
+        return
+    try:
+        before = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SweepError(f"{path}: not valid JSON ({e}); delete it, or pass --force to replace it") from None
+    differ = [f"{key}: {before.get(key)!r} there, {record[key]!r} now" for key in STUDY_KEYS
+              if before.get(key) != record[key]]
+    if differ:
+        raise SweepError(f"{path} records another sweep ({'; '.join(differ)}); choose another --name, or pass "
+                         f"--force to run this one into the same directory")
+
+
+def save_record(path: Path, record: dict, runs: list[PlannedRun]) -> None:
+    record["runs"] = [{"name": r.name, "action": r.action, "status": r.status, "exit_code": r.exit_code}
+                      for r in runs]
+    write_atomically(path, json.dumps(record, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def launch(preset: str, run: PlannedRun, device: str | None, log_path: Path) -> subprocess.Popen:
+    overrides = run.overrides if device is None else {**run.overrides, "device": device}
+    argv, env = child_invocation(preset, overrides)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as log:  # appended: a resumed run keeps the log of its first attempt
+        log.write(f"=== {datetime.now().isoformat(sep=' ', timespec='seconds')}  {shlex.join(argv)}\n")
+        log.flush()
+        # Its own process group: a Ctrl-C in the terminal reaches only the sweep, which forwards
+        # exactly one SIGINT (train stops at the next step boundary on the first, aborts on a second).
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                process_group=0)
+
+
+def run_all(preset: str, runs: list[PlannedRun], slots: list[str | None], log_dir: Path, on_finish) -> bool:
+    """Run the pending runs, one per slot at a time; on_finish(run, seconds) as each ends.
+    Returns whether Ctrl-C stopped the sweep: no new runs, running ones told to stop."""
+    pending = [r for r in runs if r.action != "skip"]
+    running: dict[int, tuple[PlannedRun, subprocess.Popen, float]] = {}  # slot index -> run
+    interrupts, forwarded = [], 0
+
+    def on_sigint(signum, frame):
+        interrupts.append(signum)
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_sigint) if in_main else None
+    try:
+        while running or (pending and not interrupts):
+            if len(interrupts) > forwarded:
+                forwarded = len(interrupts)
+                again = "" if forwarded > 1 else " (Ctrl-C again to abort them now)"
+                print(f"\nCtrl-C: no new runs; {len(running)} running stop after their current step{again}",
+                      file=sys.stderr)
+                for _, proc, _ in running.values():
+                    proc.send_signal(signal.SIGINT)
+            for slot, device in enumerate(slots):
+                if interrupts or slot in running:
+                    continue
+                run = next((r for r in pending if r.device in (None, device)), None)
+                if run is not None:
+                    pending.remove(run)
+                    running[slot] = (run, launch(preset, run, device, log_dir / f"{run.name}.log"),
+                                     time.monotonic())
+            for slot, (run, proc, started) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[slot]
+                run.exit_code = proc.returncode
+                run.status = "done" if proc.returncode == 0 else "interrupted" if interrupts else "failed"
+                on_finish(run, time.monotonic() - started)
+            time.sleep(POLL_SECONDS)
+    finally:
+        if in_main:
+            signal.signal(signal.SIGINT, previous)
+    return bool(interrupts)
+
+
+def finished_line(run: PlannedRun, run_dir: Path, log_path: Path, seconds: float) -> str:
+    if run.status == "failed":
+        return f"FAILED (exit {run.exit_code}) after {seconds:.0f} s, log: {log_path}"
+    if run.status == "interrupted":
+        return f"interrupted (exit {run.exit_code}) after {seconds:.0f} s; run the sweep again to resume it"
+    try:
+        last5 = json.loads((run_dir / "summary.json").read_text())["last5"]
+    except (OSError, json.JSONDecodeError, KeyError):
+        return f"done in {seconds:.0f} s (no readable summary.json)"
+    hack, solve = (("n/a" if last5.get(k) is None else f"{last5[k]:.2f}") for k in ("hack_s", "gt_s"))
+    return f"done in {seconds:.0f} s  hack {hack} solve {solve}"
+
+
+def execute(preset: str, runs: list[PlannedRun], slots: list[str | None], sweep_dir: Path, record: dict) -> int:
+    record_path, log_dir = sweep_dir / "sweep.json", sweep_dir / "logs"
+    counts = {a: sum(r.action == a for r in runs) for a in ("fresh", "resume", "skip")}
+    print(f"sweep {sweep_dir}: {len(runs)} runs ({counts['fresh']} to start, {counts['resume']} to resume, "
+          f"{counts['skip']} already complete), {len(slots)} at a time; logs in {log_dir}")
+    save_record(record_path, record, runs)
+    todo, finished = len(runs) - counts["skip"], []
+
+    def on_finish(run: PlannedRun, seconds: float) -> None:
+        finished.append(run)
+        line = finished_line(run, sweep_dir / run.name, log_dir / f"{run.name}.log", seconds)
+        print(f"[{len(finished)}/{todo}] {run.name}  {line}", flush=True)
+        save_record(record_path, record, runs)
+
+    start = time.monotonic()
+    interrupted = run_all(preset, runs, slots, log_dir, on_finish)
+    failed = [r for r in runs if r.status == "failed"]
+    left = [r for r in runs if r.status in ("pending", "interrupted")]
+    print(f"sweep {sweep_dir}: {sum(r.status == 'done' for r in runs)}/{len(runs)} complete, {len(failed)} failed, "
+          f"{len(left)} not finished, in {time.monotonic() - start:.0f} s")
+    for run in failed:
+        print(f"  failed: {run.name} (exit {run.exit_code}), log: {log_dir / f'{run.name}.log'}", file=sys.stderr)
+    if interrupted and left:
+        print("  run the same command again to resume the unfinished runs", file=sys.stderr)
+    print(f"tables: python -m projected_grpo.results {sweep_dir}")
+    return 1 if failed else 130 if interrupted else 0
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m projected_grpo.sweep", allow_abbrev=False,
+                                     description=__doc__.split("\n")[0],
+                                     epilog="any other --field=value goes to every run")
+    parser.add_argument("preset")
+    parser.add_argument("--arms", default="none,erase,route", help="intervention[:control],... (default: %(default)s)")
+    parser.add_argument("--seeds", default="1,2,3", help="comma-separated (default: %(default)s)")
+    parser.add_argument("--jobs", type=int, help="runs at a time on CPU, the cores split between them (default 1)")
+    parser.add_argument("--devices", default="", help="GPUs to spread runs over, one run each: cuda:0,cuda:1")
+    parser.add_argument("--name", help="the sweep's directory under out/sweeps (default: the preset)")
+    parser.add_argument("--lomo", action="store_true",
+                        help="leave each of the config's modes out of the basis in turn (modes x arms x seeds)")
+    parser.add_argument("--force", action="store_true", help="run into a directory whose sweep.json differs")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, rest = _parser().parse_known_args(sys.argv[1:] if argv is None else argv)
+    devices = [d for d in args.devices.split(",") if d]
+    try:
+        overrides = parse_overrides(rest)
+        check_overrides(overrides, lomo=args.lomo, devices=bool(devices))
+        base = make_config(args.preset, overrides)
+        name = args.name or args.preset
+        if "/" in name or name in (".", ".."):
+            raise SweepError(f"--name: {name!r} must be a plain directory name")
+        arms, seeds = parse_arms(args.arms), parse_seeds(args.seeds)
+        slots = device_slots(base.device, args.jobs, devices)
+        for device in devices:
+            make_config(args.preset, {**overrides, "device": device})
+        lomo_modes = list(base.mode_list) if args.lomo else None
+        if lomo_modes is not None and len(lomo_modes) < 2:
+            raise SweepError(f"--lomo: needs at least two modes to leave one out, got --modes={base.modes}")
+        sweep_dir = SWEEPS_ROOT / name
+        runs = expand_grid(args.preset, arms, seeds, lomo_modes, overrides, sweep_dir)
+        split = thread_split(available_cores(), len(slots), overrides)
+        for run in runs:
+            run.overrides.update(split)
+        steps = validate_runs(args.preset, runs)
+        record = sweep_record(args.preset, arms, seeds, lomo_modes, overrides, len(slots), devices)
+        check_same_study(sweep_dir / "sweep.json", record, args.force)
+        plan_actions(runs, steps, sweep_dir, devices)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return execute(args.preset, runs, slots, sweep_dir, record)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
