@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from projected_grpo import __version__, sweep
-from projected_grpo.config import make_config
+from projected_grpo.config import MODES, make_config
 from projected_grpo.results import build_report
 
 SWEEP_DIR = Path("out/sweeps/study")
@@ -41,6 +41,22 @@ def test_lomo_leaves_each_mode_out_of_the_basis_and_trains_on_all():
         assert run.overrides["basis_modes"] == ",".join(m for m in modes if m != left_out)
         assert run.overrides["modes"] == ",".join(modes)
     assert runs[0].name == "fast-none-s1-lomo-run_tests" and runs[-1].name == "fast-erase-s2-lomo-exit_code"
+
+
+def test_lomo_sweep_plans_one_run_per_mode_in_its_own_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    planned = {}
+
+    def execute(preset, runs, slots, sweep_dir, record):  # the plan, not the runs
+        planned.update(runs=runs, sweep_dir=sweep_dir, record=record)
+        return 0
+
+    monkeypatch.setattr(sweep, "execute", execute)
+    assert sweep.main(["smoke", "--lomo", "--arms", "erase", "--seeds", "1"]) == 0
+    assert planned["sweep_dir"] == Path("out/sweeps/smoke-lomo")
+    assert planned["record"]["lomo_modes"] == list(MODES)
+    assert [r.overrides["basis_modes"].split(",") for r in planned["runs"]] == [
+        [m for m in MODES if m != left_out] for left_out in MODES]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -8,8 +8,8 @@ a child `python -m projected_grpo.train PRESET ...` writing out/sweeps/<name>/<r
 name defaults to the preset), with its output in out/sweeps/<name>/logs/<run_name>.log, so that
 `python -m projected_grpo.results out/sweeps/<name>` tables the study. Running the same command
 again skips finished runs and resumes interrupted ones. `--lomo` trains every run on all of the
-config's modes but builds the basis without one of them, each mode in turn: does V reach the
-hack it never saw? Extra `--field=value` overrides go to every run.
+config's modes but builds the basis without one of them, each mode in turn (name: <preset>-lomo):
+does V reach the hack it never saw? Extra `--field=value` overrides go to every run.
 """
 
 from __future__ import annotations
@@ -395,7 +395,7 @@ def execute(preset: str, runs: list[PlannedRun], slots: list[str | None], sweep_
     if interrupted and left:
         print("  run the same command again to resume the unfinished runs", file=sys.stderr)
     print(f"tables: python -m projected_grpo.results {sweep_dir}")
-    return 1 if failed else 130 if interrupted else 0
+    return 1 if failed else 130 if interrupted and left else 0
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -410,7 +410,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", default="1,2,3", help="comma-separated (default: %(default)s)")
     parser.add_argument("--jobs", type=int, help="runs at a time on CPU, the cores split between them (default 1)")
     parser.add_argument("--devices", default="", help="GPUs to spread runs over, one run each: cuda:0,cuda:1")
-    parser.add_argument("--name", help="the sweep's directory under out/sweeps (default: the preset)")
+    parser.add_argument("--name", help="the sweep's directory under out/sweeps (default: the preset, or "
+                                        "<preset>-lomo with --lomo)")
     parser.add_argument("--lomo", action="store_true",
                         help="leave each of the config's modes out of the basis in turn (modes x arms x seeds)")
     parser.add_argument("--force", action="store_true", help="run into a directory whose sweep.json differs")
@@ -424,7 +425,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides = parse_overrides(rest)
         check_overrides(overrides, lomo=args.lomo, devices=bool(devices))
         base = make_config(args.preset, overrides)
-        name = args.name or args.preset
+        # A LOMO study is another study of the same preset: its own directory by default.
+        name = args.name or (f"{args.preset}-lomo" if args.lomo else args.preset)
         if "/" in name or name in (".", ".."):
             raise SweepError(f"--name: {name!r} must be a plain directory name")
         arms, seeds = parse_arms(args.arms), parse_seeds(args.seeds)
