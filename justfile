@@ -60,6 +60,14 @@ results *args:
 evaluate *args:
     python -m projected_grpo.evaluate {{args}}
 
+# a grid of runs in out/sweeps/<name>: just sweep smoke --arms none,erase,erase:random --seeds 1,2,3 --jobs 2
+sweep *args:
+    python -m projected_grpo.sweep {{args}}
+
+# the leave-one-mode-out study in out/sweeps/<preset>-lomo: just lomo --preset smoke --seeds 1
+lomo *args:
+    python -m projected_grpo.sweep --lomo --arms none,erase,route,erase:random,screen,trusted {{args}}
+
 # PNG plots per question under out/plots, which `results` then links (needs pip install -e '.[plot]')
 plots *args:
     python -m projected_grpo.plots {{args}}

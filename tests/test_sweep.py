@@ -52,7 +52,7 @@ def test_lomo_sweep_plans_one_run_per_mode_in_its_own_directory(tmp_path, monkey
         return 0
 
     monkeypatch.setattr(sweep, "execute", execute)
-    assert sweep.main(["smoke", "--lomo", "--arms", "erase", "--seeds", "1"]) == 0
+    assert sweep.main(["--lomo", "--preset", "smoke", "--arms", "erase", "--seeds", "1"]) == 0  # as `just lomo` says
     assert planned["sweep_dir"] == Path("out/sweeps/smoke-lomo")
     assert planned["record"]["lomo_modes"] == list(MODES)
     assert [r.overrides["basis_modes"].split(",") for r in planned["runs"]] == [

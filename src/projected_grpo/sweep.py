@@ -405,7 +405,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m projected_grpo.sweep", allow_abbrev=False,
                                      description=__doc__.split("\n")[0],
                                      epilog="any other --field=value goes to every run")
-    parser.add_argument("preset")
+    parser.add_argument("preset", nargs="?", help="smoke, fast or full (or --preset NAME)")
+    parser.add_argument("--preset", dest="preset_option", metavar="PRESET", help=argparse.SUPPRESS)
     parser.add_argument("--arms", default="none,erase,route", help="intervention[:control],... (default: %(default)s)")
     parser.add_argument("--seeds", default="1,2,3", help="comma-separated (default: %(default)s)")
     parser.add_argument("--jobs", type=int, help="runs at a time on CPU, the cores split between them (default 1)")
@@ -419,7 +420,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, rest = _parser().parse_known_args(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if bool(args.preset) == bool(args.preset_option):
+        parser.error("give one preset: `sweep PRESET ...` or `sweep --preset PRESET ...`")
+    args.preset = args.preset or args.preset_option
     devices = [d for d in args.devices.split(",") if d]
     try:
         overrides = parse_overrides(rest)
