@@ -81,7 +81,14 @@ def resolve_pool(cfg: Config, train) -> Pool | None:
         path = Path("out/pools") / f"fixture-{key}"
         if not (path / "meta.json").exists():
             log.info("building the fixture teacher pool at %s", path)
-            build_pool(path, train, workers=cfg.grade_workers or None)
+            # Built aside and renamed into place: runs of a sweep may build the same pool at once.
+            tmp = path.with_name(f".{path.name}-{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            build_pool(tmp, train, workers=cfg.grade_workers or None)
+            try:
+                os.replace(tmp, path)
+            except OSError:  # another run got there first; its pool is the same
+                shutil.rmtree(tmp)
     try:
         pool = load_pool(path, modes=cfg.mode_list)
     except PoolFormatError as e:
