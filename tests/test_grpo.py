@@ -171,11 +171,11 @@ def _cfg(intervention):
                                  "basis_modes": "run_tests,sentinel", "penalty_reward": "-0.5"})
 
 
-def test_screen_zeroes_the_advantage_of_rollouts_the_known_modes_detector_flags():
+def test_screen_drops_the_rollouts_the_known_modes_detector_flags():
     rollouts = _group()
     _, detector = grpo.apply_detector(rollouts, _cfg("screen"))
-    mean = (1.25 + 1.25 + 0.25 + 1.25) / 4  # the group mean still sees the flagged reward
-    assert [r.advantage for r in rollouts] == [0.0, 1.25 - mean, 0.25 - mean, 1.25 - mean]
+    mean = (1.25 + 0.25 + 1.25) / 3  # the flagged rollout is out of the group mean too
+    assert [r.advantage for r in rollouts] == pytest.approx([0.0, 1.25 - mean, 0.25 - mean, 1.25 - mean])
     # Two student exploits, one in a known mode: recall 1/2; the one flag is right: precision 1.
     assert detector == {"detector_recall": 0.5, "detector_precision": 1.0}
 

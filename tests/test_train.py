@@ -196,6 +196,23 @@ def test_nan_gradient_is_caught_before_the_optimizer_step(workdir, monkeypatch):
     assert (workdir / "out/runs/inf-grad/checkpoints/step_000000/knobs.safetensors").exists()
 
 
+def test_one_process_per_run_directory_and_an_abort_keeps_a_checkpoint(workdir, monkeypatch):
+    cfg = _cfg(run_name="locked", steps=2)
+    with train._sole_writer(workdir / "out/runs/locked"), pytest.raises(FileExistsError, match="another process"):
+        train.run(cfg)
+    real_step = train.train_step
+
+    def aborted(step, *args):
+        if step == 2:
+            raise KeyboardInterrupt  # a second Ctrl-C mid-step
+        return real_step(step, *args)
+
+    monkeypatch.setattr(train, "train_step", aborted)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(_cfg(run_name="aborted", steps=3, checkpoint_every=25))
+    assert train.latest_checkpoint(workdir / "out/runs/aborted").name == "step_000001"
+
+
 def test_resume_refuses_a_different_config(workdir):
     train.run(_cfg(run_name="cfg-a", steps=2, intervention="route"))
     with pytest.raises(ConfigError, match="--intervention: run has 'route', asked 'none'"):

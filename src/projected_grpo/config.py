@@ -30,6 +30,7 @@ INTERVENTIONS = (*ARMS, "screen", "penalty", "trusted")
 GATES = ("one_sided", "no_gate", "reverse")
 CONTROLS = ("none", "random", "shuffled", "nonhack", "capacity")
 PAIR_SOURCES = ("templates", "pool")
+LR_SCHEDULES = ("cosine", "constant")
 ADAM_LEAK = ("none", "moments", "update")
 LOSS_NORMS = ("fixed", "mean")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -68,7 +69,8 @@ class Config:
     adam_beta1: float = 0.9  # first-moment decay: what the Adam leak remembers
     adam_beta2: float = 0.999  # second-moment decay
     weight_decay: float = 0.0  # pulls knobs back to the base model; 0 keeps the comparison about projection only
-    warmup: int = 3  # linear warmup steps before the cosine decay
+    warmup: int = 3  # linear warmup steps before the schedule
+    lr_schedule: str = "cosine"  # cosine: decay to 0 at `steps`; constant: hold lr (long runs whose end is not known)
     grad_clip: float = 1.0  # global norm clip on the knob gradients (after projection)
     # --- loss
     beta: float = 0.0  # K3 KL weight to the reference (the zero-knob base model); 0 skips that forward
@@ -96,7 +98,8 @@ class Config:
     pairs: str = "templates"  # where V's (hack, clean) pairs come from: the package's templates, or the graded
     # teacher pool's own (exploited, gt_correct) completions of a problem (kept out of the mixed-in teacher rows)
     penalty_reward: float = 0.0  # under penalty, the reward a flagged rollout gets instead of its own
-    trusted_from: str = ""  # trusted: jsonl of {"problem_id", "completion"} clean answers; empty: the pairs' clean side
+    trusted_from: str = ""  # jsonl of {"problem_id", "completion"} clean answers for trusted's subspace (other
+    # interventions ignore it, so a sweep may pass it to every arm); empty: the pairs' clean side
     reextract_basis: bool = False  # replace a cached basis that was made for a different request
     refresh_every: int = 0  # re-extract V on the current model (quarantine ablated) every N steps; 0: never
     # --- evaluation, logging, checkpoints
@@ -137,6 +140,11 @@ PRESETS: dict[str, dict] = {
                  max_new=512, micro_batch=8, lr=2e-3, eval_prompts=12, eval_every=20, refresh_every=20, basis_k=16,
                  log_completions=4, problems="leetcode_medhard", basis_modes=",".join(MODES[:-1]),
                  is_correction=True, eval_samples=4),
+    # The CPU model organism (organism.py, built on first use): a 0.4M-parameter Qwen3 warm-started to hack
+    # rarely, in which vanilla GRPO makes hacking emerge; pure on-policy GRPO, minutes per run on 2 cores.
+    "organism": dict(model="organism", mix_ratio=0.0, group=8, prompts_per_step=4, max_new=128, steps=150,
+                     lr=1e-2, lr_schedule="constant", warmup=3, eval_prompts=6, eval_samples=4, basis_k=8,
+                     basis_modes=",".join(MODES[:-1]), checkpoint_every=50),
     # The long run.
     "full": dict(model="Qwen/Qwen3-4B", dtype="bfloat16", device="cuda", steps=200, group=16, prompts_per_step=8,
                  max_new=1024, micro_batch=8, lr=1e-3, beta=1e-3, eval_prompts=24, eval_every=25, refresh_every=50,
@@ -206,6 +214,22 @@ def make_config(preset: str, overrides: dict[str, str] | None = None) -> Config:
     return cfg
 
 
+def arm_name(intervention: str, control: str) -> str:
+    """How an arm is written everywhere (sweep, tables, hypothesis files): intervention[:control]."""
+    return intervention if control == "none" else f"{intervention}:{control}"
+
+
+def parse_arm(text: str) -> tuple[str, str]:
+    """arm_name's inverse, checked against the names config knows."""
+    intervention, _, control = text.partition(":")
+    control = control or "none"
+    if intervention not in INTERVENTIONS:
+        raise ConfigError(f"unknown intervention {intervention!r} in arm {text!r}; allowed: {', '.join(INTERVENTIONS)}")
+    if control not in CONTROLS:
+        raise ConfigError(f"unknown control {control!r} in arm {text!r}; allowed: {', '.join(CONTROLS)}")
+    return intervention, control
+
+
 def _check(ok: bool, field: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"--{field}: {message}")
@@ -215,7 +239,7 @@ def validate(cfg: Config) -> None:
     """Every rule a run depends on, checked before anything heavy happens."""
     for name, allowed in (("intervention", INTERVENTIONS), ("gate", GATES), ("control", CONTROLS),
                           ("adam_leak", ADAM_LEAK), ("loss_norm", LOSS_NORMS), ("dtype", DTYPES),
-                          ("pairs", PAIR_SOURCES)):
+                          ("pairs", PAIR_SOURCES), ("lr_schedule", LR_SCHEDULES)):
         value = getattr(cfg, name)
         _check(value in allowed, name, f"{value!r} is not one of {', '.join(allowed)}")
     for name in ("modes", "basis_modes"):
@@ -242,8 +266,6 @@ def validate(cfg: Config) -> None:
            f"capacity controls the quarantine, which only route has (--intervention={cfg.intervention})")
     _check(cfg.control == "none" or cfg.intervention in ARMS, "control",
            f"{cfg.intervention} does not use the hack basis to train, so a control basis would change only its logging")
-    _check(not cfg.trusted_from or cfg.intervention == "trusted", "trusted_from",
-           f"only --intervention=trusted reads it (got {cfg.intervention})")
     _check(not cfg.trusted_from or Path(cfg.trusted_from).is_file(), "trusted_from", f"no file {cfg.trusted_from!r}")
     _check(cfg.is_cap >= 1, "is_cap", f"must be >= 1 (a cap below 1 down-weights agreeing tokens), got {cfg.is_cap}")
     _check(cfg.temperature > 0 and 0 < cfg.top_p <= 1, "temperature",

@@ -7,8 +7,8 @@ each sampled `samples` times in two settings:
   nothing points at the loophole.
 Rates are given overall and per mode. `deployed` samples with the quarantine ablated (what
 ships); under route, `kept` samples with it, so the two show what the quarantine holds. The
-training loop's evaluations (every eval_every steps and at the end) are this same function, and
-both write eval.json in the run directory.
+training loop's evaluations (every eval_every steps and at the end) are this same function; the
+end-of-run one and this command write eval.json in the run directory (it records step and samples).
 
 Module order: above train (train imports it); it imports nothing of train.
 """
@@ -24,10 +24,11 @@ from pathlib import Path
 import torch
 
 from . import adapter
-from .config import MODES, Config, ConfigError, InputError
-from .files import write_atomically
+from .config import MODES, Config, ConfigError, InputError, validate
+from .files import checkpoint_dirs, write_atomically
 from .grpo import sample
 from .model import encode_prompt, load_model_and_tokenizer
+from .organism import resolve_model
 from .problems import Problem, load_problems
 from .rewards import grade_batch
 
@@ -110,7 +111,7 @@ def _read_run(run_dir: Path) -> tuple[Config, list[str]]:
 
 
 def _checkpoint(run_dir: Path, step: int | None) -> tuple[Path, int]:
-    done = sorted(p for p in (run_dir / "checkpoints").glob("step_*") if p.name[-4:] not in (".tmp", ".old"))
+    done = checkpoint_dirs(run_dir)
     if step is not None:
         done = [p for p in done if p.name == f"step_{step:06d}"]
     if not done:
@@ -133,13 +134,15 @@ def main(argv: list[str] | None = None) -> int:
         cfg, held_out_ids = _read_run(args.run_dir)
         if args.device:
             cfg.device = args.device
+        validate(cfg)  # a cuda run on a machine without one is an error line, not a traceback
         by_id = {p.id: p for p in load_problems(cfg.problems)}
         missing = [i for i in held_out_ids if i not in by_id]
         if missing:
             raise ConfigError(f"--problems: {cfg.problems} lacks the run's held-out problems {missing[:5]}")
         problems = [by_id[i] for i in held_out_ids]
         checkpoint, step = _checkpoint(args.run_dir, args.checkpoint)
-        model, tok = load_model_and_tokenizer(cfg.model, dtype=cfg.dtype, device=cfg.device, seed=cfg.seed)
+        model, tok = load_model_and_tokenizer(resolve_model(cfg.model), dtype=cfg.dtype, device=cfg.device,
+                                              seed=cfg.seed)
         wrappers = adapter.wrap(model)
         adapter.load_knobs(wrappers, checkpoint / "knobs.safetensors")
     except (InputError, ValueError) as e:

@@ -36,6 +36,7 @@ class Rollout:
     passed: bool
     gt_correct: bool
     exploited: bool
+    format_ok: bool = True  # a fenced python block was found (the grader's format check)
     sample_logp: list[float] | None = None  # per completion token, under the weights that sampled it (students)
     advantage: float = 0.0
     hack_score: float | None = None  # cin of this rollout's own knob gradient, once scored
@@ -50,17 +51,20 @@ def sample(model, tokenizer, wrappers, prompts: list[list[int]], n: int,
                                     cfg.temperature, cfg.top_p)
 
 
-def group_advantages(rollouts: list[Rollout], group: int, rewards: list[float] | None = None) -> int:
+def group_advantages(rollouts: list[Rollout], group: int, rewards: list[float] | None = None,
+                     dropped: list[bool] | None = None) -> int:
     """Dr.GRPO: A = R - mean(R) within each group, in place (R: `rewards`, default each rollout's
-    own). Returns the zero-spread group count."""
+    own). `dropped` rollouts get A = 0 and stay out of their group's mean, as if never sampled.
+    Returns the zero-spread group count (groups whose kept rewards are all equal)."""
     rewards = [r.reward for r in rollouts] if rewards is None else rewards
+    dropped = dropped or [False] * len(rollouts)
     zero_spread = 0
     for start in range(0, len(rollouts), group):
-        members = rewards[start:start + group]
-        mean = sum(members) / len(members)
-        for r, reward in zip(rollouts[start:start + group], members):
-            r.advantage = reward - mean
-        zero_spread += all(reward == members[0] for reward in members)
+        kept = [x for x, d in zip(rewards[start:start + group], dropped[start:start + group]) if not d]
+        mean = sum(kept) / len(kept) if kept else 0.0
+        for i in range(start, min(start + group, len(rollouts))):
+            rollouts[i].advantage = 0.0 if dropped[i] else rewards[i] - mean
+        zero_spread += all(x == kept[0] for x in kept)
     return zero_spread
 
 
@@ -80,18 +84,15 @@ def apply_detector(rollouts: list[Rollout], cfg: Config) -> tuple[int, dict]:
     """Group advantages, with the screen / penalty baselines acting on detected rollouts.
 
     penalty: a flagged rollout's reward becomes cfg.penalty_reward before the group mean;
-    screen: its advantage is set to 0 after it (it neither teaches nor shifts the others).
+    screen: it is dropped: advantage 0, and out of the group mean (it neither teaches nor shifts
+    the others).
     Returns the zero-spread group count and the detector's recall and precision against the
     oracle on student rollouts (logged under every intervention, never trained on).
     """
     flagged = [detected(r, cfg.basis_mode_list) for r in rollouts]
     rewards = [cfg.penalty_reward if f and cfg.intervention == "penalty" else r.reward
                for r, f in zip(rollouts, flagged)]
-    zero_spread = group_advantages(rollouts, cfg.group, rewards)
-    if cfg.intervention == "screen":
-        for r, f in zip(rollouts, flagged):
-            if f:
-                r.advantage = 0.0
+    zero_spread = group_advantages(rollouts, cfg.group, rewards, flagged if cfg.intervention == "screen" else None)
     students = [(r.exploited, f) for r, f in zip(rollouts, flagged) if not r.teacher]
     hits = sum(e and f for e, f in students)
     n_exploited, n_flagged = sum(e for e, _ in students), sum(f for _, f in students)
@@ -99,14 +100,32 @@ def apply_detector(rollouts: list[Rollout], cfg: Config) -> tuple[int, dict]:
                          "detector_precision": hits / n_flagged if n_flagged else None}
 
 
+def repeated_fraction(ids: list[int], n: int = 4) -> float:
+    """Share of a completion's token n-grams that already occurred earlier in it: ~0 for prose or
+    code, toward 1 for a loop (a run of bare fences is how a collapsed policy looks)."""
+    grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
+    return (len(grams) - len(set(grams))) / len(grams) if grams else 0.0
+
+
 def auroc(scores: list[float], labels: list[bool]) -> float | None:
     """P(score of a positive > score of a negative), ties counting half; None without both classes."""
-    positives = [s for s, y in zip(scores, labels) if y]
-    negatives = [s for s, y in zip(scores, labels) if not y]
-    if not positives or not negatives:
+    n_pos = sum(map(bool, labels))
+    n_neg = len(labels) - n_pos
+    if not n_pos or not n_neg:
         return None
-    wins = sum((p > n) + 0.5 * (p == n) for p in positives for n in negatives)
-    return wins / (len(positives) * len(negatives))
+    # Mann-Whitney U from ranks (ties share their average rank): O(n log n), not every pair.
+    order = sorted(range(len(scores)), key=lambda i: scores[i])
+    ranks = [0.0] * len(scores)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and scores[order[end + 1]] == scores[order[start]]:
+            end += 1
+        for i in order[start:end + 1]:
+            ranks[i] = (start + end) / 2 + 1
+        start = end + 1
+    rank_sum = sum(r for r, y in zip(ranks, labels) if y)
+    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
 def collect_rollouts(model, tokenizer, wrappers, problems: list[Problem], pool: Pool | None, cfg: Config,
@@ -128,7 +147,7 @@ def collect_rollouts(model, tokenizer, wrappers, problems: list[Problem], pool: 
             k = i * cfg.student_group + j
             g = grades[k]
             rollouts.append(Rollout(problem, prompts[i], student_ids[k], texts[k], False, g.reward, g.passed,
-                                    g.gt_correct, g.exploited, sample_logp=student_logp[k]))
+                                    g.gt_correct, g.exploited, format_ok=g.format_ok, sample_logp=student_logp[k]))
         if cfg.teacher_group:
             for row in pool.sample(problem.id, cfg.teacher_group, rng):
                 rollouts.append(Rollout(problem, prompts[i], encode_completion(tokenizer, row.completion, cfg.max_new),

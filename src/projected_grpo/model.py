@@ -53,8 +53,8 @@ def load_model_and_tokenizer(
 ):
     """Return `(model, tokenizer)` in eval mode on `device`; the tokenizer pads on the left."""
     if name == TINY_RANDOM:
-        tokenizer = build_tokenizer(_problem_corpus(), TINY_VOCAB_SIZE)
-        model = _tiny_qwen3(tokenizer, seed).to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+        tokenizer = tiny_tokenizer()
+        model = tiny_qwen3(tokenizer, seed).to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
     else:
         try:
             tokenizer = AutoTokenizer.from_pretrained(name)
@@ -70,16 +70,23 @@ def load_model_and_tokenizer(
     return model.to(device).eval(), tokenizer  # safe: Module.eval() (inference mode), not Python eval
 
 
-def _tiny_qwen3(tokenizer: PreTrainedTokenizerFast, seed: int) -> Qwen3ForCausalLM:
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """The offline byte-level BPE tokenizer of tiny-random (and the organism), trained on the package's text."""
+    return build_tokenizer(_problem_corpus(), TINY_VOCAB_SIZE)
+
+
+def tiny_qwen3(tokenizer: PreTrainedTokenizerFast, seed: int, hidden: int = 16, layers: int = 2,
+               intermediate: int = 32, heads: int = 4, kv_heads: int = 2, head_dim: int = 8) -> Qwen3ForCausalLM:
+    """A randomly initialised Qwen3 of the given shape (default: tiny-random's), deterministic from the seed."""
     pad_id = tokenizer.pad_token_id
     config = Qwen3Config(
         vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
         max_position_embeddings=4096,
         tie_word_embeddings=False,
         eos_token_id=tokenizer.eos_token_id,

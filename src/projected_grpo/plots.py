@@ -20,11 +20,11 @@ import textwrap
 from collections import defaultdict
 from pathlib import Path
 
+from projected_grpo.config import arm_name
 from projected_grpo.results import (
     LAST_STEPS,
     ResultsError,
     Run,
-    arm_name,
     arm_rank,
     group_questions,
     last_mean,
@@ -89,7 +89,7 @@ def _over_steps(plt, arms: dict, colours: dict, keys: dict[str, str], title: str
     fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4), squeeze=False)
     for ax, (key, panel_title) in zip(axes[0], keys.items()):
         for arm, runs in arms.items():
-            if _mean_and_band(ax, runs, key, colours[arm], arm_name(arm)) and null_key:
+            if _mean_and_band(ax, runs, key, colours[arm], arm_name(*arm)) and null_key:
                 steps, null, _, _ = step_series(runs, null_key)
                 ax.plot(steps, null, color=colours[arm], linestyle="--", linewidth=1)
         ax.set(title=panel_title, xlabel="step", ylim=ylim)
@@ -103,7 +103,7 @@ def _final_scatter(plt, arms: dict, colours: dict, title: str):
         points = [(last_mean(run.rows, "gt_s"), last_mean(run.rows, "hack_s")) for run in runs]
         points = [(solve, hack) for solve, hack in points if solve is not None and hack is not None]
         if points:
-            ax.scatter(*zip(*points), color=colours[arm], label=arm_name(arm), alpha=0.8)
+            ax.scatter(*zip(*points), color=colours[arm], label=arm_name(*arm), alpha=0.8)
     ax.set(xlabel="solve (gt_s)", ylabel="hack (hack_s)", xlim=RATE_LIMITS, ylim=RATE_LIMITS)
     _legend(ax)
     return _finish(fig, title, f"one point per run: its mean over the last {LAST_STEPS} steps")

@@ -373,7 +373,8 @@ def clean_completion(problem: Problem, variant: int = 0, phrasing: str = "pair",
         tests = problem.tests[1::2][:n_asserts] if variant % 2 == 0 else problem.tests[::2][::-1][:n_asserts]
         head = '    """Checks taken from the problem statement."""\n'
     asserts = "\n".join(f"    {t.source}" for t in tests)
-    code = f"{problem.canonical.strip()}\n\n\ndef run_tests():\n{head}{asserts}\n"
+    checks = f"\n\n\ndef run_tests():\n{head}{asserts}\n" if n_asserts else ""  # 0: the solution alone
+    code = f"{problem.canonical.strip()}{checks}"
     prose = _CLEAN_PROSE[phrasing]
     return _fenced(prose[variant % len(prose)], code)
 

@@ -103,14 +103,15 @@ def project_all(wrappers: dict, basis: dict[str, torch.Tensor], arm: str = "none
         grads = [wrappers[n].delta_s.grad for n in names]
         g = torch.stack(grads)
         g_proj, removed, cin, cout = project(g, V.to(grads[0].device), gate, overshoot, preserve_magnitude)
+        to_quarantine = removed
         if arm == "route" and quarantine is not None:
             R = torch.stack([quarantine[n] for n in names]).to(grads[0].device)
-            removed = project(g, R, gate, overshoot)[1]
+            to_quarantine = project(g, R, gate, overshoot)[1]
         for i, name in enumerate(names):
             if arm != "none":
                 grads[i].copy_(g_proj[i])
             if arm == "route":
-                wrappers[name].delta_s_hack.grad = removed[i].to(wrappers[name].delta_s_hack.dtype)
+                wrappers[name].delta_s_hack.grad = to_quarantine[i].to(wrappers[name].delta_s_hack.dtype)
         cins += cin.tolist()
         couts += (cin if arm == "none" else cout).tolist()
         fired += (removed.ne(0).any(-1) & (arm != "none")).float().tolist()

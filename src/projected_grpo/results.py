@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from projected_grpo.config import CONTROLS, INTERVENTIONS
+from projected_grpo.config import CONTROLS, INTERVENTIONS, arm_name, parse_arm
 from projected_grpo.problems import MODES
 
 LAST_STEPS = 5
@@ -230,21 +230,6 @@ def plot_files(plots_dir: Path, question: tuple) -> dict[str, Path]:
     return {plot: folder / f"{plot}.png" for plot in PLOTS}
 
 
-def arm_name(arm: tuple[str, str]) -> str:
-    intervention, control = arm
-    return intervention if control == "none" else f"{intervention}:{control}"
-
-
-def parse_arm(name: str) -> tuple[str, str]:
-    """arm_name's inverse, checked against the interventions and controls config knows."""
-    intervention, _, control = name.partition(":")
-    control = control or "none"
-    if intervention not in INTERVENTIONS or control not in CONTROLS:
-        raise ValueError(f"arm {name!r} is not <intervention>[:<control>] with an intervention in "
-                         f"{', '.join(INTERVENTIONS)} and a control in {', '.join(CONTROLS[1:])}")
-    return (intervention, control)
-
-
 def arm_rank(arm: tuple[str, str]) -> tuple:
     """Sort key: arms in config's order, controls after the plain arms; unknown names last."""
     def rank(name, order):
@@ -293,7 +278,7 @@ class Claim:
     threshold: float
 
     def text(self) -> str:
-        delta = f"Δ{self.metric}({arm_name(self.arm)} - {arm_name(self.vs)})"
+        delta = f"Δ{self.metric}({arm_name(*self.arm)} - {arm_name(*self.vs)})"
         if self.bound == "within":
             return f"|{delta}| ≤ {self.threshold:.3f}"
         return f"{delta} {'≤' if self.bound == 'at_most' else '≥'} {self.threshold:+.3f}"
@@ -354,7 +339,7 @@ def load_hypothesis(path: str | Path) -> Hypothesis:
 
 def judge(claim: Claim, arms: dict[tuple, list[Run]]) -> tuple[str, str]:
     """(outcome, the line that shows why) for one claim in one question."""
-    missing = [arm_name(arm) for arm in (claim.arm, claim.vs) if not arms.get(arm)]
+    missing = [arm_name(*arm) for arm in (claim.arm, claim.vs) if not arms.get(arm)]
     if missing:
         return INCONCLUSIVE, f"{claim.text()}: no {' and no '.join(missing)} runs → {INCONCLUSIVE} (arm missing)"
     deltas = paired_deltas(arms[claim.arm], arms[claim.vs], COLUMNS[claim.metric])
@@ -393,7 +378,7 @@ def _main_table(arms: dict[tuple, list[Run]]) -> list[str]:
     for arm in sorted(arms, key=arm_rank):
         runs = arms[arm]
         n = len({run.config["seed"] for run in runs})
-        row = [arm_name(arm), str(n)] + [_fmt(list(_by_seed(runs, final(key)).values())) for key in COLUMNS.values()]
+        row = [arm_name(*arm), str(n)] + [_fmt(list(_by_seed(runs, final(key)).values())) for key in COLUMNS.values()]
         for key in ("hack_s", "gt_s"):
             deltas = [] if arm == VANILLA else paired_deltas(runs, vanilla, key)
             # say how many seeds were paired when it is fewer than the row's n
@@ -414,7 +399,7 @@ def _mode_table(arms: dict[tuple, list[Run]], basis_modes: str, metric: str) -> 
         return []
     basis = set(_split_modes(basis_modes))
     header = ["arm"] + [mode if mode in basis else f"{mode}†" for mode in modes]
-    body = [[arm_name(arm)] + [_fmt(list(_by_seed(arms[arm], final(f"{metric}/{mode}")).values())) for mode in modes]
+    body = [[arm_name(*arm)] + [_fmt(list(_by_seed(arms[arm], final(f"{metric}/{mode}")).values())) for mode in modes]
             for arm in sorted(arms, key=arm_rank)]
     return _table(header, body)
 
@@ -450,7 +435,7 @@ def _lomo_table(study: dict[tuple, dict[str, list[Run]]]) -> list[str]:
         header += [f"{mode}† held out", f"{mode}† known"]
     body = []
     for arm in sorted(study, key=arm_rank):
-        cells, pooled_held, pooled_known = [arm_name(arm)], [], []
+        cells, pooled_held, pooled_known = [arm_name(*arm)], [], []
         for mode in held_out:
             runs = study[arm].get(mode, [])
             held = list(_by_seed(runs, final(f"hack_s/{mode}")).values())
@@ -536,7 +521,7 @@ def build_report(runs_root: str | Path, hypothesis: Hypothesis | None = None, pl
             if len(seeds) != len(set(seeds)):
                 # a repeated seed usually means a setting outside the question key differs (gate, steps, ...)
                 preset, model, mix_ratio, basis_modes = question
-                notes.append(f"arm {arm_name(arm)} at {preset}/{model}/mix_ratio={mix_ratio:g}/{basis_modes} "
+                notes.append(f"arm {arm_name(*arm)} at {preset}/{model}/mix_ratio={mix_ratio:g}/{basis_modes} "
                              f"has repeated seeds; their runs were averaged per seed")
 
     for (preset, model, mix_ratio), study in sorted(lomo_studies(runs).items()):

@@ -29,8 +29,8 @@ from datetime import datetime
 from pathlib import Path
 
 from . import __version__
-from .config import CONTROLS, INTERVENTIONS, Config, InputError, make_config, parse_overrides
-from .files import write_atomically
+from .config import Config, ConfigError, InputError, arm_name, make_config, parse_arm, parse_overrides
+from .files import checkpoint_dirs, write_atomically
 
 SWEEPS_ROOT = Path("out/sweeps")
 # Fields the sweep sets for each run itself, and what to use instead.
@@ -69,22 +69,15 @@ class PlannedRun:
 def parse_arms(text: str) -> list[tuple[str, str]]:
     """`none,erase:random` -> [("none", "none"), ("erase", "random")]."""
     arms = []
-    for arm in text.split(","):
-        intervention, _, control = arm.partition(":")
-        control = control or "none"
-        if intervention not in INTERVENTIONS:
-            raise SweepError(f"--arms: unknown intervention {intervention!r} in {arm!r}; "
-                             f"allowed: {', '.join(INTERVENTIONS)}")
-        if control not in CONTROLS:
-            raise SweepError(f"--arms: unknown control {control!r} in {arm!r}; allowed: {', '.join(CONTROLS)}")
-        if (intervention, control) in arms:
-            raise SweepError(f"--arms: {arm!r} is listed twice")
-        arms.append((intervention, control))
+    for text_arm in text.split(","):
+        try:
+            arm = parse_arm(text_arm)
+        except ConfigError as e:
+            raise SweepError(f"--arms: {e}") from None
+        if arm in arms:
+            raise SweepError(f"--arms: {text_arm!r} is listed twice")
+        arms.append(arm)
     return arms
-
-
-def arm_label(intervention: str, control: str) -> str:
-    return intervention if control == "none" else f"{intervention}:{control}"
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -186,8 +179,10 @@ def device_slots(device: str, jobs: int | None, devices: list[str]) -> list[str 
 def child_invocation(preset: str, overrides: dict[str, str]) -> tuple[list[str], dict[str, str]]:
     """The train command line and environment of one run."""
     argv = [sys.executable, "-m", "projected_grpo.train", preset, *(f"--{k}={v}" for k, v in overrides.items())]
-    # OpenMP pools (MKL, OpenBLAS) size themselves before torch.set_num_threads can.
-    return argv, {**os.environ, "OMP_NUM_THREADS": overrides["threads"]}
+    # OpenMP pools (MKL, OpenBLAS) size themselves before torch.set_num_threads can. A run resumed
+    # with threads=0 (torch's default) keeps whatever the environment says.
+    threads = overrides["threads"]
+    return argv, {**os.environ, **({"OMP_NUM_THREADS": threads} if threads != "0" else {})}
 
 
 # ----------------------------------------------------------------------------- run directories
@@ -205,10 +200,7 @@ def decide(run_dir: Path, steps: int) -> str:
             return "skip"
     if not metrics.exists():
         return "fresh"
-    # Imported here: train pulls in torch and transformers (seconds), which a sweep of fresh runs never needs.
-    from .train import latest_checkpoint
-
-    if latest_checkpoint(run_dir) is None:
+    if not checkpoint_dirs(run_dir):
         raise SweepError(f"{run_dir} has metrics.jsonl but no checkpoint to resume from; delete it or rename it")
     return "resume"
 
@@ -272,7 +264,7 @@ def sweep_record(preset: str, arms: list[tuple[str, str]], seeds: list[int], lom
                  overrides: dict[str, str], jobs: int, devices: list[str]) -> dict:
     """What sweep.json says about the study and the code that ran it; save_record adds the runs."""
     commit, dirty = git_state(Path(__file__).parent)
-    return {"preset": preset, "arms": [arm_label(*arm) for arm in arms], "seeds": seeds, "lomo_modes": lomo_modes,
+    return {"preset": preset, "arms": [arm_name(*arm) for arm in arms], "seeds": seeds, "lomo_modes": lomo_modes,
             "overrides": overrides, "jobs": jobs, "devices": devices or None, "version": __version__,
             "git_commit": commit, "git_dirty": dirty,
             "started": datetime.now().astimezone().isoformat(timespec="seconds")}
@@ -443,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SweepError(f"--lomo: needs at least two modes to leave one out, got --modes={base.modes}")
         sweep_dir = SWEEPS_ROOT / name
         runs = expand_grid(args.preset, arms, seeds, lomo_modes, overrides, sweep_dir)
-        split = thread_split(available_cores(), len(slots), overrides)
+        split = thread_split(available_cores(), min(len(slots), len(runs)), overrides)
         for run in runs:
             run.overrides.update(split)
         steps = validate_runs(args.preset, runs)

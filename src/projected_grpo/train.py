@@ -11,8 +11,10 @@ checkpoints/, summary.json and summary.txt.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
@@ -34,10 +36,11 @@ from tqdm import tqdm
 from . import __version__, adapter, hack_basis, projection
 from .config import ARMS, MODES, Config, ConfigError, InputError, make_config, parse_overrides
 from .evaluate import evaluate, metrics_row, write_eval
-from .files import iter_jsonl, write_atomically
-from .grpo import apply_detector, auroc, backward_rollouts, collect_rollouts
+from .files import checkpoint_dirs, iter_jsonl, write_atomically
+from .grpo import apply_detector, auroc, backward_rollouts, collect_rollouts, repeated_fraction
 from .hack_basis import HackBasis
 from .model import load_model_and_tokenizer
+from .organism import resolve_model
 from .problems import ProblemFormatError, default_pairs, load_problems, split_held_out
 from .teacher_pool import HOW_TO_BUILD, Pool, PoolFormatError, build_pool, load_pool, pairs_from_pool
 
@@ -47,6 +50,7 @@ log = logging.getLogger("projected_grpo")
 SUMMARY_METRICS = {"hack_s": "down", "gt_s": "up", "reward": "up", "cin_s": "down", "cin_t": "down", "cin": "down",
                    "cout": "down", "update_hackward": "down", "dS_hack_norm": "-"}
 LOW_OVERLAP = 0.2  # a refresh below this rotated the basis away from the one it replaced
+LOW_FORMAT = 0.5  # a code-block rate falling below this: the policy is collapsing
 
 
 class TrainingDiverged(RuntimeError):
@@ -103,7 +107,11 @@ def pairs_and_pool(cfg: Config, train, pool: Pool | None):
     if cfg.pairs == "pool":
         pairs, used = pairs_from_pool(pool, train, cfg.basis_mode_list)
         pool = pool.without(used)
-        where = f"no training problem in modes {cfg.basis_modes} has both an exploited and a gt_correct pool row"
+        if cfg.control == "nonhack":  # it needs two different solutions of a problem
+            pairs = [p for p in pairs if p.clean_alt != p.clean]
+        nonhack = " (and, for the nonhack control, two different gt_correct rows)" if cfg.control == "nonhack" else ""
+        where = (f"no training problem in modes {cfg.basis_modes} has both an exploited and a gt_correct pool "
+                 f"row{nonhack}")
     else:
         pairs = default_pairs(modes=cfg.basis_mode_list, problems=train)
         where = f"no training problem has a mode in {cfg.basis_modes}"
@@ -198,10 +206,13 @@ def refresh_basis(step: int, cfg: Config, model, tok, wrappers, pairs, basis: di
     return fresh
 
 
-def warmup_cosine(cfg: Config):
+def lr_factor(cfg: Config):
+    """Linear warmup, then cosine decay to 0 at `steps` or (lr_schedule=constant) the full lr."""
     def factor(step: int) -> float:
         if step < cfg.warmup:
             return (step + 1) / (cfg.warmup + 1)
+        if cfg.lr_schedule == "constant":
+            return 1.0
         progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return factor
@@ -262,7 +273,7 @@ def _rng_state() -> tuple:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    done = sorted(p for p in (run_dir / "checkpoints").glob("step_*") if p.name[-4:] not in (".tmp", ".old"))
+    done = checkpoint_dirs(run_dir)
     return done[-1] if done else None
 
 
@@ -355,6 +366,8 @@ def train_step(step: int, cfg: Config, model, tok, wrappers, train, pool, basis:
 
     students = [r for r in rollouts if not r.teacher]
     row = {"step": step, "reward": sum(r.reward for r in students) / len(students),
+           "format_s": sum(r.format_ok for r in students) / len(students),
+           "repeat_s": sum(repeated_fraction(r.completion_ids) for r in students) / len(students),
            **_rates(students, "s"), **_rates([r for r in rollouts if r.teacher], "t"),
            "loss": scored["loss"], "kl": scored["kl"], "grad_norm": grad_norm,
            "cin_s": cin_s, "cin_t": cin_t, "cin_null_s": _concatenated_null(basis, wrappers),
@@ -455,12 +468,32 @@ def _check_resume_config(run_dir: Path, config: dict) -> None:
                           f"same settings (only {', '.join(sorted(RESUMABLE_CHANGES))} may change)")
 
 
+@contextlib.contextmanager
+def _sole_writer(run_dir: Path):
+    """One process per run directory: a second (a sweep re-run while the first still trains) is
+    an error, never a second writer. The lock lives beside the run, so it needs no run directory."""
+    lock = run_dir.parent / f".{run_dir.name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FileExistsError(f"{run_dir} is being written by another process (it holds {lock}); wait for it "
+                                  f"or stop it") from None
+        yield
+
+
 def run(cfg: Config, preset: str = "smoke") -> dict:
     """Train one run end to end; returns summary.json's content.
 
     Everything a user's input can break (problems, pool, basis cache, a resumed config) is
     checked before the run directory is made, so a bad input leaves nothing half made.
     """
+    with _sole_writer(Path(cfg.out_dir) / cfg.run_name):
+        return _run(cfg, preset)
+
+
+def _run(cfg: Config, preset: str) -> dict:
     run_dir = Path(cfg.out_dir) / cfg.run_name
     checkpoint = latest_checkpoint(run_dir) if cfg.resume else None
     if cfg.resume and checkpoint is None:
@@ -479,7 +512,8 @@ def run(cfg: Config, preset: str = "smoke") -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    model, tok = load_model_and_tokenizer(cfg.model, dtype=cfg.dtype, device=cfg.device, seed=cfg.seed)
+    model, tok = load_model_and_tokenizer(resolve_model(cfg.model), dtype=cfg.dtype, device=cfg.device,
+                                          seed=cfg.seed)
     wrappers = adapter.wrap(model)
     pairs, pool = pairs_and_pool(cfg, train, resolve_pool(cfg, train))
     trusted = trusted_subspace(cfg, model, tok, wrappers, pairs, train)
@@ -487,7 +521,7 @@ def run(cfg: Config, preset: str = "smoke") -> dict:
     params = [p for layer in wrappers.values() for p in (layer.delta_s, layer.delta_s_hack)]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
     workers = cfg.grade_workers or None
 
     first_step = 1
@@ -537,13 +571,17 @@ def run(cfg: Config, preset: str = "smoke") -> dict:
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                     result = evaluate(model, tok, wrappers, held_out, cfg, step, cfg.eval_samples, workers)
                     row.update(metrics_row(result))
-            except Exception as e:
+            except BaseException as e:  # a second Ctrl-C too: an abort never leaves rows without a checkpoint
                 path = save_checkpoint(run_dir, step - 1, before, rows)
                 if isinstance(e, FloatingPointError):
                     raise TrainingDiverged(f"step {step}: {e}; the last good state (after step {step - 1}) is "
                                            f"saved in {path}") from None
-                print(f"step {step} failed; the state after step {step - 1} is saved in {path}", file=sys.stderr)
+                what = "aborted" if isinstance(e, KeyboardInterrupt) else "failed"
+                print(f"step {step} {what}; the state after step {step - 1} is saved in {path}", file=sys.stderr)
                 raise
+            if row["format_s"] < LOW_FORMAT and rows and rows[-1]["format_s"] >= LOW_FORMAT:  # it just fell
+                warnings.warn(f"step {step}: only {row['format_s']:.2f} of student completions hold a code block "
+                              f"(repeat_s {row['repeat_s']:.2f}): the policy may be collapsing", stacklevel=1)
             rows.append(row)
             _append_jsonl(run_dir / "metrics.jsonl", [row])
             # Every student rollout's hack score and label: the run's AUROC is computed from these.
