@@ -40,6 +40,16 @@ smoke-both:
     python -m projected_grpo.train smoke --steps=3 --basis_path=out/bases/smoke-both.safetensors --run_name=smoke-both-miss
     python -m projected_grpo.train smoke --steps=3 --basis_path=out/bases/smoke-both.safetensors --run_name=smoke-both-hit
 
+# build (or find cached) the CPU model organism: a 0.4M-parameter Qwen3 warm-started to hack rarely (~3 min)
+organism-build *args:
+    python -m projected_grpo.organism build {{args}}
+
+# the organism study on 2 CPU cores: every arm over 3 seeds, then the tables and plots (an hour or more)
+organism *args:
+    python -m projected_grpo.sweep organism --arms none,erase,route,erase:random,erase:nonhack,screen --seeds 1,2,3 --jobs 2 {{args}}
+    python -m projected_grpo.plots out/sweeps/organism
+    python -m projected_grpo.results out/sweeps/organism
+
 # one GPU: Qwen3 in bf16, erase arm
 fast *args:
     python -m projected_grpo.train fast --intervention=erase {{args}}
