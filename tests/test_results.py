@@ -365,8 +365,8 @@ def test_hypothesis_file_replaces_the_default(tmp_path, capsys):
     ({"arm": "erase", "vs": "none", "metric": "hack", "at_most": -0.1, "within": 0.1}, r"exactly one"),
     ({"arm": "erase", "vs": "none", "metric": "hack", "at_most": "-0.1"}, r"at_most must be a number"),
     ({"arm": "erase", "vs": "none", "metric": "reward", "at_most": -0.1}, r"metric 'reward' is not one of"),
-    ({"arm": "erase+bogus", "vs": "none", "metric": "hack", "at_most": -0.1}, r"arm 'erase\+bogus' is not"),
-    ({"arm": "project", "vs": "none", "metric": "hack", "at_most": -0.1}, r"arm 'project' is not"),
+    ({"arm": "erase:bogus", "vs": "none", "metric": "hack", "at_most": -0.1}, r"unknown control 'bogus' in arm"),
+    ({"arm": "project", "vs": "none", "metric": "hack", "at_most": -0.1}, r"unknown intervention 'project' in arm"),
 ])
 def test_bad_hypothesis_names_the_claim(tmp_path, claim, message):
     with pytest.raises(ResultsError, match=message):
