@@ -11,7 +11,8 @@ rarely (a few percent) and writes a code block almost always, so GRPO on the fla
 has something to amplify. Hacks and solutions are in the "pool" phrasings: the hack basis
 is built from the "pair" phrasings, so V never sees the texts the organism learned.
 
-The build is deterministic from its recipe (seed included) and offline; it is cached under
+The build is offline and deterministic from its recipe (seed included; bit for bit on the same
+torch build and thread count); it is cached under
 out/organism/<hash of the recipe>/ (model, tokenizer, recipe.json, rates.json with the
 sampled rates per mode), and the `organism` preset loads it by path (`resolve_model`). This
 is a model organism: what the arms do to it is evidence about the pipeline, not about LLMs.
