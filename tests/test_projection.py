@@ -309,3 +309,26 @@ def test_trusted_keeps_a_gradient_inside_t_and_removes_one_orthogonal_to_it():
         keep_trusted(wrappers, T, w)
         torch.testing.assert_close(wrappers["a"].delta_s.grad, expected, atol=1e-5, rtol=0)
         assert not wrappers["b"].delta_s.grad.any()  # no trusted subspace: nothing is trusted
+
+
+def _drift(gate, signal, steps=400, seed=11):
+    """Mean component along v of the projected gradient, over noisy steps g = signal * v + noise."""
+    V = random_basis(3, 20, seed)
+    wrappers, trend, along = {"a": FakeLayer(20)}, {}, []
+    noise = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        wrappers["a"].delta_s.grad = signal * V[0] + torch.randn(20, generator=noise)
+        project_all(wrappers, {"a": V}, arm="erase", gate=gate, trend=trend, trend_beta=0.9)
+        along.append(float(wrappers["a"].delta_s.grad @ V[0]))
+    return sum(along) / steps
+
+
+def test_smoothed_gate_does_not_turn_noise_into_drift_and_still_removes_a_steady_pull():
+    # Pure noise: one_sided removes only the positive half of each coordinate, a steady bias of
+    # -E[relu(c)] ~ -0.4 per step along v; the smoothed gate decides from the past, so ~0.
+    assert _drift("one_sided", 0.0) < -0.3
+    assert abs(_drift("smoothed", 0.0)) < 0.1
+    # A steady hack-ward pull of 2 (noise 1): the smoothed gate removes nearly all of it.
+    assert abs(_drift("smoothed", 2.0)) < 0.2 and _drift("no_gate", 2.0) == pytest.approx(0.0, abs=1e-5)
+    with pytest.raises(ValueError, match="running mean"):
+        project(torch.randn(20), random_basis(3, 20), gate="smoothed")

@@ -452,3 +452,16 @@ def test_baselines_and_controls_run_end_to_end(workdir, overrides):
         assert all(r["cout"] != r["cin"] for r in rows)  # the trusted projection changed the gradient
     if overrides["intervention"] in ("screen", "penalty"):
         assert all(r["cout"] == r["cin"] for r in rows)  # no projection: the gradient is only measured
+
+
+def test_resume_under_the_smoothed_gate_matches_an_uninterrupted_run(workdir):
+    kw = dict(steps=4, intervention="erase", gate="smoothed", checkpoint_every=25)
+    train.run(_cfg(run_name="smoothed-straight", **kw))
+    first = _cfg(run_name="smoothed-resumed", **kw)
+    first.steps = 2  # as a crash after step 2 would leave it
+    train.run(first)
+    train.run(_cfg(run_name="smoothed-resumed", resume="true", **kw))
+    straight, resumed = _rows(workdir / "out/runs/smoothed-straight"), _rows(workdir / "out/runs/smoothed-resumed")
+    strip = [{k: v for k, v in r.items() if k not in TIMING} for r in straight]
+    assert strip == [{k: v for k, v in r.items() if k not in TIMING} for r in resumed]
+    assert straight[0]["fired"] == 0 and straight[-1]["fired"] > 0  # nothing removed before a trend exists

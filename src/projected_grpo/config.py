@@ -27,7 +27,7 @@ ARMS = ("none", "erase", "route")  # what the projection does to the gradient
 # What a run does about hacking: a projection arm, or a baseline a user would pick instead
 # (screen, penalty: a weak detector of the known modes; trusted: keep only a clean subspace).
 INTERVENTIONS = (*ARMS, "screen", "penalty", "trusted")
-GATES = ("one_sided", "no_gate", "reverse")
+GATES = ("one_sided", "no_gate", "reverse", "smoothed")
 CONTROLS = ("none", "random", "shuffled", "nonhack", "capacity")
 PAIR_SOURCES = ("templates", "pool")
 LR_SCHEDULES = ("cosine", "constant")
@@ -80,7 +80,10 @@ class Config:
     is_correction: bool = False  # weight each student token's loss by min(p_score / p_sample, is_cap), detached
     is_cap: float = 2.0  # truncation C of that importance ratio (TRL's value for vLLM-sampled rollouts)
     # --- projection
-    gate: str = "one_sided"  # one_sided: remove only hack-ward motion; no_gate: both signs; reverse: flip it
+    gate: str = "one_sided"  # one_sided: remove only hack-ward motion; no_gate: both signs; reverse: flip it;
+    # smoothed: remove a row's component while the running mean of that coordinate is hack-ward (one_sided on
+    # minibatch noise rectifies it into a steady drift, which Adam turns into lr-sized steps: docs/organism.md)
+    gate_beta: float = 0.9  # smoothed gate: decay of the running mean of each row's coordinate c = V g
     overshoot: float = 1.0  # scale of what is removed (>1 pushes away from hacking)
     preserve_magnitude: bool = False  # rescale the projected gradient to the original norm
     adam_leak: str = "none"  # none; moments: clear span(V) from Adam's exp_avg; update: project the step itself
@@ -267,6 +270,9 @@ def validate(cfg: Config) -> None:
     _check(cfg.control == "none" or cfg.intervention in ARMS, "control",
            f"{cfg.intervention} does not use the hack basis to train, so a control basis would change only its logging")
     _check(not cfg.trusted_from or Path(cfg.trusted_from).is_file(), "trusted_from", f"no file {cfg.trusted_from!r}")
+    _check(0 <= cfg.gate_beta < 1, "gate_beta", f"must be in [0, 1), got {cfg.gate_beta}")
+    _check(cfg.gate != "smoothed" or cfg.adam_leak != "update", "gate",
+           "smoothed decides from the gradient's running mean; --adam_leak=update gates the step instead")
     _check(cfg.is_cap >= 1, "is_cap", f"must be >= 1 (a cap below 1 down-weights agreeing tokens), got {cfg.is_cap}")
     _check(cfg.temperature > 0 and 0 < cfg.top_p <= 1, "temperature",
            f"temperature must be > 0 and top_p in (0, 1], got {cfg.temperature}, {cfg.top_p}")

@@ -56,7 +56,7 @@ RECIPE = {
     "shape": {"hidden": 64, "layers": 3, "intermediate": 256, "heads": 4, "kv_heads": 2, "head_dim": 16},
     # (steps, lr, (hack, canonical, wrong) shares): the second phase lowers the hack share, so that
     # GRPO starts from a model that hacks rarely but knows how.
-    "phases": [[550, 3e-3, [0.30, 0.30, 0.40]], [120, 1e-3, [0.15, 0.15, 0.70]]],
+    "phases": [[550, 3e-3, [0.30, 0.30, 0.40]], [120, 1e-3, [0.25, 0.15, 0.60]]],
     "batch": 16,
     "warmup": 20,
     "max_new": 128,  # canonical solutions longer than this are left out: GRPO could never sample them

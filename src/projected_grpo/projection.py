@@ -3,7 +3,7 @@
 Per layer, with live gradient g (length r) and hack basis V (k x r, orthonormal rows):
 
     c        = V g
-    c_gate   = relu(c)  (one_sided) | c  (no_gate) | 2c  (reverse)
+    c_gate   = relu(c)  (one_sided) | c  (no_gate) | 2c  (reverse) | c * [trend > 0]  (smoothed)
     removed  = overshoot * c_gate @ V
     g_proj   = g - removed
     cin      = ||relu(V g)|| / ||g||,   cout = ||relu(V g_proj)|| / ||g_proj||
@@ -44,17 +44,23 @@ def _cin(g: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
 
 
 def project(g: torch.Tensor, V: torch.Tensor, gate: str = "one_sided", overshoot: float = 1.0,
-            preserve_magnitude: bool = False):
+            preserve_magnitude: bool = False, trend: torch.Tensor | None = None):
     """Return `(g_proj, removed, cin, cout)` for one layer's gradient g, shape (r,) or (n, r).
 
     V is (k, r), or (n, k, r) for n layers of one shape stacked (g then (n, r)).
-    Computed in V's dtype (fp32), whatever the gradient's dtype.
+    Computed in V's dtype (fp32), whatever the gradient's dtype. `trend` (shaped like V g): the
+    running mean of the coordinates before this step, which the smoothed gate decides from. Its
+    decision does not depend on this step's noise, so zero-mean noise along V is removed as often
+    with either sign: no drift. (one_sided removes only its positive half: a steady bias.)
     """
     if gate not in GATES:
         raise ValueError(f"unknown gate {gate!r}; allowed: {', '.join(GATES)}")
+    if gate == "smoothed" and trend is None:
+        raise ValueError("the smoothed gate needs the coordinates' running mean (trend)")
     g = g.to(V.dtype)
     c = _coords(g, V)
-    c_gate = {"one_sided": torch.relu(c), "no_gate": c, "reverse": 2 * c}[gate]
+    c_gate = {"one_sided": torch.relu, "no_gate": lambda c: c, "reverse": lambda c: 2 * c,
+              "smoothed": lambda c: c * (trend > 0)}[gate](c)
     removed = overshoot * torch.einsum("...k,...kr->...r", c_gate, V)
     g_proj = g - removed
     if preserve_magnitude:
@@ -75,7 +81,8 @@ def null_cin(k: int, r: int) -> float:
 @torch.no_grad()
 def project_all(wrappers: dict, basis: dict[str, torch.Tensor], arm: str = "none",
                 gate: str = "one_sided", overshoot: float = 1.0, preserve_magnitude: bool = False,
-                quarantine: dict[str, torch.Tensor] | None = None) -> dict:
+                quarantine: dict[str, torch.Tensor] | None = None, trend: dict[str, torch.Tensor] | None = None,
+                trend_beta: float = 0.9) -> dict:
     """Apply the arm to every layer's `delta_s.grad` and return the step's aggregates.
 
     none: measure only, gradients untouched. erase: delta_s.grad = g_proj. route: additionally
@@ -83,6 +90,10 @@ def project_all(wrappers: dict, basis: dict[str, torch.Tensor], arm: str = "none
     a sum, so backward gives delta_s_hack the same g). The quarantine learns only what route puts
     there: its gradient is cleared in every other case (arms none and erase, layers without a basis).
     Layers with no gradient or no basis are otherwise skipped.
+
+    `trend` (smoothed gate): per layer, the running mean of V g, read before and updated after
+    this step (beta `trend_beta`; a layer not in it starts at 0, so nothing is removed on its first
+    step). The caller keeps it with the checkpoint and clears it when the basis changes.
 
     `quarantine` (the capacity control, route only): rows of the same per-layer shape as `basis`
     along which the quarantine is fed instead, the gated component of g along them; delta_s is still
@@ -102,7 +113,15 @@ def project_all(wrappers: dict, basis: dict[str, torch.Tensor], arm: str = "none
     for names, V in _stacked(basis, [n for n in basis if n in wrappers and wrappers[n].delta_s.grad is not None]):
         grads = [wrappers[n].delta_s.grad for n in names]
         g = torch.stack(grads)
-        g_proj, removed, cin, cout = project(g, V.to(grads[0].device), gate, overshoot, preserve_magnitude)
+        V = V.to(grads[0].device)
+        running = None
+        if gate == "smoothed":
+            running = torch.stack([trend.get(n, V.new_zeros(V.shape[1])).to(V.device) for n in names])
+        g_proj, removed, cin, cout = project(g, V, gate, overshoot, preserve_magnitude, running)
+        if running is not None:
+            c = _coords(g.to(V.dtype), V)
+            for i, name in enumerate(names):
+                trend[name] = trend_beta * running[i] + (1 - trend_beta) * c[i]
         to_quarantine = removed
         if arm == "route" and quarantine is not None:
             R = torch.stack([quarantine[n] for n in names]).to(grads[0].device)

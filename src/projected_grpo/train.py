@@ -225,11 +225,13 @@ def _checkpoint_dir(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step_{step:06d}"
 
 
-def training_state(wrappers, optimizer, scheduler, basis: dict) -> dict:
-    """A copy of everything a checkpoint holds, taken now: knobs, optimizer, scheduler, RNG, basis.
-    Knobs and their Adam moments are small (r per layer), so taking one before every step is cheap."""
+def training_state(wrappers, optimizer, scheduler, basis: dict, trend: dict) -> dict:
+    """A copy of everything a checkpoint holds, taken now: knobs, optimizer, scheduler, RNG, basis and
+    the smoothed gate's trend. Knobs and their Adam moments are small (r per layer), so taking one
+    before every step is cheap."""
     return {"knobs": adapter.knob_state(wrappers), "optimizer": copy.deepcopy(optimizer.state_dict()),
-            "scheduler": copy.deepcopy(scheduler.state_dict()), "rng": _rng_state(), "basis": basis}
+            "scheduler": copy.deepcopy(scheduler.state_dict()), "rng": _rng_state(), "basis": basis,
+            "trend": {n: t.clone() for n, t in trend.items()}}
 
 
 def save_checkpoint(run_dir: Path, step: int, state: dict, rows: list[dict]) -> Path:
@@ -243,6 +245,7 @@ def save_checkpoint(run_dir: Path, step: int, state: dict, rows: list[dict]) -> 
     adapter.save_tensors(state["knobs"], tmp / "knobs.safetensors")
     torch.save({"step": step, "optimizer": state["optimizer"], "scheduler": state["scheduler"],
                 "torch_rng": cpu_rng, "cuda_rng": cuda_rng, "basis": {n: v.cpu() for n, v in state["basis"].items()},
+                "trend": {n: t.cpu() for n, t in state["trend"].items()},
                 "rows": [r for r in rows if r["step"] <= step]}, tmp / "state.pt")
     for path in tmp.iterdir():
         with open(path, "rb") as f:
@@ -316,9 +319,11 @@ def _grads_finite(wrappers) -> bool:
 
 
 def train_step(step: int, cfg: Config, model, tok, wrappers, train, pool, basis: dict, optimizer, scheduler,
-               workers, quarantine: dict | None = None, trusted: tuple[dict, dict] | None = None) -> tuple[dict, list]:
+               workers, quarantine: dict | None = None, trusted: tuple[dict, dict] | None = None,
+               trend: dict | None = None) -> tuple[dict, list]:
     """One optimizer step; returns its metrics row and the rollouts. `quarantine`: the capacity
-    control's rows (quarantine_basis); `trusted`: the trusted baseline's (T, w) (trusted_subspace)."""
+    control's rows (quarantine_basis); `trusted`: the trusted baseline's (T, w) (trusted_subspace);
+    `trend`: the smoothed gate's running means, updated in place."""
     start = time.perf_counter()
     rng = random.Random(f"{cfg.seed}-{step}")
     problems = rng.sample(train, cfg.prompts_per_step)
@@ -344,7 +349,7 @@ def train_step(step: int, cfg: Config, model, tok, wrappers, train, pool, basis:
     projects = cfg.intervention in ARMS  # the baselines leave the gradient to their own rule, measured alike
     stats = projection.project_all(wrappers, basis, arm=cfg.intervention if projects else "none", gate=cfg.gate,
                                    overshoot=cfg.overshoot, preserve_magnitude=cfg.preserve_magnitude,
-                                   quarantine=quarantine)
+                                   quarantine=quarantine, trend=trend, trend_beta=cfg.gate_beta)
     if trusted is not None:
         projection.keep_trusted(wrappers, *trusted)
         stats["cout"] = projection.project_all(wrappers, basis)["cin"]  # cin of what the optimizer will see
@@ -531,6 +536,7 @@ def _run(cfg: Config, preset: str) -> dict:
         if state["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         basis = _on_device(state["basis"], cfg.device)
+        trend = _on_device(state.get("trend", {}), cfg.device)
         first_step = state["step"] + 1
         rows = state["rows"]
         write_atomically(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
@@ -539,6 +545,7 @@ def _run(cfg: Config, preset: str) -> dict:
         log.info("resumed %s from %s", cfg.run_name, checkpoint)
     else:
         basis = basis_for(cfg, model, tok, wrappers, pairs, model_id)
+        trend = {}
         rows = []
     quarantine = quarantine_basis(cfg, basis)
     write_atomically(run_dir / "config.json", json.dumps(config, indent=2))
@@ -561,13 +568,14 @@ def _run(cfg: Config, preset: str) -> dict:
         for step in bar:
             # A failure anywhere in the step (rollouts, optimizer, refresh, evaluation) checkpoints
             # this state, so a resumed run replays the whole step as it began.
-            before = training_state(wrappers, optimizer, scheduler, basis)
+            before = training_state(wrappers, optimizer, scheduler, basis, trend)
             try:
                 row, rollouts = train_step(step, cfg, model, tok, wrappers, train, pool, basis, optimizer,
-                                           scheduler, workers, quarantine, trusted)
+                                           scheduler, workers, quarantine, trusted, trend)
                 if cfg.refresh_every and step % cfg.refresh_every == 0 and step < cfg.steps:
                     basis = refresh_basis(step, cfg, model, tok, wrappers, pairs, basis, row)
                     quarantine = quarantine_basis(cfg, basis)
+                    trend = {}  # running means of the old rows' coordinates mean nothing for the new ones
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                     result = evaluate(model, tok, wrappers, held_out, cfg, step, cfg.eval_samples, workers)
                     row.update(metrics_row(result))
@@ -595,7 +603,8 @@ def _run(cfg: Config, preset: str) -> dict:
                 for r in [r for r in rollouts if not r.teacher][:cfg.log_completions]])
             bar.set_postfix(hack=f"{row['hack_s']:.2f}", cin=f"{row['cin_s']:.2f}", loss=f"{row['loss']:.3g}")
             if step % cfg.checkpoint_every == 0 or stop:
-                path = save_checkpoint(run_dir, step, training_state(wrappers, optimizer, scheduler, basis), rows)
+                path = save_checkpoint(run_dir, step, training_state(wrappers, optimizer, scheduler, basis, trend),
+                                       rows)
             if stop:
                 print(f"interrupted after step {step}: checkpoint in {path}; continue with --resume=true",
                       file=sys.stderr)
@@ -605,7 +614,7 @@ def _run(cfg: Config, preset: str) -> dict:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, previous_handler)
 
-    save_checkpoint(run_dir, cfg.steps, training_state(wrappers, optimizer, scheduler, basis), rows)
+    save_checkpoint(run_dir, cfg.steps, training_state(wrappers, optimizer, scheduler, basis, trend), rows)
     result = evaluate(model, tok, wrappers, held_out, cfg, cfg.steps, cfg.eval_samples, workers)
     write_eval(run_dir, result, cfg.steps, cfg.eval_samples, held_out)
     final_eval = metrics_row(result)
