@@ -332,3 +332,14 @@ def test_smoothed_gate_does_not_turn_noise_into_drift_and_still_removes_a_steady
     assert abs(_drift("smoothed", 2.0)) < 0.2 and _drift("no_gate", 2.0) == pytest.approx(0.0, abs=1e-5)
     with pytest.raises(ValueError, match="running mean"):
         project(torch.randn(20), random_basis(3, 20), gate="smoothed")
+
+
+def test_smoothed_gate_keeps_a_trend_for_the_capacity_controls_quarantine_too():
+    wrappers, trend = make_layers(), {}
+    basis = {"a": random_basis(3, 20, 1)}
+    R = random_like(basis, seed=2)
+    for _ in range(3):
+        wrappers = make_layers()
+        project_all(wrappers, basis, arm="route", gate="smoothed", quarantine=R, trend=trend)
+    assert set(trend) == {"a", "a#quarantine"} and trend["a"].shape == trend["a#quarantine"].shape == (3,)
+    assert not torch.equal(trend["a"], trend["a#quarantine"])

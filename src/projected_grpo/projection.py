@@ -109,23 +109,28 @@ def project_all(wrappers: dict, basis: dict[str, torch.Tensor], arm: str = "none
         if arm != "route" or name not in basis:
             layer.delta_s_hack.grad = None
     cins, couts, fired, nulls = [], [], [], []
+
+    def gated(g, rows, names, tag=""):
+        """project() along `rows`, keeping the smoothed gate's trend of their coordinates under name + tag."""
+        running = None
+        if gate == "smoothed":
+            running = torch.stack([trend.get(n + tag, rows.new_zeros(rows.shape[1])).to(rows.device) for n in names])
+        out = project(g, rows, gate, overshoot, preserve_magnitude and not tag, running)
+        if running is not None:
+            c = _coords(g.to(rows.dtype), rows)
+            for i, n in enumerate(names):
+                trend[n + tag] = trend_beta * running[i] + (1 - trend_beta) * c[i]
+        return out
+
     # Layers of one shape are projected together: a few batched ops, not a dozen per layer.
     for names, V in _stacked(basis, [n for n in basis if n in wrappers and wrappers[n].delta_s.grad is not None]):
         grads = [wrappers[n].delta_s.grad for n in names]
         g = torch.stack(grads)
         V = V.to(grads[0].device)
-        running = None
-        if gate == "smoothed":
-            running = torch.stack([trend.get(n, V.new_zeros(V.shape[1])).to(V.device) for n in names])
-        g_proj, removed, cin, cout = project(g, V, gate, overshoot, preserve_magnitude, running)
-        if running is not None:
-            c = _coords(g.to(V.dtype), V)
-            for i, name in enumerate(names):
-                trend[name] = trend_beta * running[i] + (1 - trend_beta) * c[i]
+        g_proj, removed, cin, cout = gated(g, V, names)
         to_quarantine = removed
         if arm == "route" and quarantine is not None:
-            R = torch.stack([quarantine[n] for n in names]).to(grads[0].device)
-            to_quarantine = project(g, R, gate, overshoot)[1]
+            to_quarantine = gated(g, torch.stack([quarantine[n] for n in names]).to(V.device), names, "#quarantine")[1]
         for i, name in enumerate(names):
             if arm != "none":
                 grads[i].copy_(g_proj[i])
