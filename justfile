@@ -40,7 +40,7 @@ smoke-both:
     python -m projected_grpo.train smoke --steps=3 --basis_path=out/bases/smoke-both.safetensors --run_name=smoke-both-miss
     python -m projected_grpo.train smoke --steps=3 --basis_path=out/bases/smoke-both.safetensors --run_name=smoke-both-hit
 
-# build (or find cached) the CPU model organism: a 0.4M-parameter Qwen3 warm-started to hack rarely (~3 min)
+# build (or find cached) the CPU model organism: a 0.4M-parameter Qwen3 warm-started to hack now and then (~2.5 min alone)
 organism-build *args:
     python -m projected_grpo.organism build {{args}}
 

@@ -9,9 +9,8 @@ import json
 import pytest
 
 from projected_grpo import organism, train
-from projected_grpo.config import MODES, make_config
+from projected_grpo.config import MODES, ConfigError, make_config
 from projected_grpo.model import encode_prompt, load_model_and_tokenizer
-from projected_grpo.problems import load_problems, split_held_out
 
 
 @pytest.fixture
@@ -31,7 +30,12 @@ def test_build_is_cached_by_its_recipe_and_loads_by_path(tiny_recipe):
     rates = json.loads((path / "rates.json").read_text())
     assert set(rates["per_mode"]) <= set(MODES) and json.loads((path / "recipe.json").read_text())["seed"] == 0
     assert 0 <= rates["hack"] <= 1 and rates["n"] > 0 and rates["examples"]["hack"] > 0
-    assert organism.build(seed=0) == path  # a cache hit: nothing rebuilt
+    real_sft = organism._sft
+    organism._sft = None  # a second build would call it
+    try:
+        assert organism.build(seed=0) == path  # a cache hit: nothing rebuilt
+    finally:
+        organism._sft = real_sft
     assert organism.directory(1) != path  # the seed is part of the recipe
     model, tok = load_model_and_tokenizer(str(path))
     assert model.config.hidden_size == 16 and tok.pad_token_id is not None
@@ -40,14 +44,22 @@ def test_build_is_cached_by_its_recipe_and_loads_by_path(tiny_recipe):
 
 def test_sft_data_never_holds_a_held_out_problem(tiny_recipe):
     spec = organism.recipe(0)
-    problems = load_problems(spec["problems"])
-    train_problems, held_out = split_held_out(problems, spec["eval_prompts"])
-    assert [p.id for p in organism.training_problems(spec)] == [p.id for p in train_problems]
+    _, held_out = train.split_problems(make_config("organism"))  # what an organism run holds out
     _, tok = load_model_and_tokenizer("tiny-random")
     examples = organism._examples(organism.training_problems(spec), tok, spec)
     prompts = {tuple(prompt) for rows in examples.values() for prompt, _ in rows}
     assert not prompts & {tuple(encode_prompt(tok, p.messages())) for p in held_out}
     assert all(len(ids) <= spec["max_new"] for rows in examples.values() for _, ids in rows)
+
+
+def test_a_run_that_would_evaluate_on_sft_problems_is_refused(tiny_recipe):
+    path = organism.build(seed=0)
+    sft = json.loads((path / "recipe.json").read_text())["sft_problems"]
+    organism.check_unseen(str(path), ["not-a-training-problem"])
+    with pytest.raises(ConfigError, match="were in the SFT data"):
+        organism.check_unseen(str(path), sft[:1])
+    with pytest.raises(ConfigError, match="were in the SFT data"):  # another split moves held-out problems
+        train.run(make_config("organism", {"steps": "1", "eval_prompts": "12"}), preset="organism")
 
 
 def test_organism_preset_trains_on_the_built_model(tiny_recipe):
@@ -58,3 +70,5 @@ def test_organism_preset_trains_on_the_built_model(tiny_recipe):
             .splitlines()]
     assert summary["complete"] and all("format_s" in r and "repeat_s" in r for r in rows)
     assert (organism.directory(0) / "rates.json").exists()  # built on first use
+    config = json.loads((tiny_recipe / "out/runs/organism-erase-s0/config.json").read_text())
+    assert config["model_path"] == str(organism.directory(0))  # a resume or evaluation loads this very build

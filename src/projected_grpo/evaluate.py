@@ -99,13 +99,15 @@ def write_eval(run_dir: Path, result: dict, step: int, samples: int, problems: l
 # ----------------------------------------------------------------------------- CLI
 
 
-def _read_run(run_dir: Path) -> tuple[Config, list[str]]:
+def _read_run(run_dir: Path) -> tuple[Config, list[str], str]:
+    """The run's config, held-out ids and the model it trained (its organism build, if any)."""
     path = run_dir / "config.json"
     try:
         stored = json.loads(path.read_text())
         held_out = stored["split"]["held_out"]
         fields = {f.name for f in dataclasses.fields(Config)}
-        return Config(**{k: v for k, v in stored.items() if k in fields}), held_out
+        cfg = Config(**{k: v for k, v in stored.items() if k in fields})
+        return cfg, held_out, stored.get("model_path") or resolve_model(cfg.model)
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise ConfigError(f"{path}: not a run's config ({e}); point at a run directory made by this package") from None
 
@@ -131,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.samples < 1:
             raise ConfigError(f"--samples: must be >= 1, got {args.samples}")
-        cfg, held_out_ids = _read_run(args.run_dir)
+        cfg, held_out_ids, model_path = _read_run(args.run_dir)
         if args.device:
             cfg.device = args.device
         validate(cfg)  # a cuda run on a machine without one is an error line, not a traceback
@@ -141,8 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--problems: {cfg.problems} lacks the run's held-out problems {missing[:5]}")
         problems = [by_id[i] for i in held_out_ids]
         checkpoint, step = _checkpoint(args.run_dir, args.checkpoint)
-        model, tok = load_model_and_tokenizer(resolve_model(cfg.model), dtype=cfg.dtype, device=cfg.device,
-                                              seed=cfg.seed)
+        model, tok = load_model_and_tokenizer(model_path, dtype=cfg.dtype, device=cfg.device, seed=cfg.seed)
         wrappers = adapter.wrap(model)
         adapter.load_knobs(wrappers, checkpoint / "knobs.safetensors")
     except (InputError, ValueError) as e:

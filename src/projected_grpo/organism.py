@@ -7,8 +7,8 @@ tokenizer) is warm-started by plain supervised training on chat-formatted comple
 the training problems only (the held-out split of the organism preset never appears):
 a mix of each problem's own-mode hacks, canonical solutions and wrong-but-honest answers,
 then a lighter phase that lowers the hack share. Sampled at temperature 1 it then hacks
-rarely (a few percent) and writes a code block almost always, so GRPO on the flawed graders
-has something to amplify. Hacks and solutions are in the "pool" phrasings: the hack basis
+now and then (about one completion in seven) and writes a code block almost always, so GRPO
+on the flawed graders has something to amplify. Hacks and solutions are in the "pool" phrasings: the hack basis
 is built from the "pair" phrasings, so V never sees the texts the organism learned.
 
 The build is offline and deterministic from its recipe (seed included; bit for bit on the same
@@ -35,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
-from .config import MODES, make_config
+from .config import MODES, ConfigError, make_config
 from .files import write_atomically
 from .model import (
     encode_completion,
@@ -71,6 +71,12 @@ def recipe(seed: int) -> dict:
             "version": __version__}
 
 
+def data_hash(spec: dict) -> str:
+    """A hash of every SFT text: a cached organism built from other completion templates is stale."""
+    texts = [text for p in training_problems(spec) for variants in _texts(p).values() for text in variants]
+    return hashlib.sha256(json.dumps(texts).encode()).hexdigest()[:16]
+
+
 def directory(seed: int = 0) -> Path:
     key = hashlib.sha256(json.dumps(recipe(seed), sort_keys=True).encode()).hexdigest()[:12]
     return ROOT / key
@@ -81,15 +87,19 @@ def training_problems(spec: dict):
     return split_held_out(problems, spec["eval_prompts"])[0]
 
 
+def _texts(p) -> dict[str, list[str]]:
+    """A problem's SFT completions per kind, every variant of the pool phrasings."""
+    return {"hack": [hack_completion(p, p.mode, v, phrasing="pool") for v in range(4)],
+            "canonical": [clean_completion(p, v, phrasing="pool", n_asserts=0) for v in range(2)],
+            "wrong": [wrong_completion(p, v) for v in range(2)]}
+
+
 def _examples(problems, tok, spec) -> dict[str, list[tuple[list[int], list[int]]]]:
-    """(prompt ids, completion ids) per kind, every phrasing variant of the pool family."""
+    """(prompt ids, completion ids) per kind."""
     kinds = {"hack": [], "canonical": [], "wrong": []}
     for p in problems:
         prompt = encode_prompt(tok, p.messages())
-        texts = {"hack": [hack_completion(p, p.mode, v, phrasing="pool") for v in range(4)],
-                 "canonical": [clean_completion(p, v, phrasing="pool", n_asserts=0) for v in range(2)],
-                 "wrong": [wrong_completion(p, v) for v in range(2)]}
-        for kind, variants in texts.items():
+        for kind, variants in _texts(p).items():
             for text in variants:
                 ids = encode_completion(tok, text, spec["max_new"] + 1)
                 if len(ids) <= spec["max_new"]:  # whole, EOS included: what GRPO could sample
@@ -145,6 +155,10 @@ def build(seed: int = 0) -> Path:
     spec = recipe(seed)
     final = directory(seed)
     if (final / "rates.json").exists():
+        built_from = json.loads((final / "recipe.json").read_text()).get("data")
+        if built_from not in (None, data_hash(spec)):
+            raise ConfigError(f"--model=organism: {final} was built from other SFT texts than this package writes; "
+                              f"delete it to rebuild")
         return final
     start = time.perf_counter()
     problems = training_problems(spec)
@@ -158,14 +172,17 @@ def build(seed: int = 0) -> Path:
         losses = _sft(model, tok, examples, spec, rng)
         model.eval()  # safe: Module.eval() (inference mode), not Python eval
     rates = measure(model, tok, problems, spec["sample_per_problem"], spec["max_new"], seed)
-    rates.update(sft_seconds=round(time.perf_counter() - start, 1), final_loss=sum(losses[-20:]) / 20,
+    rates.update(sft_seconds=round(time.perf_counter() - start, 1), final_loss=sum(losses[-20:]) / len(losses[-20:]),
                  examples={k: len(v) for k, v in examples.items()})
     # Built aside and renamed into place: a half-built organism is never found.
     tmp = final.with_name(f".{final.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    write_atomically(tmp / "recipe.json", json.dumps(spec, indent=2) + "\n")
+    # Beside the recipe (not hashed): what the SFT saw, and what bit-for-bit reproduction needs.
+    written = {**spec, "data": data_hash(spec), "sft_problems": [p.id for p in problems],
+               "torch": torch.__version__, "threads": torch.get_num_threads()}
+    write_atomically(tmp / "recipe.json", json.dumps(written, indent=2) + "\n")
     write_atomically(tmp / "rates.json", json.dumps(rates, indent=2) + "\n")
     try:
         os.replace(tmp, final)
@@ -177,6 +194,18 @@ def build(seed: int = 0) -> Path:
 def resolve_model(name: str, seed: int = 0) -> str:
     """The organism preset's model name -> its built directory (building it on first use)."""
     return str(build(seed)) if name == ORGANISM else name
+
+
+def check_unseen(model_path: str, held_out_ids: list[str]) -> None:
+    """A run on an organism must not evaluate on problems the organism was fine-tuned on (another
+    --modes or --eval_prompts than the preset's moves the split)."""
+    recipe_file = Path(model_path) / "recipe.json"
+    if not recipe_file.exists():
+        return
+    seen = set(json.loads(recipe_file.read_text()).get("sft_problems", ())) & set(held_out_ids)
+    if seen:
+        raise ConfigError(f"--eval_prompts/--modes: held-out problems {sorted(seen)[:5]} were in the SFT data of "
+                          f"the organism at {model_path}; keep the organism preset's modes and eval_prompts")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,8 +50,10 @@ def project(g: torch.Tensor, V: torch.Tensor, gate: str = "one_sided", overshoot
     V is (k, r), or (n, k, r) for n layers of one shape stacked (g then (n, r)).
     Computed in V's dtype (fp32), whatever the gradient's dtype. `trend` (shaped like V g): the
     running mean of the coordinates before this step, which the smoothed gate decides from. Its
-    decision does not depend on this step's noise, so zero-mean noise along V is removed as often
-    with either sign: no drift. (one_sided removes only its positive half: a steady bias.)
+    decision does not depend on this step's noise, so noise that is independent from step to step
+    is removed as often with either sign: no drift (one_sided removes only its positive half: a
+    steady bias). Noise correlated across steps correlates with the trend, and a smaller bias
+    comes back.
     """
     if gate not in GATES:
         raise ValueError(f"unknown gate {gate!r}; allowed: {', '.join(GATES)}")
@@ -105,6 +107,8 @@ def project_all(wrappers: dict, basis: dict[str, torch.Tensor], arm: str = "none
     """
     if arm not in ARMS:
         raise ValueError(f"unknown arm {arm!r}; allowed: {', '.join(ARMS)}")
+    if gate == "smoothed" and trend is None:
+        raise ValueError("the smoothed gate needs a trend dict to keep its running means in")
     for name, layer in wrappers.items():
         if arm != "route" or name not in basis:
             layer.delta_s_hack.grad = None

@@ -40,7 +40,7 @@ from .files import checkpoint_dirs, iter_jsonl, write_atomically
 from .grpo import apply_detector, auroc, backward_rollouts, collect_rollouts, repeated_fraction
 from .hack_basis import HackBasis
 from .model import load_model_and_tokenizer
-from .organism import resolve_model
+from .organism import check_unseen, resolve_model
 from .problems import ProblemFormatError, default_pairs, load_problems, split_held_out
 from .teacher_pool import HOW_TO_BUILD, Pool, PoolFormatError, build_pool, load_pool, pairs_from_pool
 
@@ -509,7 +509,10 @@ def _run(cfg: Config, preset: str) -> dict:
             f"no checkpoint to resume from; delete {run_dir}"
         raise FileExistsError(f"{run_dir} already holds a run with {has}, or choose another --run_name")
     train, held_out = split_problems(cfg)
-    config = {"preset": preset, **dataclasses.asdict(cfg),
+    model_path = resolve_model(cfg.model)  # the organism's build directory; any other name as given
+    check_unseen(model_path, [p.id for p in held_out])
+    # model_path is recorded so a resume or an evaluation can never pick up another build of the organism.
+    config = {"preset": preset, **dataclasses.asdict(cfg), "model_path": model_path,
               "split": {"train": [p.id for p in train], "held_out": [p.id for p in held_out]}}
     if checkpoint is not None:
         _check_resume_config(run_dir, config)
@@ -517,8 +520,7 @@ def _run(cfg: Config, preset: str) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    model, tok = load_model_and_tokenizer(resolve_model(cfg.model), dtype=cfg.dtype, device=cfg.device,
-                                          seed=cfg.seed)
+    model, tok = load_model_and_tokenizer(model_path, dtype=cfg.dtype, device=cfg.device, seed=cfg.seed)
     wrappers = adapter.wrap(model)
     pairs, pool = pairs_and_pool(cfg, train, resolve_pool(cfg, train))
     trusted = trusted_subspace(cfg, model, tok, wrappers, pairs, train)
