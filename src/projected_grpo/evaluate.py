@@ -91,7 +91,7 @@ def metrics_row(result: dict) -> dict[str, float]:
     return row
 
 
-def write_eval(run_dir: Path, result: dict, step: int, samples: int, problems: list[Problem]) -> None:
+def save_evaluation(run_dir: Path, result: dict, step: int, samples: int, problems: list[Problem]) -> None:
     write_atomically(Path(run_dir) / "eval.json", json.dumps(
         {"step": step, "samples": samples, "problems": [p.id for p in problems], **result}, indent=2) + "\n")
 
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     result = evaluate(model, tok, wrappers, problems, cfg, step, args.samples, args.workers)
-    write_eval(args.run_dir, result, step, args.samples, problems)
+    save_evaluation(args.run_dir, result, step, args.samples, problems)
     for variant, settings in result.items():
         for setting, rates in settings.items():
             modes = "  ".join(f"{m} {r['hack']:.2f}/{r['solve']:.2f}" for m, r in rates["per_mode"].items())

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from . import __version__, adapter, hack_basis, projection
 from .config import ARMS, MODES, Config, ConfigError, InputError, make_config, parse_overrides
-from .evaluate import evaluate, metrics_row, write_eval
+from .evaluate import evaluate, metrics_row, save_evaluation
 from .files import checkpoint_dirs, iter_jsonl, write_atomically
 from .grpo import apply_detector, auroc, backward_rollouts, collect_rollouts, repeated_fraction
 from .hack_basis import HackBasis
@@ -618,7 +618,7 @@ def _run(cfg: Config, preset: str) -> dict:
 
     save_checkpoint(run_dir, cfg.steps, training_state(wrappers, optimizer, scheduler, basis, trend), rows)
     result = evaluate(model, tok, wrappers, held_out, cfg, cfg.steps, cfg.eval_samples, workers)
-    write_eval(run_dir, result, cfg.steps, cfg.eval_samples, held_out)
+    save_evaluation(run_dir, result, cfg.steps, cfg.eval_samples, held_out)
     final_eval = metrics_row(result)
     summary, table = summarize(cfg, rows, final_eval, complete=len(rows) == cfg.steps,
                                hack_auroc=run_auroc(run_dir))
