@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -40,6 +41,24 @@ def iter_jsonl(path: str | Path, error: type[ValueError]):
                 yield where, record
     except (OSError, EOFError, UnicodeDecodeError) as e:  # unreadable, not gzip, cut-off gzip, not UTF-8
         raise error(f"{path}:{lineno + 1}: cannot read ({e})") from None
+
+
+def write_directory_atomically(path: str | Path, write) -> None:
+    """Call write(temp_dir) for a fresh directory beside `path`, then rename it into place: a
+    half-built directory is never found. Two processes building the same cache at once both
+    finish; the second rename fails on the first's (identical) result and is dropped."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        write(tmp)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if not path.exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def checkpoint_dirs(run_dir: str | Path) -> list[Path]:

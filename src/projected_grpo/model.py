@@ -8,8 +8,6 @@ entirely offline, so tests and smoke runs never touch the hub.
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -27,6 +25,7 @@ from transformers import (
 )
 
 from .config import InputError
+from .files import write_directory_atomically
 
 TINY_RANDOM = "tiny-random"
 
@@ -107,13 +106,8 @@ def build_tokenizer(corpus: list[str], vocab_size: int) -> PreTrainedTokenizerFa
     ).hexdigest()[:16]
     path = Path(os.environ.get("PROJECTED_GRPO_CACHE", "out/cache")) / "tokenizer" / key
     if not (path / "tokenizer.json").exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=path.parent))
-        _train_tokenizer(corpus, vocab_size).save(str(tmp / "tokenizer.json"))
-        try:
-            os.replace(tmp, path)
-        except OSError:  # a concurrent build got there first; its result is identical
-            shutil.rmtree(tmp)
+        write_directory_atomically(path, lambda tmp: _train_tokenizer(corpus, vocab_size).save(
+            str(tmp / "tokenizer.json")))
     return PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_file(str(path / "tokenizer.json")),
         eos_token=EOS_TOKEN,

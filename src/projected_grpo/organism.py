@@ -24,9 +24,7 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -36,7 +34,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .config import MODES, ConfigError, make_config
-from .files import write_atomically
+from .files import write_atomically, write_directory_atomically
 from .model import (
     encode_completion,
     encode_prompt,
@@ -174,20 +172,17 @@ def build(seed: int = 0) -> Path:
     rates = measure(model, tok, problems, spec["sample_per_problem"], spec["max_new"], seed)
     rates.update(sft_seconds=round(time.perf_counter() - start, 1), final_loss=sum(losses[-20:]) / len(losses[-20:]),
                  examples={k: len(v) for k, v in examples.items()})
-    # Built aside and renamed into place: a half-built organism is never found.
-    tmp = final.with_name(f".{final.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
     # Beside the recipe (not hashed): what the SFT saw, and what bit-for-bit reproduction needs.
     written = {**spec, "data": data_hash(spec), "sft_problems": [p.id for p in problems],
                "torch": torch.__version__, "threads": torch.get_num_threads()}
-    write_atomically(tmp / "recipe.json", json.dumps(written, indent=2) + "\n")
-    write_atomically(tmp / "rates.json", json.dumps(rates, indent=2) + "\n")
-    try:
-        os.replace(tmp, final)
-    except OSError:  # built concurrently by another process: the same recipe, the same model
-        shutil.rmtree(tmp)
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        write_atomically(tmp / "recipe.json", json.dumps(written, indent=2) + "\n")
+        write_atomically(tmp / "rates.json", json.dumps(rates, indent=2) + "\n")
+
+    write_directory_atomically(final, write)
     return final
 
 

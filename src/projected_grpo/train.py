@@ -36,7 +36,7 @@ from tqdm import tqdm
 from . import __version__, adapter, hack_basis, projection
 from .config import ARMS, MODES, Config, ConfigError, InputError, make_config, parse_overrides
 from .evaluate import evaluate, metrics_row, save_evaluation
-from .files import checkpoint_dirs, iter_jsonl, write_atomically
+from .files import checkpoint_dirs, iter_jsonl, write_atomically, write_directory_atomically
 from .grpo import apply_detector, auroc, backward_rollouts, collect_rollouts, repeated_fraction
 from .hack_basis import HackBasis
 from .model import load_model_and_tokenizer
@@ -85,14 +85,8 @@ def resolve_pool(cfg: Config, train) -> Pool | None:
         path = Path("out/pools") / f"fixture-{key}"
         if not (path / "meta.json").exists():
             log.info("building the fixture teacher pool at %s", path)
-            # Built aside and renamed into place: runs of a sweep may build the same pool at once.
-            tmp = path.with_name(f".{path.name}-{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            build_pool(tmp, train, workers=cfg.grade_workers or None)
-            try:
-                os.replace(tmp, path)
-            except OSError:  # another run got there first; its pool is the same
-                shutil.rmtree(tmp)
+            # Runs of a sweep may build the same pool at once.
+            write_directory_atomically(path, lambda tmp: build_pool(tmp, train, workers=cfg.grade_workers or None))
     try:
         pool = load_pool(path, modes=cfg.mode_list)
     except PoolFormatError as e:
