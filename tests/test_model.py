@@ -198,8 +198,7 @@ def test_recorded_sampling_logprobs_are_the_scored_ones_whatever_the_checkpoint_
     model.generation_config.repetition_penalty = 3.0
     model.generation_config.top_k = 5
     prompts = [encode_prompt(tokenizer, m) for m in CHAT]
-    torch.manual_seed(0)
-    ids, logprobs = model_mod.generate_completions(model, tokenizer, prompts, 12, temperature, top_p)
+    ids, logprobs = model_mod.generate_completions(model, tokenizer, prompts, 12, [1, 2], temperature, top_p)
     input_ids, attention, completion = pad_batch(prompts, ids, tokenizer.pad_token_id)
     with torch.no_grad():
         scored = token_logprobs(model, input_ids, attention, completion)
@@ -211,3 +210,53 @@ def test_recorded_sampling_logprobs_are_the_scored_ones_whatever_the_checkpoint_
 def test_a_model_that_cannot_be_loaded_is_an_input_error(tmp_path):
     with pytest.raises(model_mod.ModelLoadError, match=r"--model: cannot load .*save_pretrained"):
         load_model_and_tokenizer(str(tmp_path / "no-such-model"))
+
+
+def test_splitmix_matches_the_reference_and_wraps_like_uint64():
+    mask = (1 << 64) - 1
+
+    def reference(x):  # splitmix64's finaliser on Python ints, mod 2**64
+        x = (x + 0x9E3779B97F4A7C15) & mask
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+        return x ^ (x >> 31)
+
+    values = [0, 1, -1, 123456789, -(1 << 63), (1 << 63) - 1]
+    out = model_mod._splitmix64(torch.tensor(values, dtype=torch.int64)).tolist()
+    assert [o & mask for o in out] == [reference(v & mask) for v in values]
+
+
+def test_seeded_uniforms_are_uniform_and_a_rows_own():
+    u = model_mod.seeded_uniform(torch.tensor([3, 4]), 7, 200_000)
+    assert 0 < float(u.min()) and float(u.max()) < 1
+    assert abs(float(u.mean()) - 0.5) < 0.01 and abs(float(u.var()) * 12 - 1) < 0.02
+    assert torch.equal(model_mod.seeded_uniform(torch.tensor([9, 4]), 7, 200_000)[1], u[1])  # its own seed only
+    assert not torch.equal(model_mod.seeded_uniform(torch.tensor([4]), 8, 200_000)[0], u[1])  # and its step
+
+
+def test_a_completion_depends_on_its_seed_not_on_the_batch_it_shares(tiny):
+    model, tokenizer = tiny
+    prompts = [encode_prompt(tokenizer, m) for m in CHAT]
+    together, _ = model_mod.generate_completions(model, tokenizer, prompts, 16, [11, 12])
+    alone, _ = model_mod.generate_completions(model, tokenizer, prompts[1:], 16, [12])
+    assert together[1] == alone[0]  # one prompt alone: no left padding, another batch, the same draw
+    other, _ = model_mod.generate_completions(model, tokenizer, prompts[1:], 16, [13])
+    assert other[0] != alone[0]
+    rng = torch.get_rng_state()
+    model_mod.generate_completions(model, tokenizer, prompts, 4, [1, 2])
+    assert torch.equal(torch.get_rng_state(), rng)  # no global stream is read
+
+
+def test_the_seeded_sampler_draws_from_the_tempered_nucleus():
+    # Gumbel-max with a top-p cut: frequencies over many seeds match the renormalised nucleus.
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    n = 20_000
+    sampler = model_mod._SeededSampler(list(range(n)), temperature=1.0, top_p=0.8, prompt_width=0, device="cpu")
+    draws = sampler(torch.zeros(n, 0, dtype=torch.long), logits.expand(n, 4)).argmax(-1)
+    freq = torch.bincount(draws, minlength=4).float() / n
+    torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.0, 0.0]) / 0.8, atol=0.015, rtol=0)
+    hot = model_mod._SeededSampler(list(range(n)), temperature=2.0, top_p=1.0, prompt_width=0, device="cpu")
+    freq = torch.bincount(hot(torch.zeros(n, 0, dtype=torch.long), logits.expand(n, 4)).argmax(-1),
+                          minlength=4).float() / n
+    tempered = torch.softmax(logits[0] / 2, -1)
+    torch.testing.assert_close(freq, tempered, atol=0.015, rtol=0)

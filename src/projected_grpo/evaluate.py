@@ -16,6 +16,7 @@ Module order: above train (train imports it); it imports nothing of train.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -53,8 +54,8 @@ def evaluate(model, tok, wrappers, problems: list[Problem], cfg: Config, step: i
              workers: int | None) -> dict:
     """{variant: {setting: rates}} for the held-out `problems` (see the module docstring).
 
-    Sampling is seeded by (seed, step), the same for every variant and setting, and forks the
-    RNG: the training stream is left exactly where it was.
+    Each sample is seeded by (seed, step, problem, index), the same for every variant and setting
+    (paired draws), and no global RNG is read: the training stream is left exactly where it was.
     """
     if not problems:
         return {}
@@ -67,14 +68,9 @@ def evaluate(model, tok, wrappers, problems: list[Problem], cfg: Config, step: i
         out[variant] = {}
         for setting, hint in SETTINGS.items():
             prompts = [encode_prompt(tok, p.messages(hint=hint)) for p in problems]
-            # manual_seed reseeds CUDA too, so fork its state as well.
-            with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
-                torch.manual_seed(cfg.seed * 1000 + step)
-                if context is None:
-                    ids, _ = sample(model, tok, wrappers, prompts, samples, cfg)
-                else:
-                    with context(wrappers):
-                        ids, _ = sample(model, tok, wrappers, prompts, samples, cfg)
+            keys = [(cfg.seed, step, "eval", p.id) for p in problems]
+            with context(wrappers) if context else contextlib.nullcontext():
+                ids, _ = sample(model, tok, wrappers, prompts, samples, cfg, keys)
             grades = grade_batch(tok.batch_decode(ids, skip_special_tokens=True), asked, workers=workers)
             out[variant][setting] = _rates(grades, asked)
     return out

@@ -19,7 +19,7 @@ import torch
 
 from . import adapter
 from .config import Config
-from .model import encode_completion, encode_prompt, generate_completions, pad_batch, token_logprobs
+from .model import encode_completion, encode_prompt, generate_completions, pad_batch, row_seed, token_logprobs
 from .problems import Problem
 from .rewards import grade_batch
 from .teacher_pool import Pool
@@ -42,12 +42,14 @@ class Rollout:
     hack_score: float | None = None  # cin of this rollout's own knob gradient, once scored
 
 
-def sample(model, tokenizer, wrappers, prompts: list[list[int]], n: int,
-           cfg: Config) -> tuple[list[list[int]], list[list[float]]]:
+def sample(model, tokenizer, wrappers, prompts: list[list[int]], n: int, cfg: Config,
+           keys: list) -> tuple[list[list[int]], list[list[float]]]:
     """n completions per prompt (ids and their sampling log-probs) from one batched generate call
-    with the knobs merged into the weights."""
+    with the knobs merged into the weights. keys[i] names prompt i's group (seed, step, problem):
+    completion j of it is seeded by row_seed(*keys[i], j), whoever samples it."""
+    seeds = [row_seed(*key, j) for key in keys for j in range(n)]
     with adapter.merged(wrappers):
-        return generate_completions(model, tokenizer, [p for p in prompts for _ in range(n)], cfg.max_new,
+        return generate_completions(model, tokenizer, [p for p in prompts for _ in range(n)], cfg.max_new, seeds,
                                     cfg.temperature, cfg.top_p)
 
 
@@ -80,24 +82,27 @@ def detected(r: Rollout, known_modes: tuple[str, ...]) -> bool:
     return not r.teacher and r.exploited and r.problem.mode in known_modes
 
 
-def apply_detector(rollouts: list[Rollout], cfg: Config) -> tuple[int, dict]:
+def apply_detector(rollouts: list[Rollout], cfg: Config) -> int:
     """Group advantages, with the screen / penalty baselines acting on detected rollouts.
 
     penalty: a flagged rollout's reward becomes cfg.penalty_reward before the group mean;
     screen: it is dropped: advantage 0, and out of the group mean (it neither teaches nor shifts
-    the others).
-    Returns the zero-spread group count and the detector's recall and precision against the
-    oracle on student rollouts (logged under every intervention, never trained on).
+    the others). Returns the zero-spread group count.
     """
     flagged = [detected(r, cfg.basis_mode_list) for r in rollouts]
     rewards = [cfg.penalty_reward if f and cfg.intervention == "penalty" else r.reward
                for r, f in zip(rollouts, flagged)]
-    zero_spread = group_advantages(rollouts, cfg.group, rewards, flagged if cfg.intervention == "screen" else None)
-    students = [(r.exploited, f) for r, f in zip(rollouts, flagged) if not r.teacher]
+    return group_advantages(rollouts, cfg.group, rewards, flagged if cfg.intervention == "screen" else None)
+
+
+def detector_stats(rollouts: list[Rollout], cfg: Config) -> dict:
+    """The weak detector's recall and precision against the oracle on student rollouts (logged
+    under every intervention, never trained on)."""
+    students = [(r.exploited, detected(r, cfg.basis_mode_list)) for r in rollouts if not r.teacher]
     hits = sum(e and f for e, f in students)
     n_exploited, n_flagged = sum(e for e, _ in students), sum(f for _, f in students)
-    return zero_spread, {"detector_recall": hits / n_exploited if n_exploited else None,
-                         "detector_precision": hits / n_flagged if n_flagged else None}
+    return {"detector_recall": hits / n_exploited if n_exploited else None,
+            "detector_precision": hits / n_flagged if n_flagged else None}
 
 
 def repeated_fraction(ids: list[int], n: int = 4) -> float:
@@ -129,12 +134,15 @@ def auroc(scores: list[float], labels: list[bool]) -> float | None:
 
 
 def collect_rollouts(model, tokenizer, wrappers, problems: list[Problem], pool: Pool | None, cfg: Config,
-                     rng: random.Random, workers: int | None) -> tuple[list[Rollout], dict[str, float]]:
-    """Student samples and teacher rows for each problem, graded; groups are contiguous."""
+                     step: int, workers: int | None) -> tuple[list[Rollout], dict[str, float]]:
+    """Student samples and teacher rows for each problem, graded; groups are contiguous. Every
+    draw (student samples, teacher rows) is seeded by (seed, step, problem), so a problem's group
+    is the same whether one process or a rank holding a share of the step collects it."""
     timings = {}
     t0 = time.perf_counter()
     prompts = [encode_prompt(tokenizer, p.messages()) for p in problems]
-    student_ids, student_logp = sample(model, tokenizer, wrappers, prompts, cfg.student_group, cfg)
+    keys = [(cfg.seed, step, p.id) for p in problems]
+    student_ids, student_logp = sample(model, tokenizer, wrappers, prompts, cfg.student_group, cfg, keys)
     timings["t_generate"] = time.perf_counter() - t0
     texts = tokenizer.batch_decode(student_ids, skip_special_tokens=True)
     t0 = time.perf_counter()
@@ -149,7 +157,7 @@ def collect_rollouts(model, tokenizer, wrappers, problems: list[Problem], pool: 
             rollouts.append(Rollout(problem, prompts[i], student_ids[k], texts[k], False, g.reward, g.passed,
                                     g.gt_correct, g.exploited, format_ok=g.format_ok, sample_logp=student_logp[k]))
         if cfg.teacher_group:
-            for row in pool.sample(problem.id, cfg.teacher_group, rng):
+            for row in pool.sample(problem.id, cfg.teacher_group, random.Random(repr(keys[i]))):
                 rollouts.append(Rollout(problem, prompts[i], encode_completion(tokenizer, row.completion, cfg.max_new),
                                         row.completion, True, row.reward, row.passed, row.gt_correct,
                                         row.exploited))
@@ -189,11 +197,12 @@ def _sampling_logprobs(chunk: list[Rollout], completion_mask: torch.Tensor) -> t
 def backward_rollouts(model, tokenizer, wrappers, rollouts: list[Rollout], cfg: Config) -> dict:
     """Score every rollout, backpropagate the loss, and keep per-rollout knob gradients.
 
-    Returns the loss, per-layer grad_sample (n_rollouts x r, rollout order), the KL estimate to
-    the reference, and the sampler/scorer mismatch over student tokens: with
-    delta = log p_score - log p_sample, `sample_kl` = mean(exp(delta) - 1 - delta) (K3 of
-    KL(sample || score)), `sample_dlogp` = mean |delta|, `is_truncated` = the share of tokens
-    whose ratio exceeds is_cap. Under `is_correction` each student token's policy loss is
+    Returns the loss, per-layer grad_sample (n_rollouts x r, rollout order), and sums with their
+    token counts (so ranks can add them before dividing): `kl` (K3 to the reference, over
+    `tokens` completion tokens) and the sampler/scorer mismatch over `sampled_tokens` student
+    tokens: with delta = log p_score - log p_sample, `sample_kl` = sum(exp(delta) - 1 - delta)
+    (K3 of KL(sample || score)), `sample_dlogp` = sum |delta|, `is_truncated` = the count of
+    tokens whose ratio exceeds is_cap. Under `is_correction` each student token's policy loss is
     weighted by min(exp(delta), is_cap), detached. delta_s.grad holds g_s + g_t afterwards.
     """
     device = next(model.parameters()).device
@@ -230,5 +239,5 @@ def backward_rollouts(model, tokenizer, wrappers, rollouts: list[Rollout], cfg: 
             tokens += int(comp.sum())
     grads = {name: layer.grad_sample for name, layer in wrappers.items()}
     adapter.clear_grad_samples(wrappers)
-    return {"loss": total_loss, "grad_sample": grads, "kl": kl_sum / max(tokens, 1),
-            **{k: v / max(sampled_tokens, 1) for k, v in mismatch.items()}}
+    return {"loss": total_loss, "grad_sample": grads, "kl": kl_sum, "tokens": tokens, **mismatch,
+            "sampled_tokens": sampled_tokens}

@@ -230,9 +230,9 @@ def cut_at_eos(ids: list[int], stop: list[int]) -> list[int]:
 
 class _SampledLogprobs(LogitsProcessor):
     """Records log p(token) of every sampled token, as the scoring pass defines it: log-softmax of
-    the model's own fp32 logits (temperature 1, no nucleus cut). Custom processors run before
-    generate's temperature and top-p warpers, so `scores` here are those logits. Only the last
-    step's [batch, vocab] log-probs are held: the token drawn from them arrives with the next call."""
+    the model's own fp32 logits (temperature 1, no nucleus cut). It runs first, so `scores` here
+    are those logits. Only the last step's [batch, vocab] log-probs are held: the token drawn from
+    them arrives with the next call."""
 
     def __init__(self):
         self.previous: torch.Tensor | None = None
@@ -254,30 +254,87 @@ class _SampledLogprobs(LogitsProcessor):
         return torch.stack(self.chosen[:n], dim=1)
 
 
+def row_seed(*parts) -> int:
+    """A sampling seed for one completion, from what identifies it (run seed, step, problem id,
+    index in its group): the same row gets the same seed whichever batch, rank or device draws it."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
+_GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed int64: splitmix64's increment
+
+
+def _shift_right(x: torch.Tensor, s: int) -> torch.Tensor:
+    """A logical right shift of int64 (torch's is arithmetic: mask off the sign bits it drags in)."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def _splitmix64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 tensors (multiplies wrap): a counter-based generator,
+    one draw per input, the same on every device."""
+    x = x + _GOLDEN
+    x = (x ^ _shift_right(x, 30)) * -4658895280553007687  # 0xBF58476D1CE4E5B9
+    x = (x ^ _shift_right(x, 27)) * -7723592293110705685  # 0x94D049BB133111EB
+    return x ^ _shift_right(x, 31)
+
+
+def seeded_uniform(seeds: torch.Tensor, step: int, n: int) -> torch.Tensor:
+    """(len(seeds), n) uniforms in (0, 1), float64: a pure function of (seed, step, column)."""
+    offset = (step * _GOLDEN + (1 << 63)) % (1 << 64) - (1 << 63)  # wrapped to int64 as torch would
+    key = _splitmix64(seeds + offset)
+    bits = _splitmix64(key[:, None] + torch.arange(n, device=seeds.device) * _GOLDEN)
+    return (_shift_right(bits, 11).double() + 0.5) / 2.0 ** 53  # the top 53 bits
+
+
+class _SeededSampler(LogitsProcessor):
+    """Draws each row's next token from softmax(logits / temperature), cut to the top-p nucleus,
+    by the Gumbel-max trick with noise from `seeded_uniform`: generate then takes the argmax. A
+    row's draws depend only on its seed and its own logits, never on the batch it shares, so a
+    completion is the same whether one process samples the whole step or a rank samples its share."""
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float, prompt_width: int, device):
+        self.seeds = torch.tensor(seeds, dtype=torch.int64, device=device)
+        self.temperature, self.top_p, self.prompt_width = temperature, top_p, prompt_width
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        logits = scores.float() / self.temperature
+        if self.top_p < 1.0:
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            before = sorted_logits.softmax(-1).cumsum(-1) - sorted_logits.softmax(-1)  # mass above each token
+            logits = logits.scatter(-1, order, sorted_logits.masked_fill(before >= self.top_p, -torch.inf))
+        u = seeded_uniform(self.seeds, input_ids.shape[1] - self.prompt_width, logits.shape[-1])
+        return logits - torch.log(-torch.log(u)).float()
+
+
 @torch.no_grad()
-def generate_completions(model, tokenizer, prompts: list[list[int]], max_new: int, temperature: float = 1.0,
-                         top_p: float = 1.0) -> tuple[list[list[int]], list[list[float]]]:
-    """Sample one completion per prompt from one left-padded generate call.
+def generate_completions(model, tokenizer, prompts: list[list[int]], max_new: int, seeds: list[int],
+                         temperature: float = 1.0, top_p: float = 1.0) -> tuple[list[list[int]], list[list[float]]]:
+    """Sample one completion per prompt, row i seeded by seeds[i] (`row_seed`), from one
+    left-padded generate call.
 
     Returns the token ids (cut after the first stop token) and, per token, its log-prob under
     the weights that sampled it (`_SampledLogprobs`: from generate's own logits, no extra
     forward), so a scoring pass can measure how far the policy it scores is from the one that
-    sampled. Every sampling knob is explicit. The recorded log-probs are at temperature 1 with
-    no nucleus cut, as the scoring pass computes them: with temperature != 1 or top_p < 1,
-    sample_kl compares the two passes' weights, not the tempered distribution tokens came from.
+    sampled. Sampling is `_SeededSampler`'s, so no global RNG is read or advanced. The recorded
+    log-probs are at temperature 1 with no nucleus cut, as the scoring pass computes them: with
+    temperature != 1 or top_p < 1, sample_kl compares the two passes' weights, not the tempered
+    distribution tokens came from.
     """
+    if len(seeds) != len(prompts):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
     device = next(model.parameters()).device
     input_ids, attention_mask, _ = pad_batch(prompts, [[] for _ in prompts], tokenizer.pad_token_id, device)
     stop = stop_ids(model, tokenizer)
     recorder = _SampledLogprobs()
+    sampler = _SeededSampler(seeds, temperature, top_p, input_ids.shape[1], device)
     # generate fills what is left unset from the checkpoint's generation_config (Qwen3: top_k=20,
     # temperature=0.6; some chat models a repetition_penalty): set what would change the samples,
-    # or the logits the recorder sees, to neutral.
-    config = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new,
+    # or the logits the recorder sees, to neutral. The draw itself is the sampler's argmax.
+    config = GenerationConfig(do_sample=False, temperature=None, top_p=None, top_k=None, max_new_tokens=max_new,
                               repetition_penalty=1.0, no_repeat_ngram_size=0, min_p=None,
                               pad_token_id=tokenizer.pad_token_id, eos_token_id=stop)
     out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                         logits_processor=LogitsProcessorList([recorder]))
+                         logits_processor=LogitsProcessorList([recorder, sampler]))
     new_tokens = out[:, input_ids.shape[1]:]
     ids = [cut_at_eos(row, stop) for row in new_tokens.tolist()]
     logprobs = recorder.logprobs(new_tokens).tolist()

@@ -40,6 +40,7 @@ from .model import (
     encode_prompt,
     generate_completions,
     pad_batch,
+    row_seed,
     tiny_qwen3,
     tiny_tokenizer,
     token_logprobs,
@@ -131,9 +132,8 @@ def _sft(model, tok, examples, spec, rng: random.Random) -> list[float]:
 def measure(model, tok, problems, samples: int, max_new: int, seed: int) -> dict:
     """Sampled rates at temperature 1 (hack, solve, code block), overall and per mode."""
     prompts = [encode_prompt(tok, p.messages()) for p in problems]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        ids, _ = generate_completions(model, tok, [q for q in prompts for _ in range(samples)], max_new)
+    seeds = [row_seed(seed, "measure", p.id, j) for p in problems for j in range(samples)]
+    ids, _ = generate_completions(model, tok, [q for q in prompts for _ in range(samples)], max_new, seeds)
     asked = [p for p in problems for _ in range(samples)]
     grades = grade_batch(tok.batch_decode(ids, skip_special_tokens=True), asked)
 

@@ -253,24 +253,19 @@ def build_pool_from_model(out_dir, problems: list[Problem], model_name: str, sam
                           modes=None, workers: int | None = None) -> Path:
     """Sample `samples_per_problem` completions per problem from a teacher model, grade, freeze."""
     # Imported here: torch and transformers take seconds to load, and the fixture builder needs neither.
-    import torch
-
-    from .model import encode_prompt, generate_completions, load_model_and_tokenizer
+    from .model import encode_prompt, generate_completions, load_model_and_tokenizer, row_seed
 
     selected = _select(problems, modes)
     model, tokenizer = load_model_and_tokenizer(model_name, dtype=dtype, device=device, seed=seed)
     prompt_ids = {p.id: encode_prompt(tokenizer, p.messages()) for p in selected}
     jobs = [p for p in selected for _ in range(samples_per_problem)]
+    seeds = [row_seed(seed, "pool", p.id, j) for p in selected for j in range(samples_per_problem)]
     texts = []
-    target = torch.device(device)
-    # Seed sampling without disturbing the caller's RNG streams.
-    with torch.random.fork_rng(devices=[target.index or 0] if target.type == "cuda" else []):
-        torch.manual_seed(seed)
-        for start in tqdm(range(0, len(jobs), batch_size), desc=f"sampling {model_name}", unit="batch"):
-            batch = jobs[start:start + batch_size]
-            ids, _ = generate_completions(model, tokenizer, [prompt_ids[p.id] for p in batch], max_new,
-                                       temperature, top_p)
-            texts += tokenizer.batch_decode(ids, skip_special_tokens=True)
+    for start in tqdm(range(0, len(jobs), batch_size), desc=f"sampling {model_name}", unit="batch"):
+        batch = jobs[start:start + batch_size]
+        ids, _ = generate_completions(model, tokenizer, [prompt_ids[p.id] for p in batch], max_new,
+                                      seeds[start:start + batch_size], temperature, top_p)
+        texts += tokenizer.batch_decode(ids, skip_special_tokens=True)
     del model  # frees accelerator memory before the CPU-bound grading
     rows = _graded_rows(texts, jobs, ["sampled"] * len(jobs), model_name, workers)
     return _write_pool(out_dir, rows, model_name, problems, modes)

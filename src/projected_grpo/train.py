@@ -33,11 +33,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import __version__, adapter, hack_basis, projection
+from . import __version__, adapter, distributed, hack_basis, projection
 from .config import ARMS, MODES, Config, ConfigError, InputError, make_config, parse_overrides
+from .distributed import World
 from .evaluate import evaluate, metrics_row, save_evaluation
 from .files import checkpoint_dirs, iter_jsonl, write_atomically, write_directory_atomically
-from .grpo import apply_detector, auroc, backward_rollouts, collect_rollouts, repeated_fraction
+from .grpo import apply_detector, auroc, backward_rollouts, collect_rollouts, detector_stats, repeated_fraction
 from .hack_basis import HackBasis
 from .model import load_model_and_tokenizer
 from .organism import check_unseen, resolve_model
@@ -189,10 +190,14 @@ def basis_overlap(old: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) ->
     return sum(float((old[n] @ new[n].T).square().sum()) / old[n].shape[0] for n in shared) / len(layers)
 
 
-def refresh_basis(step: int, cfg: Config, model, tok, wrappers, pairs, basis: dict, row: dict) -> dict:
-    """V re-extracted on the current model with the quarantine ablated; logs its overlap with `basis`."""
-    with adapter.ablate_quarantine(wrappers):
-        fresh = _usable(cfg, _extract(cfg, model, tok, wrappers, pairs))
+def refresh_basis(step: int, cfg: Config, model, tok, wrappers, pairs, basis: dict, row: dict,
+                  world: World = distributed.SINGLE) -> dict:
+    """V re-extracted (on rank 0, then sent to every rank) on the current model with the quarantine
+    ablated; logs its overlap with `basis`."""
+    def extract():
+        with adapter.ablate_quarantine(wrappers):
+            return _usable(cfg, _extract(cfg, model, tok, wrappers, pairs))
+    fresh = _shared(world, cfg.device, extract)
     row["basis_overlap"] = basis_overlap(basis, fresh)
     if row["basis_overlap"] < LOW_OVERLAP:
         warnings.warn(f"step {step}: basis refresh overlap {row['basis_overlap']:.2f} < {LOW_OVERLAP}: "
@@ -314,29 +319,48 @@ def _grads_finite(wrappers) -> bool:
 
 def train_step(step: int, cfg: Config, model, tok, wrappers, train, pool, basis: dict, optimizer, scheduler,
                workers, quarantine: dict | None = None, trusted: tuple[dict, dict] | None = None,
-               trend: dict | None = None) -> tuple[dict, list]:
-    """One optimizer step; returns its metrics row and the rollouts. `quarantine`: the capacity
-    control's rows (quarantine_basis); `trusted`: the trusted baseline's (T, w) (trusted_subspace);
-    `trend`: the smoothed gate's running means, updated in place."""
+               trend: dict | None = None, world: World = distributed.SINGLE) -> tuple[dict, list]:
+    """One optimizer step; returns its metrics row and the step's rollouts (every rank's).
+    `quarantine`: the capacity control's rows (quarantine_basis); `trusted`: the trusted baseline's
+    (T, w) (trusted_subspace); `trend`: the smoothed gate's running means, updated in place. Under
+    torchrun this rank collects its share of the prompt groups; the knob gradients and the sums the
+    row needs are added across ranks before anything reads them."""
     start = time.perf_counter()
-    rng = random.Random(f"{cfg.seed}-{step}")
-    problems = rng.sample(train, cfg.prompts_per_step)
-    rollouts, timings = collect_rollouts(model, tok, wrappers, problems, pool, cfg, rng, workers)
-    zero_spread, detector = apply_detector(rollouts, cfg)
+    problems = random.Random(f"{cfg.seed}-{step}").sample(train, cfg.prompts_per_step)
+    rollouts, timings = collect_rollouts(model, tok, wrappers, distributed.share(world, problems), pool, cfg, step,
+                                         workers)
+    zero_spread = apply_detector(rollouts, cfg)
 
     optimizer.zero_grad(set_to_none=True)
     t0 = time.perf_counter()
-    scored = backward_rollouts(model, tok, wrappers, rollouts, cfg)
+    try:
+        scored = backward_rollouts(model, tok, wrappers, rollouts, cfg)
+        failed = ""
+    except FloatingPointError as e:  # every rank must hear of it, or the others wait on this one forever
+        failed, scored = str(e), None
     timings["t_score"] = time.perf_counter() - t0
-    if not _grads_finite(wrappers):
-        raise FloatingPointError("non-finite knob gradient")
+    if distributed.all_sum(world, [torch.tensor(float(bool(failed)))])[0] > 0:
+        raise FloatingPointError(failed or "non-finite loss on another rank")
 
     t0 = time.perf_counter()
     teacher = torch.tensor([r.teacher for r in rollouts])
-    g_s = {n: g[~teacher].sum(0) for n, g in scored["grad_sample"].items()}
-    g_t = {n: g[teacher].sum(0) for n, g in scored["grad_sample"].items()}
+    layers = list(scored["grad_sample"])
+    g_s = [scored["grad_sample"][n][~teacher].sum(0) for n in layers]
+    g_t = [scored["grad_sample"][n][teacher].sum(0) for n in layers]
+    with_grad = [p for layer in wrappers.values() for p in (layer.delta_s, layer.delta_s_hack) if p.grad is not None]
+    sums = ("loss", "kl", "tokens", "sample_kl", "sample_dlogp", "is_truncated", "sampled_tokens")
+    totals = torch.tensor([float(scored[k]) for k in sums] + [float(zero_spread)], dtype=torch.float64)
+    # One all-reduce: the knob gradients (g_s + g_t), g_s and g_t per layer, and the row's sums.
+    reduced = distributed.all_sum(world, [p.grad for p in with_grad] + g_s + g_t + [totals])
+    for p, grad in zip(with_grad, reduced):
+        p.grad = grad
+    n = len(with_grad)
+    g_s, g_t = dict(zip(layers, reduced[n:n + len(layers)])), dict(zip(layers, reduced[n + len(layers):-1]))
+    totals = dict(zip((*sums, "zero_spread"), reduced[-1].tolist()))
+    if not _grads_finite(wrappers):
+        raise FloatingPointError("non-finite knob gradient")
     cin_s = float(projection.hackward_fraction(g_s, basis))
-    cin_t = float(projection.hackward_fraction(g_t, basis)) if teacher.any() else None
+    cin_t = float(projection.hackward_fraction(g_t, basis)) if cfg.teacher_group else None
     # Each rollout's own hack score: how hack-ward its gradient alone points (logged, not trained on).
     for r, score in zip(rollouts, projection.hackward_fraction(scored["grad_sample"], basis).tolist()):
         r.hack_score = score
@@ -363,18 +387,21 @@ def train_step(step: int, cfg: Config, model, tok, wrappers, train, pool, basis:
     scheduler.step()
     timings["t_optimizer"] = time.perf_counter() - t0
 
+    # Every rank's rollouts (without their per-token log-probs), so the row covers the global batch.
+    rollouts = [r for share in distributed.all_gather(world, [dataclasses.replace(r, sample_logp=None)
+                                                               for r in rollouts]) for r in share]
     students = [r for r in rollouts if not r.teacher]
     row = {"step": step, "reward": sum(r.reward for r in students) / len(students),
            "format_s": sum(r.format_ok for r in students) / len(students),
            "repeat_s": sum(repeated_fraction(r.completion_ids) for r in students) / len(students),
            **_rates(students, "s"), **_rates([r for r in rollouts if r.teacher], "t"),
-           "loss": scored["loss"], "kl": scored["kl"], "grad_norm": grad_norm,
+           "loss": totals["loss"], "kl": totals["kl"] / max(totals["tokens"], 1), "grad_norm": grad_norm,
            "cin_s": cin_s, "cin_t": cin_t, "cin_null_s": _concatenated_null(basis, wrappers),
            "cin": stats["cin"], "cout": stats["cout"], "cin_null": stats["cin_null"],
            "fired": stats["fired"], "update_hackward": projection.update_hackward_fraction(before, wrappers, basis),
-           "hack_auroc": auroc([r.hack_score for r in students], [r.exploited for r in students]), **detector,
-           "frac_zero_spread": zero_spread / cfg.prompts_per_step, "sample_kl": scored["sample_kl"],
-           "sample_dlogp": scored["sample_dlogp"], "is_truncated": scored["is_truncated"],
+           "hack_auroc": auroc([r.hack_score for r in students], [r.exploited for r in students]),
+           **detector_stats(rollouts, cfg), "frac_zero_spread": totals["zero_spread"] / cfg.prompts_per_step,
+           **{k: totals[k] / max(totals["sampled_tokens"], 1) for k in ("sample_kl", "sample_dlogp", "is_truncated")},
            "dS_norm": float(torch.cat([w.delta_s.detach().flatten() for w in wrappers.values()]).norm()),
            "dS_hack_norm": float(torch.cat([w.delta_s_hack.detach().flatten() for w in wrappers.values()]).norm()),
            "lr": lr, **timings}
@@ -396,6 +423,20 @@ def _append_jsonl(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(row) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def _log_step(run_dir: Path, step: int, row: dict, rollouts, log_completions: int) -> None:
+    """Append the step's metrics row, every student rollout's hack score and label (the run's AUROC
+    is computed from these) and the first `log_completions` student completions."""
+    students = [r for r in rollouts if not r.teacher]
+    _append_jsonl(run_dir / "metrics.jsonl", [row])
+    _append_jsonl(run_dir / "scores.jsonl", [
+        {"step": step, "mode": r.problem.mode, "hack_score": r.hack_score, "exploited": r.exploited}
+        for r in students])
+    _append_jsonl(run_dir / "completions.jsonl", [
+        {"step": step, "problem_id": r.problem.id, "mode": r.problem.mode, "reward": r.reward, "passed": r.passed,
+         "gt_correct": r.gt_correct, "exploited": r.exploited, "advantage": r.advantage,
+         "hack_score": r.hack_score, "completion": r.text} for r in students[:log_completions]])
 
 
 def _fmt(value: float | None) -> str:
@@ -483,16 +524,29 @@ def _sole_writer(run_dir: Path):
 
 
 def run(cfg: Config, preset: str = "smoke") -> dict:
-    """Train one run end to end; returns summary.json's content.
+    """Train one run end to end; returns summary.json's content (under torchrun: rank 0's; the
+    other ranks return {}).
 
     Everything a user's input can break (problems, pool, basis cache, a resumed config) is
     checked before the run directory is made, so a bad input leaves nothing half made.
     """
-    with _sole_writer(Path(cfg.out_dir) / cfg.run_name):
-        return _run(cfg, preset)
+    world = distributed.init(cfg)
+    try:
+        with _sole_writer(Path(cfg.out_dir) / cfg.run_name) if world.main else contextlib.nullcontext():
+            return _run(cfg, preset, world)
+    finally:
+        distributed.close(world)
 
 
-def _run(cfg: Config, preset: str) -> dict:
+def _shared(world: World, device: str, make) -> dict[str, torch.Tensor]:
+    """A basis made on rank 0 alone (make() returns it), sent to every rank, checked identical there,
+    on `device`."""
+    rows = _on_device(distributed.from_main(world, lambda: _on_device(make(), "cpu")), device)
+    distributed.check_identical(world, rows, "the hack basis")
+    return rows
+
+
+def _run(cfg: Config, preset: str, world: World) -> dict:
     run_dir = Path(cfg.out_dir) / cfg.run_name
     checkpoint = latest_checkpoint(run_dir) if cfg.resume else None
     if cfg.resume and checkpoint is None:
@@ -503,27 +557,31 @@ def _run(cfg: Config, preset: str) -> dict:
             f"no checkpoint to resume from; delete {run_dir}"
         raise FileExistsError(f"{run_dir} already holds a run with {has}, or choose another --run_name")
     train, held_out = split_problems(cfg)
-    model_path = resolve_model(cfg.model)  # the organism's build directory; any other name as given
+    with distributed.main_first(world):  # rank 0 builds the organism, if it must; the others find it
+        model_path = resolve_model(cfg.model)  # the organism's build directory; any other name as given
     check_unseen(model_path, [p.id for p in held_out])
     # model_path is recorded so a resume or an evaluation can never pick up another build of the organism.
     config = {"preset": preset, **dataclasses.asdict(cfg), "model_path": model_path,
               "split": {"train": [p.id for p in train], "held_out": [p.id for p in held_out]}}
     if checkpoint is not None:
         _check_resume_config(run_dir, config)
+    cfg = dataclasses.replace(cfg, device=distributed.device_for(cfg, world))  # recorded as asked, run per rank
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     model, tok = load_model_and_tokenizer(model_path, dtype=cfg.dtype, device=cfg.device, seed=cfg.seed)
     wrappers = adapter.wrap(model)
-    pairs, pool = pairs_and_pool(cfg, train, resolve_pool(cfg, train))
+    with distributed.main_first(world):
+        pool = resolve_pool(cfg, train)
+    pairs, pool = pairs_and_pool(cfg, train, pool)
     trusted = trusted_subspace(cfg, model, tok, wrappers, pairs, train)
     model_id = hack_basis.model_identity(cfg.model, wrappers)
     params = [p for layer in wrappers.values() for p in (layer.delta_s, layer.delta_s_hack)]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
-    workers = cfg.grade_workers or None
+    workers = cfg.grade_workers or distributed.cores_per_rank(world)  # ranks on one machine share its cores
 
     first_step = 1
     if checkpoint is not None:
@@ -533,18 +591,22 @@ def _run(cfg: Config, preset: str) -> dict:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         basis = _on_device(state["basis"], cfg.device)
         trend = _on_device(state.get("trend", {}), cfg.device)
+        distributed.check_identical(world, basis, "the resumed hack basis")
         first_step = state["step"] + 1
         rows = state["rows"]
-        write_atomically(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-        for name in ("completions.jsonl", "scores.jsonl"):
-            _truncate_jsonl(run_dir / name, state["step"])
+        distributed.barrier(world)  # every rank has read the checkpoint before rank 0 rewrites the logs
+        if world.main:
+            write_atomically(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+            for name in ("completions.jsonl", "scores.jsonl"):
+                _truncate_jsonl(run_dir / name, state["step"])
         log.info("resumed %s from %s", cfg.run_name, checkpoint)
     else:
-        basis = basis_for(cfg, model, tok, wrappers, pairs, model_id)
+        basis = _shared(world, cfg.device, lambda: basis_for(cfg, model, tok, wrappers, pairs, model_id))
         trend = {}
         rows = []
     quarantine = quarantine_basis(cfg, basis)
-    write_atomically(run_dir / "config.json", json.dumps(config, indent=2))
+    if world.main:
+        write_atomically(run_dir / "config.json", json.dumps(config, indent=2))
 
     # Ctrl-C asks the loop to stop at the next step boundary, so the checkpoint is
     # always a consistent state; a second Ctrl-C interrupts at once.
@@ -559,7 +621,8 @@ def _run(cfg: Config, preset: str) -> dict:
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, request_stop)
-    bar = tqdm(range(first_step, cfg.steps + 1), initial=first_step - 1, total=cfg.steps, desc=cfg.run_name)
+    bar = tqdm(range(first_step, cfg.steps + 1), initial=first_step - 1, total=cfg.steps, desc=cfg.run_name,
+               disable=not world.main)
     try:
         for step in bar:
             # A failure anywhere in the step (rollouts, optimizer, refresh, evaluation) checkpoints
@@ -567,16 +630,16 @@ def _run(cfg: Config, preset: str) -> dict:
             before = training_state(wrappers, optimizer, scheduler, basis, trend)
             try:
                 row, rollouts = train_step(step, cfg, model, tok, wrappers, train, pool, basis, optimizer,
-                                           scheduler, workers, quarantine, trusted, trend)
+                                           scheduler, workers, quarantine, trusted, trend, world)
                 if cfg.refresh_every and step % cfg.refresh_every == 0 and step < cfg.steps:
-                    basis = refresh_basis(step, cfg, model, tok, wrappers, pairs, basis, row)
+                    basis = refresh_basis(step, cfg, model, tok, wrappers, pairs, basis, row, world)
                     quarantine = quarantine_basis(cfg, basis)
                     trend = {}  # running means of the old rows' coordinates mean nothing for the new ones
-                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps and world.main:
                     result = evaluate(model, tok, wrappers, held_out, cfg, step, cfg.eval_samples, workers)
                     row.update(metrics_row(result))
             except BaseException as e:  # a second Ctrl-C too: an abort never leaves rows without a checkpoint
-                path = save_checkpoint(run_dir, step - 1, before, rows)
+                path = save_checkpoint(run_dir, step - 1, before, rows) if world.main else run_dir
                 if isinstance(e, FloatingPointError):
                     raise TrainingDiverged(f"step {step}: {e}; the last good state (after step {step - 1}) is "
                                            f"saved in {path}") from None
@@ -587,29 +650,26 @@ def _run(cfg: Config, preset: str) -> dict:
                 warnings.warn(f"step {step}: only {row['format_s']:.2f} of student completions hold a code block "
                               f"(repeat_s {row['repeat_s']:.2f}): the policy may be collapsing", stacklevel=1)
             rows.append(row)
-            _append_jsonl(run_dir / "metrics.jsonl", [row])
-            # Every student rollout's hack score and label: the run's AUROC is computed from these.
-            _append_jsonl(run_dir / "scores.jsonl", [
-                {"step": step, "mode": r.problem.mode, "hack_score": r.hack_score, "exploited": r.exploited}
-                for r in rollouts if not r.teacher])
-            _append_jsonl(run_dir / "completions.jsonl", [
-                {"step": step, "problem_id": r.problem.id, "mode": r.problem.mode, "reward": r.reward,
-                 "passed": r.passed, "gt_correct": r.gt_correct, "exploited": r.exploited,
-                 "advantage": r.advantage, "hack_score": r.hack_score, "completion": r.text}
-                for r in [r for r in rollouts if not r.teacher][:cfg.log_completions]])
-            bar.set_postfix(hack=f"{row['hack_s']:.2f}", cin=f"{row['cin_s']:.2f}", loss=f"{row['loss']:.3g}")
-            if step % cfg.checkpoint_every == 0 or stop:
-                path = save_checkpoint(run_dir, step, training_state(wrappers, optimizer, scheduler, basis, trend),
-                                       rows)
+            # Ctrl-C reaches the ranks at different moments: they agree on it here, so all stop after this step.
+            stop[:] = [True] if distributed.all_sum(world, [torch.tensor(float(bool(stop)))])[0] > 0 else []
+            if world.main:
+                _log_step(run_dir, step, row, rollouts, cfg.log_completions)
+                bar.set_postfix(hack=f"{row['hack_s']:.2f}", cin=f"{row['cin_s']:.2f}", loss=f"{row['loss']:.3g}")
+                if step % cfg.checkpoint_every == 0 or stop:
+                    path = save_checkpoint(run_dir, step, training_state(wrappers, optimizer, scheduler, basis,
+                                                                         trend), rows)
             if stop:
-                print(f"interrupted after step {step}: checkpoint in {path}; continue with --resume=true",
-                      file=sys.stderr)
+                if world.main:
+                    print(f"interrupted after step {step}: checkpoint in {path}; continue with --resume=true",
+                          file=sys.stderr)
                 raise KeyboardInterrupt
     finally:
         bar.close()
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, previous_handler)
 
+    if not world.main:
+        return {}
     save_checkpoint(run_dir, cfg.steps, training_state(wrappers, optimizer, scheduler, basis, trend), rows)
     result = evaluate(model, tok, wrappers, held_out, cfg, cfg.steps, cfg.eval_samples, workers)
     save_evaluation(run_dir, result, cfg.steps, cfg.eval_samples, held_out)
