@@ -145,10 +145,12 @@ PRESETS: dict[str, dict] = {
                  is_correction=True, eval_samples=4),
     # The CPU model organism (organism.py, built on first use): a 0.4M-parameter Qwen3 warm-started to hack
     # rarely, in which vanilla GRPO makes hacking emerge; pure on-policy GRPO, minutes per run on 2 cores.
-    # The smoothed gate: the one-sided gate's rectified noise drifts and collapses it (docs/organism.md).
-    "organism": dict(model="organism", mix_ratio=0.0, group=8, prompts_per_step=4, max_new=128, steps=150,
-                     lr=3e-2, lr_schedule="cosine", warmup=3, eval_prompts=6, eval_samples=4, basis_k=8,
-                     basis_modes=",".join(MODES[:-1]), checkpoint_every=50, gate="smoothed"),
+    # The smoothed gate: the one-sided gate's rectified noise drifts and collapses it. Weight decay pulls
+    # the knobs back to the warm start, so minibatch noise cannot random-walk the memorised hack strings
+    # away; without it hacking rose about half as far (docs/organism.md). Every arm gets the same optimizer.
+    "organism": dict(model="organism", mix_ratio=0.0, group=8, prompts_per_step=4, max_new=128, steps=200,
+                     lr=3e-2, lr_schedule="cosine", warmup=3, weight_decay=1.0, eval_prompts=6, eval_samples=4,
+                     basis_k=8, basis_modes=",".join(MODES[:-1]), checkpoint_every=50, gate="smoothed"),
     # The long run.
     "full": dict(model="Qwen/Qwen3-4B", dtype="bfloat16", device="cuda", steps=200, group=16, prompts_per_step=8,
                  max_new=1024, micro_batch=8, lr=1e-3, beta=1e-3, eval_prompts=24, eval_every=25, refresh_every=50,
