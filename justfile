@@ -31,6 +31,12 @@ smoke-route *args:
     rm -rf out/runs/smoke-route-s0
     python -m projected_grpo.train smoke --intervention=route --refresh_every=10 --eval_every=10 {{args}}
 
+# two CPU processes on torch.distributed (Gloo), 3 smoke steps; then the test that compares them with one process
+smoke-ddp *args:
+    rm -rf out/runs/smoke-ddp
+    python -m torch.distributed.run --standalone --nproc_per_node=2 -m projected_grpo.train smoke --steps=3 --run_name=smoke-ddp {{args}}
+    python -m pytest -q tests/test_distributed.py
+
 # the main job: every arm on the smoke preset, then the results table
 smoke-all: smoke smoke-vanilla smoke-route results
 
