@@ -108,6 +108,9 @@ def test_prompt_groups_must_divide_between_the_ranks(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(ConfigError, match=r"--prompts_per_step=2 does not divide by the 3 ranks"):
         distributed.init(make_config("smoke", {"prompts_per_step": "2"}))
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # the check comes before any GPU is touched
+    with pytest.raises(ConfigError, match=r"--device=cuda:1: under torchrun each rank takes the GPU of its"):
+        distributed.init(make_config("smoke", {"prompts_per_step": "3", "device": "cuda:1"}))
 
 
 def test_one_process_is_a_world_of_one(monkeypatch):

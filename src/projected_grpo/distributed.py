@@ -51,6 +51,9 @@ def init(cfg: Config) -> World:
         return SINGLE
     world = World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
                   int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])))
+    if world.size > 1 and cfg.device.startswith("cuda:"):
+        raise ConfigError(f"--device={cfg.device}: under torchrun each rank takes the GPU of its LOCAL_RANK; "
+                          f"pass --device=cuda (CUDA_VISIBLE_DEVICES picks the GPUs)")
     if cfg.prompts_per_step % world.size:
         raise ConfigError(f"--prompts_per_step={cfg.prompts_per_step} does not divide by the {world.size} ranks "
                           f"torchrun started: each rank takes whole prompt groups")
@@ -58,8 +61,9 @@ def init(cfg: Config) -> World:
         cuda = cfg.device.startswith("cuda")
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        # A rank that waits on one still evaluating, refreshing or extracting V waits minutes, not forever.
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=60))
+        # Gloo beside NCCL: the one-float flags and gathered objects may be CPU tensors. A rank that
+        # waits on one still evaluating, refreshing or extracting V waits minutes, not forever.
+        dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=timedelta(minutes=60))
     return world
 
 
@@ -76,14 +80,23 @@ def share(world: World, items: list) -> list:
     return items[world.rank * per:(world.rank + 1) * per]
 
 
-def cores_per_rank(world: World) -> int:
-    """The cores this process may use, split between the ranks on this machine."""
-    return max(1, len(os.sched_getaffinity(0)) // world.local_size)
+def available_cores() -> int:
+    # sched_getaffinity honours a taskset or container limit; macOS has no such call.
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def grade_workers(cfg: Config, world: World) -> int | None:
+    """Sandbox workers for this process: as configured, or (torchrun) this rank's share of the
+    machine's cores, so the ranks' graders do not oversubscribe them; None: one per core."""
+    if cfg.grade_workers or world.local_size == 1:
+        return cfg.grade_workers or None
+    return max(1, available_cores() // world.local_size)
 
 
 def all_sum(world: World, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Each tensor summed over the ranks, by one all-reduce of one flat fp32 buffer (knobs are small:
-    r floats per layer), returned in the tensors' own shapes, dtypes and devices."""
+    """Each tensor summed over the ranks, by one all-reduce of one flat fp32 buffer on the first
+    tensor's device (knobs are small: r floats per layer), returned in the tensors' own shapes,
+    dtypes and devices."""
     if world.size == 1:
         return tensors
     device = tensors[0].device
@@ -91,7 +104,7 @@ def all_sum(world: World, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     dist.all_reduce(flat)
     out, start = [], 0
     for t in tensors:
-        out.append(flat[start:start + t.numel()].view(t.shape).to(t.dtype))
+        out.append(flat[start:start + t.numel()].view(t.shape).to(device=t.device, dtype=t.dtype))
         start += t.numel()
     return out
 

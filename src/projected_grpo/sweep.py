@@ -30,6 +30,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import Config, ConfigError, InputError, arm_name, make_config, parse_arm, parse_overrides
+from .distributed import available_cores
 from .files import checkpoint_dirs, write_atomically
 
 SWEEPS_ROOT = Path("out/sweeps")
@@ -143,11 +144,6 @@ def validate_runs(preset: str, runs: list[PlannedRun]) -> dict[str, int]:
 
 
 # ----------------------------------------------------------------------------- cores and devices
-
-
-def available_cores() -> int:
-    # sched_getaffinity honours a taskset or container limit; macOS has no such call.
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def thread_split(cores: int, concurrent: int, overrides: dict[str, str]) -> dict[str, str]:

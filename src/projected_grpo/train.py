@@ -127,9 +127,11 @@ def quarantine_basis(cfg: Config, basis: dict[str, torch.Tensor]) -> dict[str, t
     return _on_device(hack_basis.random_like(basis, cfg.seed), cfg.device)
 
 
-def trusted_subspace(cfg: Config, model, tok, wrappers, pairs, problems) -> tuple[dict, dict] | None:
-    """T and w of the trusted baseline, from the pairs' clean side or --trusted_from, on the model's device.
-    Extracted on the model as it is when called: the base model, before any checkpoint is loaded."""
+def trusted_subspace(cfg: Config, model, tok, wrappers, pairs, problems,
+                     world: World = distributed.SINGLE) -> tuple[dict, dict] | None:
+    """T and w of the trusted baseline, from the pairs' clean side or --trusted_from, on the model's device
+    (made on rank 0, sent to every rank). Extracted on the model as it is when called: the base model,
+    before any checkpoint is loaded."""
     if cfg.intervention != "trusted":
         return None
     if cfg.trusted_from:
@@ -145,8 +147,8 @@ def trusted_subspace(cfg: Config, model, tok, wrappers, pairs, problems) -> tupl
             raise ConfigError(f"--trusted_from: {cfg.trusted_from} holds no completions")
     else:
         messages, texts = [p.messages for p in pairs], [p.clean for p in pairs]
-    T, w = hack_basis.trusted_basis(model, tok, wrappers, messages, texts, cfg.basis_k, cfg.max_new, cfg.loss_norm,
-                                    progress=True)
+    T, w = distributed.from_main(world, lambda: [_on_device(x, "cpu") for x in hack_basis.trusted_basis(
+        model, tok, wrappers, messages, texts, cfg.basis_k, cfg.max_new, cfg.loss_norm, progress=True)])
     return _on_device(T, cfg.device), _on_device(w, cfg.device)
 
 
@@ -199,7 +201,7 @@ def refresh_basis(step: int, cfg: Config, model, tok, wrappers, pairs, basis: di
             return _usable(cfg, _extract(cfg, model, tok, wrappers, pairs))
     fresh = _shared(world, cfg.device, extract)
     row["basis_overlap"] = basis_overlap(basis, fresh)
-    if row["basis_overlap"] < LOW_OVERLAP:
+    if row["basis_overlap"] < LOW_OVERLAP and world.main:
         warnings.warn(f"step {step}: basis refresh overlap {row['basis_overlap']:.2f} < {LOW_OVERLAP}: "
                       f"the refresh rotated the basis away from the previous one", stacklevel=1)
     return fresh
@@ -570,18 +572,19 @@ def _run(cfg: Config, preset: str, world: World) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    model, tok = load_model_and_tokenizer(model_path, dtype=cfg.dtype, device=cfg.device, seed=cfg.seed)
-    wrappers = adapter.wrap(model)
+    with distributed.main_first(world):  # rank 0 fills the download, tokenizer and SVD caches; the others read
+        model, tok = load_model_and_tokenizer(model_path, dtype=cfg.dtype, device=cfg.device, seed=cfg.seed)
+        wrappers = adapter.wrap(model)
     with distributed.main_first(world):
         pool = resolve_pool(cfg, train)
     pairs, pool = pairs_and_pool(cfg, train, pool)
-    trusted = trusted_subspace(cfg, model, tok, wrappers, pairs, train)
+    trusted = trusted_subspace(cfg, model, tok, wrappers, pairs, train, world)
     model_id = hack_basis.model_identity(cfg.model, wrappers)
     params = [p for layer in wrappers.values() for p in (layer.delta_s, layer.delta_s_hack)]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
-    workers = cfg.grade_workers or distributed.cores_per_rank(world)  # ranks on one machine share its cores
+    workers = distributed.grade_workers(cfg, world)
 
     first_step = 1
     if checkpoint is not None:
@@ -591,7 +594,6 @@ def _run(cfg: Config, preset: str, world: World) -> dict:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         basis = _on_device(state["basis"], cfg.device)
         trend = _on_device(state.get("trend", {}), cfg.device)
-        distributed.check_identical(world, basis, "the resumed hack basis")
         first_step = state["step"] + 1
         rows = state["rows"]
         distributed.barrier(world)  # every rank has read the checkpoint before rank 0 rewrites the logs
@@ -599,7 +601,8 @@ def _run(cfg: Config, preset: str, world: World) -> dict:
             write_atomically(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
             for name in ("completions.jsonl", "scores.jsonl"):
                 _truncate_jsonl(run_dir / name, state["step"])
-        log.info("resumed %s from %s", cfg.run_name, checkpoint)
+        if world.main:
+            log.info("resumed %s from %s", cfg.run_name, checkpoint)
     else:
         basis = _shared(world, cfg.device, lambda: basis_for(cfg, model, tok, wrappers, pairs, model_id))
         trend = {}
@@ -646,19 +649,19 @@ def _run(cfg: Config, preset: str, world: World) -> dict:
                 what = "aborted" if isinstance(e, KeyboardInterrupt) else "failed"
                 print(f"step {step} {what}; the state after step {step - 1} is saved in {path}", file=sys.stderr)
                 raise
-            if row["format_s"] < LOW_FORMAT and rows and rows[-1]["format_s"] >= LOW_FORMAT:  # it just fell
+            if row["format_s"] < LOW_FORMAT and rows and rows[-1]["format_s"] >= LOW_FORMAT and world.main:
                 warnings.warn(f"step {step}: only {row['format_s']:.2f} of student completions hold a code block "
                               f"(repeat_s {row['repeat_s']:.2f}): the policy may be collapsing", stacklevel=1)
             rows.append(row)
             # Ctrl-C reaches the ranks at different moments: they agree on it here, so all stop after this step.
-            stop[:] = [True] if distributed.all_sum(world, [torch.tensor(float(bool(stop)))])[0] > 0 else []
+            stopping = bool(distributed.all_sum(world, [torch.tensor(float(bool(stop)))])[0] > 0)
             if world.main:
                 _log_step(run_dir, step, row, rollouts, cfg.log_completions)
                 bar.set_postfix(hack=f"{row['hack_s']:.2f}", cin=f"{row['cin_s']:.2f}", loss=f"{row['loss']:.3g}")
-                if step % cfg.checkpoint_every == 0 or stop:
+                if step % cfg.checkpoint_every == 0 or stopping:
                     path = save_checkpoint(run_dir, step, training_state(wrappers, optimizer, scheduler, basis,
                                                                          trend), rows)
-            if stop:
+            if stopping:
                 if world.main:
                     print(f"interrupted after step {step}: checkpoint in {path}; continue with --resume=true",
                           file=sys.stderr)
