@@ -26,3 +26,14 @@ def real_data_path():
     if not REAL_DATA.exists():
         pytest.skip(f"real rl-rewardhacking file not found at {REAL_DATA}")
     return REAL_DATA
+
+
+@pytest.fixture(params=["fork", "spawn"])
+def each_grader(request):
+    """Runs a test on both ways a job's supervisor starts: forked by a fork server, spawned fresh."""
+    from projected_grpo import sandbox
+
+    before = sandbox._grader
+    sandbox.use_grader(request.param)
+    yield request.param
+    sandbox.use_grader(before)

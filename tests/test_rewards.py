@@ -14,6 +14,9 @@ from projected_grpo.problems import (
     wrong_completion,
 )
 
+# Every test here runs on both the fork-server path and the plain spawn path.
+pytestmark = pytest.mark.usefixtures("each_grader")
+
 
 def _code(body: str) -> str:
     return f"Answer:\n```python\n{body}\n```\n"

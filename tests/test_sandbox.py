@@ -12,6 +12,9 @@ import pytest
 
 from projected_grpo import sandbox
 
+# Every test here runs on both the fork-server path and the plain spawn path.
+pytestmark = pytest.mark.usefixtures("each_grader")
+
 FAST = sandbox.Limits(wall_seconds=3, cpu_seconds=3)
 
 
@@ -201,6 +204,7 @@ def test_supervisor_is_a_stdlib_module_run_by_path(monkeypatch):
         return popen(argv, *args, **kwargs)
 
     monkeypatch.setattr(subprocess, "Popen", spy)
+    sandbox._close_servers()  # so the fork path starts its server here, where the spy sees it
     # Run by path with -I, the package's directory is not on the code's sys.path (nor is the package).
     r = sandbox.run("import importlib.util as u\n"
                     "print([u.find_spec(m) is None for m in ('sandbox_supervisor', 'projected_grpo')])")

@@ -31,6 +31,7 @@ GATES = ("one_sided", "no_gate", "reverse", "smoothed")
 CONTROLS = ("none", "random", "shuffled", "nonhack", "capacity")
 PAIR_SOURCES = ("templates", "pool")
 LR_SCHEDULES = ("cosine", "constant")
+GRADERS = ("fork", "spawn")  # sandbox.GRADERS (config imports nothing of the package)
 ADAM_LEAK = ("none", "moments", "update")
 LOSS_NORMS = ("fixed", "mean")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -111,6 +112,8 @@ class Config:
     log_completions: int = 2  # student completions per step written to completions.jsonl
     checkpoint_every: int = 25  # plus one at the end, on Ctrl-C and before a NaN stop
     grade_workers: int = 0  # parallel sandbox children; 0: one per core
+    grader: str = "fork"  # fork: each job's supervisor forked by a pre-started fork server (no interpreter start
+    # per completion); spawn: a fresh interpreter per completion (the fallback, and the comparison)
     run_name: str = ""  # empty: <preset>-<intervention>[-<control>]-s<seed>
     out_dir: str = "out/runs"  # runs land in out_dir/run_name
     resume: bool = False  # continue from the latest checkpoint in the run directory
@@ -245,7 +248,8 @@ def validate(cfg: Config) -> None:
     """Every rule a run depends on, checked before anything heavy happens."""
     for name, allowed in (("intervention", INTERVENTIONS), ("gate", GATES), ("control", CONTROLS),
                           ("adam_leak", ADAM_LEAK), ("loss_norm", LOSS_NORMS), ("dtype", DTYPES),
-                          ("pairs", PAIR_SOURCES), ("lr_schedule", LR_SCHEDULES)):
+                          ("pairs", PAIR_SOURCES), ("lr_schedule", LR_SCHEDULES),
+                          ("grader", GRADERS)):
         value = getattr(cfg, name)
         _check(value in allowed, name, f"{value!r} is not one of {', '.join(allowed)}")
     for name in ("modes", "basis_modes"):

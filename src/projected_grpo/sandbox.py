@@ -20,15 +20,19 @@ What it does not protect against is written down in docs/sandbox.md.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
 import secrets
 import select
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -40,6 +44,19 @@ OUTPUT_CAP = 64 * 1024  # bytes of stdout / stderr kept for the caller
 PAYLOAD_CAP = 4 * 1024 * 1024  # a larger payload is rejected, not parsed
 FILE_CAP = 64 * 1024  # bytes kept per file left in the working directory
 MAX_FILES = 32  # files reported from the working directory
+
+
+# How a job's supervisor starts: forked by a pre-started fork server (no interpreter start per
+# job), or spawned fresh (`--grader=spawn`: for comparison, and where fork servers cannot run).
+GRADERS = ("fork", "spawn")
+_grader = os.environ.get("PROJECTED_GRPO_GRADER", "fork")
+
+
+def use_grader(name: str) -> None:
+    global _grader
+    if name not in GRADERS:
+        raise ValueError(f"grader {name!r} is not one of {', '.join(GRADERS)}")
+    _grader = name
 
 
 @dataclass(frozen=True)
@@ -166,6 +183,114 @@ def _remove_tree(path: str) -> None:
         subprocess.run(["rm", "-rf", "--", path], check=False)
 
 
+def _spawned(job: str, handles: dict, backstop: float) -> tuple[int, str, str | None]:
+    """A fresh `python -I -S` supervisor for this job. Returns its session id, how it ended, and
+    an error when it had to be killed."""
+    payload_fd, status_fd = handles["payload"].fileno(), handles["status"].fileno()
+    work = os.path.join(job, "work")
+    argv = [sys.executable, "-I", "-S", _SUPERVISOR, job, str(payload_fd), str(status_fd), str(PAYLOAD_FD)]
+    proc = subprocess.Popen(argv, cwd=work, env=_minimal_env(work), stdin=subprocess.DEVNULL,
+                            stdout=handles["stdout"], stderr=handles["stderr"],
+                            pass_fds=(payload_fd, status_fd), start_new_session=True)
+    error = None
+    # The supervisor enforces the wall clock itself; this is the backstop in case the
+    # code managed to kill or stall it. A pidfd wakes us the moment it exits
+    # (Popen.wait(timeout) polls with growing sleeps: tens of ms lost per run).
+    pidfd = os.pidfd_open(proc.pid)
+    try:
+        if not select.select([pidfd], [], [], backstop)[0]:
+            error = "the supervisor did not finish in time and was killed"
+            _kill_leftovers(session=proc.pid, uid=None)
+    finally:
+        os.close(pidfd)
+    proc.wait()
+    return proc.pid, f"exit {proc.returncode}", error
+
+
+class ServerDied(RuntimeError):
+    """The fork server closed its socket: it died (it never runs model code, so something killed it)."""
+
+
+class _ForkServer:
+    """One pre-started fork server (sandbox_supervisor.py --serve): a `python -I -S` process with
+    the bare environment, started once and reused for job after job, one at a time."""
+
+    def __init__(self):
+        ours, theirs = socket.socketpair()
+        self.proc = subprocess.Popen([sys.executable, "-I", "-S", _SUPERVISOR, "--serve", str(theirs.fileno()),
+                                      str(PAYLOAD_FD)], cwd="/", env=_minimal_env("/"), stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     pass_fds=(theirs.fileno(),), start_new_session=True)
+        theirs.close()
+        self.sock, self.buffer = ours, b""
+
+    def send(self, job: str, fds: list[int]) -> None:
+        try:
+            socket.send_fds(self.sock, [job.encode()], fds)
+        except OSError:
+            raise ServerDied from None
+
+    def line(self, deadline: float) -> bytes | None:
+        """The server's next line, or None at the deadline; ServerDied when it is gone."""
+        while b"\n" not in self.buffer:
+            if not select.select([self.sock], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                return None
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                raise ServerDied
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return line
+
+    def close(self) -> None:
+        self.sock.close()  # the server sees the end of its socket and exits
+        with contextlib.suppress(OSError):
+            self.proc.kill()
+        self.proc.wait()
+
+
+_idle_servers: list[_ForkServer] = []
+_servers_lock = threading.Lock()
+
+
+@atexit.register
+def _close_servers() -> None:
+    with _servers_lock:
+        while _idle_servers:
+            _idle_servers.pop().close()
+
+
+def _forked(job: str, handles: dict, backstop: float) -> tuple[int | None, str, str | None]:
+    """This job's supervisor forked by an idle fork server (started if none is idle). Returns the
+    supervisor's session id, how it ended, and an error when it was killed or its server died;
+    a dead server is replaced, and its job comes back as an error, never lost."""
+    with _servers_lock:
+        server = _idle_servers.pop() if _idle_servers else None
+    server = server or _ForkServer()
+    session, keep = None, False
+    try:
+        server.send(job, [handles[k].fileno() for k in ("stdout", "stderr", "payload", "status")])
+        deadline = time.monotonic() + backstop
+        session = int(server.line(deadline) or 0) or None
+        done = server.line(deadline) if session else None
+        if done is None:  # stalled: kill the job, then wait for the server to see its child end
+            if session:
+                _kill_leftovers(session=session, uid=None)
+            done = server.line(time.monotonic() + 5)
+            keep = done is not None
+            return session, "killed", "the supervisor did not finish in time and was killed"
+        keep = True
+        return session, f"status {int(done.split()[1])}", None
+    except ServerDied:
+        return session, "its server died", "the grading server died while running this job (it is restarted)"
+    finally:
+        if keep:
+            with _servers_lock:
+                _idle_servers.append(server)
+        else:
+            server.close()
+
+
 def run(source: str, limits: Limits | None = None) -> SandboxResult:
     """Run `source` as `__main__` in a fresh limited child; never raises on hostile code.
 
@@ -192,32 +317,17 @@ def run(source: str, limits: Limits | None = None) -> SandboxResult:
             # link or a FIFO cannot redirect or stall the caller.
             handles = {name: stack.enter_context(open(os.path.join(io_dir, name), "w+b"))
                        for name in ("stdout", "stderr", "payload", "status")}
-            payload_fd, status_fd = handles["payload"].fileno(), handles["status"].fileno()
-            argv = [sys.executable, "-I", "-S", _SUPERVISOR, job, str(payload_fd), str(status_fd), str(PAYLOAD_FD)]
-            proc = subprocess.Popen(argv, cwd=work, env=_minimal_env(work), stdin=subprocess.DEVNULL,
-                                    stdout=handles["stdout"], stderr=handles["stderr"],
-                                    pass_fds=(payload_fd, status_fd), start_new_session=True)
-            error = None
-            # The supervisor enforces the wall clock itself; this is the backstop in case the
-            # code managed to kill or stall it. A pidfd wakes us the moment it exits
-            # (Popen.wait(timeout) polls with growing sleeps: tens of ms lost per run).
-            pidfd = os.pidfd_open(proc.pid)
-            try:
-                if not select.select([pidfd], [], [], limits.wall_seconds + 5)[0]:
-                    error = "the supervisor did not finish in time and was killed"
-                    _kill_leftovers(session=proc.pid, uid=uid)
-            finally:
-                os.close(pidfd)
-            proc.wait()
+            supervise = _forked if _grader == "fork" else _spawned
+            session, ended, error = supervise(job, handles, limits.wall_seconds + 5)
             report = _parse_report(handles["status"])
             if report is None or error:
                 # The supervisor did not finish its own cleanup: sweep what the run left.
-                _kill_leftovers(session=proc.pid, uid=uid)
+                _kill_leftovers(session=session, uid=uid)
             stdout, out_cut = _read_capped(handles["stdout"], OUTPUT_CAP)
             stderr, err_cut = _read_capped(handles["stderr"], OUTPUT_CAP)
             payload, payload_error = _parse_payload(handles["payload"])
         if report is None:
-            error = error or f"the supervisor ended without a report (exit {proc.returncode})"
+            error = error or f"the supervisor ended without a report ({ended})"
         elif not report["setup_ok"]:
             raise SandboxSetupError(f"sandbox setup failed: {stderr.decode('utf-8', 'replace').strip()}")
         else:

@@ -11,11 +11,20 @@ setup is done, and alone executes the code, with <payload fd> moved to <code pay
 (sandbox.PAYLOAD_FD) for the code's payload. The supervisor owns the wall clock, kills
 every descendant the code left, and writes one JSON report to <status fd>.
 
+Started as `... sandbox_supervisor.py --serve <socket fd>` it is instead a fork server
+(`sandbox.run(..., grader="fork")`): a long-lived process that never runs model code. For
+each job the trainer sends the job dir and four descriptors (stdout, stderr, payload,
+status) over the socket; the server forks a child that becomes that job's supervisor
+exactly as above (own session, the job's work dir and environment) and reports its pid,
+then its end. Every job starts from the server's untouched memory: nothing a job does
+reaches the server or the next job, and no interpreter start is paid per job.
+
 Standard library only, and nothing from projected_grpo: under -I -S the package is
 not importable, and the code under test must not get the trainer's package. Importing
 this module runs nothing.
 """
 
+import atexit
 import builtins
 import ctypes
 import itertools
@@ -24,6 +33,7 @@ import os
 import resource
 import select
 import signal
+import socket
 import struct
 import sys
 
@@ -174,9 +184,35 @@ def supervise(runner, ready_r, status_fd, wall_seconds):
     os.write(status_fd, json.dumps(report).encode())
 
 
-def main():
-    job = sys.argv[1]
-    payload_fd, status_fd, code_payload_fd = (int(a) for a in sys.argv[2:5])
+def run_code(source):
+    """Run the code as __main__ and end the process as the interpreter ends a script: status 0, a
+    SystemExit's code, or 1 after the traceback; then non-daemon threads, atexit, flushed output.
+    The runner is a fork deep inside the supervisor's (or the fork server's) stack: nothing the
+    code raises may unwind into it."""
+    # Only the runner reaches this line, confined already; the training process never runs this file.
+    try:
+        scope = {"__name__": "__main__", "__builtins__": builtins}
+        exec(compile(source, "main.py", "exec"), scope)  # safe: only in the confined runner, never the trainer
+        status = 0
+    except SystemExit as e:
+        status = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        if not isinstance(e.code, int) and e.code is not None:
+            print(e.code, file=sys.stderr)
+    except BaseException:
+        sys.excepthook(*sys.exc_info())
+        status = 1
+    try:
+        if "threading" in sys.modules:
+            sys.modules["threading"]._shutdown()
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(status & 0xFF)
+
+
+def run_job(job, payload_fd, status_fd, code_payload_fd):
+    """Supervise one job: fork the runner, which confines itself and runs the code; report."""
     with open(os.path.join(job, "io", "limits.json")) as f:
         lim = json.load(f)
     with open(os.path.join(job, "io", "main.py"), encoding="utf-8") as f:
@@ -193,14 +229,62 @@ def main():
         except BaseException as e:
             os.write(2, f"sandbox setup failed: {e!r}\n".encode())
             os._exit(111)
-        # Only the runner reaches this line, confined above; the training process never runs this file.
-        scope = {"__name__": "__main__", "__builtins__": builtins}
-        exec(compile(source, "main.py", "exec"), scope)  # safe: only in the confined runner child, never the trainer
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        run_code(source)
     os.close(ready_w)
     supervise(runner, ready_r, status_fd, lim["wall_seconds"])
+
+
+def serve(sock_fd, code_payload_fd):
+    """The fork server: one job at a time, each in a forked child that is that job's supervisor."""
+    server = socket.socket(fileno=sock_fd)
+    while True:
+        try:
+            message, fds, _, _ = socket.recv_fds(server, 4096, 4)
+        except OSError:
+            return
+        if not message:  # the trainer is gone
+            return
+        job = message.decode()
+        child = os.fork()
+        if child == 0:
+            try:
+                server.close()
+                os.setsid()  # the job's own session: the trainer sweeps it by session id
+                # Received descriptors take the lowest free numbers, which may be the code's payload fd:
+                # move them out of the way before anything is dup'ed onto 1, 2 or that fd.
+                out, err, payload_fd, status_fd = (_moved(fd, 100 + i) for i, fd in enumerate(fds))
+                os.dup2(out, 1)
+                os.dup2(err, 2)
+                os.close(out)
+                os.close(err)
+                work = os.path.join(job, "work")
+                os.chdir(work)
+                os.environ["HOME"] = os.environ["TMPDIR"] = work  # as a fresh start would have them
+                run_job(job, payload_fd, status_fd, code_payload_fd)
+            except BaseException as e:
+                os.write(2, f"sandbox supervisor failed: {e!r}\n".encode())
+            finally:
+                os._exit(0)
+        for fd in fds:
+            os.close(fd)
+        server.sendall(b"%d\n" % child)
+        _, status = os.waitpid(child, 0)
+        server.sendall(b"done %d\n" % status)
+
+
+def _moved(fd, at):
+    os.dup2(fd, at)
+    os.close(fd)
+    return at
+
+
+def main():
+    if sys.argv[1] == "--serve":
+        serve(int(sys.argv[2]), int(sys.argv[3]))
+        return
+    job = sys.argv[1]
+    payload_fd, status_fd, code_payload_fd = (int(a) for a in sys.argv[2:5])
+    run_job(job, payload_fd, status_fd, code_payload_fd)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import __version__, adapter, distributed, hack_basis, projection
+from . import __version__, adapter, distributed, hack_basis, projection, sandbox
 from .config import ARMS, MODES, Config, ConfigError, InputError, make_config, parse_overrides
 from .distributed import World
 from .evaluate import evaluate, metrics_row, save_evaluation
@@ -569,6 +569,7 @@ def _run(cfg: Config, preset: str, world: World) -> dict:
         _check_resume_config(run_dir, config)
     cfg = dataclasses.replace(cfg, device=distributed.device_for(cfg, world))  # recorded as asked, run per rank
 
+    sandbox.use_grader(cfg.grader)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)

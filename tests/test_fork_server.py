@@ -1,0 +1,92 @@
+"""The fork server: nothing a job does reaches the server or the next job; a dead server loses no job."""
+
+import os
+import threading
+import time
+
+import pytest
+
+from projected_grpo import config, sandbox
+
+
+@pytest.fixture
+def fork_grader():
+    before = sandbox._grader
+    sandbox.use_grader("fork")
+    sandbox._close_servers()
+    yield
+    sandbox.use_grader(before)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+HOSTILE = """
+import builtins, json, os, signal, sys, time
+open("left.txt", "w").write("x")
+builtins.MARK = 1
+json.dumps = lambda *a, **k: "patched"
+os.environ["MARK"] = "1"
+sys.path.insert(0, "/nowhere")
+child = os.fork()
+if child == 0:
+    os.setsid()
+    time.sleep(60)
+    os._exit(0)
+print(child, flush=True)
+try:
+    os.kill(os.getppid(), signal.SIGKILL)  # its parent, the job's supervisor
+except OSError as e:
+    print(type(e).__name__, flush=True)
+"""
+
+PROBE = """
+import builtins, json, os, sys
+print(hasattr(builtins, "MARK"), json.dumps(1), os.environ.get("MARK"), "/nowhere" in sys.path, os.listdir("."))
+"""
+
+
+def test_a_hostile_job_leaves_the_server_and_the_next_job_pristine(fork_grader):
+    assert sandbox.run("print(1)").ok
+    (server,) = sandbox._idle_servers
+    hostile = sandbox.run(HOSTILE)
+    left = int(hostile.stdout.split()[0])
+    deadline = time.monotonic() + 5
+    while _alive(left) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(left)  # the process it left (in a session of its own) is gone
+    probe = sandbox.run(PROBE)
+    assert probe.ok and probe.stdout == "False 1 None False []\n", probe
+    assert sandbox._idle_servers == [server] and server.proc.poll() is None  # the same server, alive
+
+
+def test_a_server_that_dies_mid_job_fails_that_job_clearly_and_is_replaced(fork_grader, monkeypatch):
+    started = []
+
+    class Recorded(sandbox._ForkServer):
+        def __init__(self):
+            super().__init__()
+            started.append(self)
+
+    monkeypatch.setattr(sandbox, "_ForkServer", Recorded)
+    killer = threading.Thread(target=lambda: (time.sleep(1.0), started[0].proc.kill()))
+    killer.start()
+    r = sandbox.run("import time\ntime.sleep(5)\nprint('finished')")
+    killer.join()
+    assert not r.ok and "grading server died" in r.error and r.stdout == ""
+    assert sandbox.run("print('next')").stdout == "next\n"
+    assert len(started) == 2 and started[0].proc.poll() is not None
+
+
+def test_graders_are_named(fork_grader):
+    with pytest.raises(ValueError, match="not one of fork, spawn"):
+        sandbox.use_grader("thread")
+    assert os.environ.get("PROJECTED_GRPO_GRADER", "fork") in sandbox.GRADERS
+    assert config.GRADERS == sandbox.GRADERS  # --grader accepts exactly what the sandbox can do
+    with pytest.raises(config.ConfigError, match="--grader: 'thread' is not one of fork, spawn"):
+        config.make_config("smoke", {"grader": "thread"})
