@@ -148,28 +148,56 @@ def extraction_case(wrapped, wrappers, tok, device, n_pairs=32, max_new=128) -> 
 
 
 def grading_case(repeats) -> dict:
+    """Completions graded per second on the built-in problems (a clean and a hacked answer each):
+    through the fork server and spawning a fresh interpreter per completion, taking turns."""
     problems = builtin_problems()
     texts = [t for p in problems for t in (clean_completion(p), hack_completion(p, p.mode))]
     graded = [p for p in problems for _ in range(2)]
-    t = timed({"one": lambda: rewards.grade_batch(texts, graded, workers=1),
-               "many": lambda: rewards.grade_batch(texts, graded)}, "cpu", repeats, warmup=0)
-    one, many = len(texts) / t["one"], len(texts) / t["many"]
-    return {"grade_1_worker_per_s": one, "grade_parallel_per_s": many, "grade_parallel_over_1": many / one,
-            "grade_workers": os.cpu_count() or 1, "landlock_abi": sandbox.run("pass").landlock_abi}
+
+    def grade(grader, workers=None):
+        def run():
+            sandbox.use_grader(grader)
+            rewards.grade_batch(texts, graded, workers=workers)
+        return run
+
+    try:
+        t = timed({"fork": grade("fork"), "fork_1": grade("fork", 1), "spawn": grade("spawn")}, "cpu", repeats)
+    finally:
+        sandbox.use_grader("fork")
+    rate = {k: len(texts) / v for k, v in t.items()}
+    return {"grade_parallel_per_s": rate["fork"], "grade_1_worker_per_s": rate["fork_1"],
+            "grade_spawn_per_s": rate["spawn"], "grade_fork_over_spawn": rate["fork"] / rate["spawn"],
+            "grade_parallel_over_1": rate["fork"] / rate["fork_1"], "grade_workers": os.cpu_count() or 1,
+            "landlock_abi": sandbox.run("pass").landlock_abi}
+
+
+def step_split(preset: str, steps: int, *args: str) -> dict[str, float]:
+    """Train `preset` for `steps` in a scratch dir; the mean step time and each part's share of it,
+    past two warm-up steps."""
+    with tempfile.TemporaryDirectory() as scratch:
+        cmd = [sys.executable, "-m", "projected_grpo.train", preset, f"--steps={steps}", "--run_name=bench",
+               f"--out_dir={scratch}/runs", *args]
+        subprocess.run(cmd, check=True, capture_output=True,
+                       env={**os.environ, "PROJECTED_GRPO_CACHE": os.path.abspath("out/cache")})
+        rows = [json.loads(line) for line in open(f"{scratch}/runs/bench/metrics.jsonl")][2:]
+    parts = ("t_generate", "t_grade", "t_score", "t_project", "t_optimizer")
+    total = sum(r["step_seconds"] for r in rows)
+    return {"step_s": total / len(rows), **{f"split_{p[2:]}": sum(r[p] for r in rows) / total for p in parts}}
 
 
 def smoke_step_case() -> dict:
-    """Run the smoke preset for a few steps in a scratch dir; read the step's time split."""
-    with tempfile.TemporaryDirectory() as scratch:
-        cmd = [sys.executable, "-m", "projected_grpo.train", "smoke", "--steps=8", "--run_name=bench",
-               f"--out_dir={scratch}/runs"]
-        subprocess.run(cmd, check=True, cwd=scratch, capture_output=True,
-                       env={**os.environ, "PROJECTED_GRPO_CACHE": os.path.abspath("out/cache")})
-        rows = [json.loads(line) for line in open(f"{scratch}/runs/bench/metrics.jsonl")][2:]  # past warm-up
-    parts = ("t_generate", "t_grade", "t_score", "t_project", "t_optimizer")
-    total = sum(r["step_seconds"] for r in rows)
-    split = {f"split_{p[2:]}": sum(r[p] for r in rows) / total for p in parts}
-    return {"smoke_step_s": total / len(rows), **split, "project_over_step": split["split_project"]}
+    split = step_split("smoke", 8)
+    return {f"smoke_{k}": v for k, v in split.items()} | {"project_over_step": split["split_project"]}
+
+
+def organism_step_case() -> dict:
+    """The organism's step (4 prompts x 8 rollouts, 128 new tokens) with each grader: grading's share."""
+    out = {}
+    for grader in ("spawn", "fork"):
+        split = step_split("organism", 12, f"--grader={grader}", "--eval_prompts=6", "--eval_samples=1")
+        out |= {f"organism_{grader}_{k}": v for k, v in split.items()}
+    out["organism_grade_share"] = out["organism_fork_split_grade"]
+    return out
 
 
 _MEMORY_PROBE = r"""
@@ -229,8 +257,10 @@ TARGETS = {  # key: (comparison, bound, what it is)
     "score_knob_over_naive": ("<=", 0.8, "same pass / naive hook path through plain autograd"),
     "extract_speedup": (">=", 5.0, "basis extraction, 32 pairs: per-completion backward / batched"),
     "project_over_step": ("<=", 0.01, "projection + cin/cout / whole smoke training step"),
-    "grade_parallel_per_s": (">=", 40.0, "grading, completions/s, parallel sandbox"),
+    "grade_parallel_per_s": (">=", 150.0, "grading, completions/s, fork server, one worker per core"),
     "grade_parallel_over_1": (">=", 1.6, "grading, parallel / single worker"),
+    "grade_fork_over_spawn": ("report", None, "grading, fork server / a fresh interpreter per completion"),
+    "organism_grade_share": ("<=", 0.15, "grading / the organism's whole training step (fork server)"),
     "logprob_peak_over_full": ("<=", 0.25, "log-prob peak memory / one fp32 [8, 512, 151936] tensor"),
 }
 
@@ -269,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
              ("extraction", lambda: extraction_case(wrapped, wrappers, tok, args.device)),
              ("grading", lambda: grading_case(max(1, args.repeats // 2))),
              ("smoke step", smoke_step_case),
+             ("organism step", organism_step_case),
              ("memory", memory_case)]
     for name, case in steps:
         print(f"bench: {name} ...", file=sys.stderr, flush=True)
