@@ -63,6 +63,9 @@ def test_a_hostile_job_leaves_the_server_and_the_next_job_pristine(fork_grader):
     probe = sandbox.run(PROBE)
     assert probe.ok and probe.stdout == "False 1 None False []\n", probe
     assert sandbox._idle_servers == [server] and server.proc.poll() is None  # the same server, alive
+    # The server preloads `random`; each job still draws its own stream, not the server's.
+    draws = {sandbox.run("import random\nprint(random.random())").stdout for _ in range(3)}
+    assert len(draws) == 3
 
 
 def test_a_server_that_dies_mid_job_fails_that_job_clearly_and_is_replaced(fork_grader, monkeypatch):
