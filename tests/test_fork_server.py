@@ -84,6 +84,9 @@ def test_a_server_that_dies_mid_job_fails_that_job_clearly_and_is_replaced(fork_
     assert not r.ok and "grading server died" in r.error and r.stdout == ""
     assert sandbox.run("print('next')").stdout == "next\n"
     assert len(started) == 2 and started[0].proc.poll() is not None
+    started[1].proc.kill()  # an idle server that dies between jobs: the next job starts on a new one
+    started[1].proc.wait()
+    assert sandbox.run("print('after')").stdout == "after\n" and len(started) == 3
 
 
 def test_graders_are_named(fork_grader):

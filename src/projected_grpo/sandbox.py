@@ -266,10 +266,16 @@ def _forked(job: str, handles: dict, backstop: float) -> tuple[int | None, str, 
     a dead server is replaced, and its job comes back as an error, never lost."""
     with _servers_lock:
         server = _idle_servers.pop() if _idle_servers else None
-    server = server or _ForkServer()
+    fds = [handles[k].fileno() for k in ("stdout", "stderr", "payload", "status")]
     session, keep = None, False
     try:
-        server.send(job, [handles[k].fileno() for k in ("stdout", "stderr", "payload", "status")])
+        try:
+            server = server or _ForkServer()
+            server.send(job, fds)
+        except ServerDied:  # an idle server that died between jobs: this job never started; a new one runs it
+            server.close()
+            server = _ForkServer()
+            server.send(job, fds)
         deadline = time.monotonic() + backstop
         session = int(server.line(deadline) or 0) or None
         done = server.line(deadline) if session else None
