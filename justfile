@@ -88,6 +88,11 @@ lomo *args:
 plots *args:
     python -m projected_grpo.plots {{args}}
 
+# the organism's step through TRL's GRPOTrainer (LoRA) and projected_grpo, taking turns (out/bench_peer.json);
+# needs the peer extra: pip install -e '.[peer]'
+bench-peer *args:
+    python -m projected_grpo.bench_peer {{args}}
+
 # speed and memory figures as ratios (out/bench.json); --large-vocab, --device cuda
 bench *args:
     python -m projected_grpo.bench {{args}}

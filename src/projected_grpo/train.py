@@ -396,6 +396,7 @@ def train_step(step: int, cfg: Config, model, tok, wrappers, train, pool, basis:
     row = {"step": step, "reward": sum(r.reward for r in students) / len(students),
            "format_s": sum(r.format_ok for r in students) / len(students),
            "repeat_s": sum(repeated_fraction(r.completion_ids) for r in students) / len(students),
+           "completion_tokens": sum(len(r.completion_ids) for r in students) / len(students),
            **_rates(students, "s"), **_rates([r for r in rollouts if r.teacher], "t"),
            "loss": totals["loss"], "kl": totals["kl"] / max(totals["tokens"], 1), "grad_norm": grad_norm,
            "cin_s": cin_s, "cin_t": cin_t, "cin_null_s": _concatenated_null(basis, wrappers),

@@ -1,0 +1,154 @@
+"""`just bench-peer`: the organism's GRPO step through TRL's GRPOTrainer and through projected_grpo.
+
+The same work on each side: the organism model, its training problems, 4 prompts x 8
+completions a step, at most 128 new tokens at temperature 1, the package's grader as the
+reward, Dr.GRPO's loss without a KL term (TRL: LoRA r=8 on the adapter's target modules,
+loss_type="dr_grpo", beta=0, num_iterations=1, scale_rewards="none"; projected_grpo: the
+organism preset, arms `none` and `erase`). Each case runs in a process of its own (so its
+peak RSS is its own), the cases take turns for `--rounds`, and each reports the median step
+time after its warm-up steps, its own split where it has one, and its mean completion length
+(a check that the work was the same). Writes out/bench_peer.json.
+
+Needs the `peer` extra (trl, peft); nothing else in the package imports them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CASES = ("trl", "none", "erase")
+WARMUP = 3  # steps left out of each median: first generate calls, allocator growth
+
+
+def run_trl(steps: int, out_dir: str) -> dict:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from .adapter import DEFAULT_TARGETS
+    from .config import make_config
+    from .model import load_model_and_tokenizer
+    from .organism import resolve_model
+    from .rewards import grade_batch
+    from .train import split_problems
+
+    cfg = make_config("organism", {})
+    train, _ = split_problems(cfg)
+    by_id = {p.id: p for p in train}
+    model, tok = load_model_and_tokenizer(resolve_model(cfg.model))
+    data = Dataset.from_list([{"prompt": p.messages(), "problem_id": p.id} for p in train])
+    lengths = []
+
+    def reward(prompts, completions, problem_id, completion_ids, **_):
+        lengths.extend(len(ids) for ids in completion_ids)
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        return [g.reward for g in grade_batch(texts, [by_id[i] for i in problem_id])]
+
+    times = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            times.append(time.perf_counter() - self.start)
+
+    args = GRPOConfig(output_dir=out_dir, per_device_train_batch_size=cfg.group * cfg.prompts_per_step,
+                      num_generations=cfg.group, max_completion_length=cfg.max_new, temperature=1.0, top_p=1.0,
+                      top_k=0, beta=0.0, loss_type="dr_grpo", scale_rewards="none", num_iterations=1,
+                      learning_rate=cfg.lr, max_steps=steps, use_cpu=True, bf16=False, logging_steps=1,
+                      report_to="none", save_strategy="no", disable_dropout=True, gradient_checkpointing=False,
+                      seed=1)  # no checkpointing: projected_grpo does not recompute activations either
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=data, processing_class=tok,
+                          peft_config=LoraConfig(r=8, lora_alpha=16, target_modules=list(DEFAULT_TARGETS)),
+                          callbacks=[StepTimer()])
+    trainer.train()
+    return {"step_seconds": times, "mean_completion_tokens": sum(lengths) / len(lengths),
+            "completions_per_step": len(lengths) / len(times)}
+
+
+def run_projected(arm: str, steps: int, out_dir: str) -> dict:
+    from .train import main
+
+    if main(["organism", f"--intervention={arm}", f"--steps={steps}", "--run_name=peer", f"--out_dir={out_dir}",
+             "--eval_samples=1"]):
+        raise RuntimeError(f"projected_grpo ({arm}) failed")
+    rows = [json.loads(line) for line in open(f"{out_dir}/peer/metrics.jsonl")]
+    parts = ("t_generate", "t_grade", "t_score", "t_project", "t_optimizer")
+    measured = rows[WARMUP:]
+    total = sum(r["step_seconds"] for r in measured)
+    return {"step_seconds": [r["step_seconds"] for r in rows],
+            "split": {p[2:]: sum(r[p] for r in measured) / total for p in parts},
+            "mean_completion_tokens": sum(r["completion_tokens"] for r in rows) / len(rows),
+            "completions_per_step": 32}
+
+
+def one_case(case: str, steps: int) -> dict:
+    """Run one case here and return its figures with this process's peak RSS."""
+    with tempfile.TemporaryDirectory() as scratch:
+        result = run_trl(steps, scratch) if case == "trl" else run_projected(case, steps, scratch)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=25, help=f"steps per case and round ({WARMUP} are warm-up)")
+    parser.add_argument("--rounds", type=int, default=2, help="times each case runs, taking turns")
+    parser.add_argument("--out", default="out/bench_peer.json")
+    parser.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)  # a child process: one case
+    args = parser.parse_args(argv)
+    if args.case:
+        print(json.dumps(one_case(args.case, args.steps)))
+        return 0
+    if args.steps <= WARMUP:
+        parser.error(f"--steps must exceed the {WARMUP} warm-up steps")
+    runs = {case: [] for case in CASES}
+    for round_ in range(args.rounds):
+        for case in CASES:
+            print(f"bench-peer: round {round_ + 1}/{args.rounds}, {case} ...", file=sys.stderr, flush=True)
+            out = subprocess.run([sys.executable, "-m", "projected_grpo.bench_peer", f"--case={case}",
+                                  f"--steps={args.steps}"], capture_output=True, text=True)
+            if out.returncode:
+                raise SystemExit(f"bench-peer: {case} failed:\n{out.stderr[-3000:]}")
+            runs[case].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    figures = {}
+    for case, results in runs.items():
+        steps = [t for r in results for t in r["step_seconds"][WARMUP:]]
+        figures[case] = {"median_step_s": statistics.median(steps), "measured_steps": len(steps),
+                         "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
+                         "mean_completion_tokens": statistics.mean(r["mean_completion_tokens"] for r in results),
+                         "completions_per_step": results[0]["completions_per_step"]}
+        if "split" in results[0]:
+            figures[case]["split"] = {k: statistics.mean(r["split"][k] for r in results) for k in results[0]["split"]}
+    for arm in ("none", "erase"):
+        figures[f"{arm}_over_trl_step"] = figures[arm]["median_step_s"] / figures["trl"]["median_step_s"]
+        figures[f"{arm}_over_trl_rss"] = figures[arm]["peak_rss_mb"] / figures["trl"]["peak_rss_mb"]
+    machine = {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()}
+    print(f"machine: {machine}")
+    print("| case | median step (s) | peak RSS (MB) | mean completion tokens | completions/step |")
+    print("|---|---|---|---|---|")
+    for case in CASES:
+        f = figures[case]
+        print(f"| {case} | {f['median_step_s']:.3f} | {f['peak_rss_mb']:.0f} | {f['mean_completion_tokens']:.1f} "
+              f"| {f['completions_per_step']:.0f} |")
+    print(f"projected_grpo / TRL step time: none {figures['none_over_trl_step']:.2f}, "
+          f"erase {figures['erase_over_trl_step']:.2f} (target <= 0.5)")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"machine": machine, "steps": args.steps, "rounds": args.rounds,
+                                          "figures": figures}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
