@@ -2,7 +2,7 @@
 
 The same work on each side: the organism model, its training problems, 4 prompts x 8
 completions a step, at most 128 new tokens at temperature 1, the package's grader as the
-reward, Dr.GRPO's loss without a KL term (TRL: LoRA r=8 on the adapter's target modules,
+reward, Dr.GRPO's loss without a KL term, the same small learning rate (TRL: LoRA r=8 on the adapter's target modules,
 loss_type="dr_grpo", beta=0, num_iterations=1, scale_rewards="none"; projected_grpo: the
 organism preset, arms `none` and `erase`). Each case runs in a process of its own (so its
 peak RSS is its own), the cases take turns for `--rounds`, and each reports the median step
@@ -29,7 +29,7 @@ CASES = ("trl", "none", "erase")
 WARMUP = 3  # steps left out of each median: first generate calls, allocator growth
 
 
-def run_trl(steps: int, out_dir: str) -> dict:
+def run_trl(steps: int, lr: float, out_dir: str) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import TrainerCallback
@@ -66,7 +66,7 @@ def run_trl(steps: int, out_dir: str) -> dict:
     args = GRPOConfig(output_dir=out_dir, per_device_train_batch_size=cfg.group * cfg.prompts_per_step,
                       num_generations=cfg.group, max_completion_length=cfg.max_new, temperature=1.0, top_p=1.0,
                       top_k=0, beta=0.0, loss_type="dr_grpo", scale_rewards="none", num_iterations=1,
-                      learning_rate=cfg.lr, max_steps=steps, use_cpu=True, bf16=False, logging_steps=1,
+                      learning_rate=lr, max_steps=steps, use_cpu=True, bf16=False, logging_steps=1,
                       report_to="none", save_strategy="no", disable_dropout=True, gradient_checkpointing=False,
                       seed=1)  # no checkpointing: projected_grpo does not recompute activations either
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=data, processing_class=tok,
@@ -77,11 +77,11 @@ def run_trl(steps: int, out_dir: str) -> dict:
             "completions_per_step": len(lengths) / len(times)}
 
 
-def run_projected(arm: str, steps: int, out_dir: str) -> dict:
+def run_projected(arm: str, steps: int, lr: float, out_dir: str) -> dict:
     from .train import main
 
     if main(["organism", f"--intervention={arm}", f"--steps={steps}", "--run_name=peer", f"--out_dir={out_dir}",
-             "--eval_samples=1"]):
+             "--eval_samples=1", f"--lr={lr}"]):
         raise RuntimeError(f"projected_grpo ({arm}) failed")
     rows = [json.loads(line) for line in open(f"{out_dir}/peer/metrics.jsonl")]
     parts = ("t_generate", "t_grade", "t_score", "t_project", "t_optimizer")
@@ -93,10 +93,10 @@ def run_projected(arm: str, steps: int, out_dir: str) -> dict:
             "completions_per_step": 32}
 
 
-def one_case(case: str, steps: int) -> dict:
+def one_case(case: str, steps: int, lr: float) -> dict:
     """Run one case here and return its figures with this process's peak RSS."""
     with tempfile.TemporaryDirectory() as scratch:
-        result = run_trl(steps, scratch) if case == "trl" else run_projected(case, steps, scratch)
+        result = run_trl(steps, lr, scratch) if case == "trl" else run_projected(case, steps, lr, scratch)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
 
@@ -105,11 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=25, help=f"steps per case and round ({WARMUP} are warm-up)")
     parser.add_argument("--rounds", type=int, default=2, help="times each case runs, taking turns")
+    parser.add_argument("--lr", type=float, default=1e-6,
+                        help="both sides; small, so both keep sampling the warm start and the work stays the same "
+                             "(at the organism's 3e-2, TRL's LoRA run drifts to 128-token completions)")
     parser.add_argument("--out", default="out/bench_peer.json")
     parser.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)  # a child process: one case
     args = parser.parse_args(argv)
     if args.case:
-        print(json.dumps(one_case(args.case, args.steps)))
+        print(json.dumps(one_case(args.case, args.steps, args.lr)))
         return 0
     if args.steps <= WARMUP:
         parser.error(f"--steps must exceed the {WARMUP} warm-up steps")
@@ -118,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         for case in CASES:
             print(f"bench-peer: round {round_ + 1}/{args.rounds}, {case} ...", file=sys.stderr, flush=True)
             out = subprocess.run([sys.executable, "-m", "projected_grpo.bench_peer", f"--case={case}",
-                                  f"--steps={args.steps}"], capture_output=True, text=True)
+                                  f"--steps={args.steps}", f"--lr={args.lr}"], capture_output=True, text=True)
             if out.returncode:
                 raise SystemExit(f"bench-peer: {case} failed:\n{out.stderr[-3000:]}")
             runs[case].append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -145,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"projected_grpo / TRL step time: none {figures['none_over_trl_step']:.2f}, "
           f"erase {figures['erase_over_trl_step']:.2f} (target <= 0.5)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"machine": machine, "steps": args.steps, "rounds": args.rounds,
+    Path(args.out).write_text(json.dumps({"machine": machine, "steps": args.steps, "rounds": args.rounds, "lr": args.lr,
                                           "figures": figures}, indent=2))
     return 0
 
