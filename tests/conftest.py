@@ -11,6 +11,15 @@ REAL_DATA = Path(os.environ.get("PROJECTED_GRPO_REAL_DATA", Path(__file__).resol
                                 / "shared" / "data" / "leetcode_test_medhard.jsonl"))
 
 
+def process_alive(pid: int) -> bool:
+    """A process that exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 @functools.cache
 def _builtins():
     return tuple(builtin_problems())

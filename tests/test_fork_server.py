@@ -5,6 +5,7 @@ import threading
 import time
 
 import pytest
+from conftest import process_alive
 
 from projected_grpo import config, sandbox
 
@@ -16,14 +17,6 @@ def fork_grader():
     sandbox._close_servers()
     yield
     sandbox.use_grader(before)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 HOSTILE = """
@@ -57,9 +50,9 @@ def test_a_hostile_job_leaves_the_server_and_the_next_job_pristine(fork_grader):
     hostile = sandbox.run(HOSTILE)
     left = int(hostile.stdout.split()[0])
     deadline = time.monotonic() + 5
-    while _alive(left) and time.monotonic() < deadline:
+    while process_alive(left) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _alive(left)  # the process it left (in a session of its own) is gone
+    assert not process_alive(left)  # the process it left (in a session of its own) is gone
     probe = sandbox.run(PROBE)
     assert probe.ok and probe.stdout == "False 1 None False []\n", probe
     assert sandbox._idle_servers == [server] and server.proc.poll() is None  # the same server, alive

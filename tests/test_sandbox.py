@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+from conftest import process_alive
 
 from projected_grpo import sandbox
 
@@ -16,14 +17,6 @@ from projected_grpo import sandbox
 pytestmark = pytest.mark.usefixtures("each_grader")
 
 FAST = sandbox.Limits(wall_seconds=3, cpu_seconds=3)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 @pytest.fixture(autouse=True)
@@ -76,7 +69,7 @@ def test_fork_bomb_is_contained_and_cleaned_up():
     r = sandbox.run(code, sandbox.Limits(wall_seconds=1, cpu_seconds=5))
     assert r.timed_out and time.monotonic() - start < 8
     first = int(r.stdout.split()[0])
-    assert not _alive(first)
+    assert not process_alive(first)
 
 
 def test_huge_file_is_stopped_by_the_file_size_limit():
@@ -110,17 +103,17 @@ def test_environment_holds_no_secrets(monkeypatch):
     assert "secret" not in r.stdout and "HF_TOKEN" not in r.stdout
 
 
-def test_killing_the_parent_leaves_the_caller_alive():
+def test_killing_the_parent_leaves_the_callerprocess_alive():
     r = sandbox.run("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nimport time\ntime.sleep(5)\n", FAST)
     assert not r.ok
-    assert _alive(os.getpid())
+    assert process_alive(os.getpid())
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="kill(-1) reaches every process of a non-root caller's own uid")
 def test_kill_everything_reaches_only_the_sandbox_when_root():
     r = sandbox.run("import os, signal\nos.kill(-1, signal.SIGKILL)\n", FAST)
     assert r.error is None  # the supervisor survived to report
-    assert _alive(os.getpid())
+    assert process_alive(os.getpid())
 
 
 def test_daemon_left_behind_is_killed():
@@ -131,7 +124,7 @@ def test_daemon_left_behind_is_killed():
     r = sandbox.run(code, FAST)
     assert r.ok
     daemon = int(r.stdout.split()[0])
-    assert not _alive(daemon)
+    assert not process_alive(daemon)
 
 
 def test_grandchild_cannot_write_after_the_run():

@@ -180,9 +180,14 @@ def step_split(preset: str, steps: int, *args: str) -> dict[str, float]:
         subprocess.run(cmd, check=True, capture_output=True,
                        env={**os.environ, "PROJECTED_GRPO_CACHE": os.path.abspath("out/cache")})
         rows = [json.loads(line) for line in open(f"{scratch}/runs/bench/metrics.jsonl")][2:]
-    parts = ("t_generate", "t_grade", "t_score", "t_project", "t_optimizer")
+    return {"step_s": sum(r["step_seconds"] for r in rows) / len(rows),
+            **{f"split_{part}": share for part, share in split_of(rows).items()}}
+
+
+def split_of(rows: list[dict]) -> dict[str, float]:
+    """Each part's share of the summed step time of metrics rows: generate, grade, score, project, optimizer."""
     total = sum(r["step_seconds"] for r in rows)
-    return {"step_s": total / len(rows), **{f"split_{p[2:]}": sum(r[p] for r in rows) / total for p in parts}}
+    return {p: sum(r[f"t_{p}"] for r in rows) / total for p in ("generate", "grade", "score", "project", "optimizer")}
 
 
 def smoke_step_case() -> dict:

@@ -83,12 +83,10 @@ def run_projected(arm: str, steps: int, lr: float, out_dir: str) -> dict:
     if main(["organism", f"--intervention={arm}", f"--steps={steps}", "--run_name=peer", f"--out_dir={out_dir}",
              "--eval_samples=1", f"--lr={lr}"]):
         raise RuntimeError(f"projected_grpo ({arm}) failed")
+    from .bench import split_of
+
     rows = [json.loads(line) for line in open(f"{out_dir}/peer/metrics.jsonl")]
-    parts = ("t_generate", "t_grade", "t_score", "t_project", "t_optimizer")
-    measured = rows[WARMUP:]
-    total = sum(r["step_seconds"] for r in measured)
-    return {"step_seconds": [r["step_seconds"] for r in rows],
-            "split": {p[2:]: sum(r[p] for r in measured) / total for p in parts},
+    return {"step_seconds": [r["step_seconds"] for r in rows], "split": split_of(rows[WARMUP:]),
             "mean_completion_tokens": sum(r["completion_tokens"] for r in rows) / len(rows),
             "completions_per_step": 32}
 

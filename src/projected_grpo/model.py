@@ -300,7 +300,8 @@ class _SeededSampler(LogitsProcessor):
         logits = scores.float() / self.temperature
         if self.top_p < 1.0:
             sorted_logits, order = logits.sort(dim=-1, descending=True)
-            before = sorted_logits.softmax(-1).cumsum(-1) - sorted_logits.softmax(-1)  # mass above each token
+            probs = sorted_logits.softmax(-1)
+            before = probs.cumsum(-1) - probs  # the mass ranked above each token
             logits = logits.scatter(-1, order, sorted_logits.masked_fill(before >= self.top_p, -torch.inf))
         u = seeded_uniform(self.seeds, input_ids.shape[1] - self.prompt_width, logits.shape[-1])
         return logits - torch.log(-torch.log(u)).float()

@@ -12,7 +12,7 @@ setup is done, and alone executes the code, with <payload fd> moved to <code pay
 every descendant the code left, and writes one JSON report to <status fd>.
 
 Started as `... sandbox_supervisor.py --serve <socket fd>` it is instead a fork server
-(`sandbox.run(..., grader="fork")`): a long-lived process that never runs model code. For
+(`--grader=fork`, `sandbox.use_grader`): a long-lived process that never runs model code. For
 each job the trainer sends the job dir and four descriptors (stdout, stderr, payload,
 status) over the socket; the server forks a child that becomes that job's supervisor
 exactly as above (own session, the job's work dir and environment) and reports its pid,
@@ -195,9 +195,11 @@ def run_code(source):
         exec(compile(source, "main.py", "exec"), scope)  # safe: only in the confined runner, never the trainer
         status = 0
     except SystemExit as e:
-        status = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
-        if not isinstance(e.code, int) and e.code is not None:
+        if e.code is None or isinstance(e.code, int):
+            status = e.code or 0
+        else:  # sys.exit("message"): printed, status 1
             print(e.code, file=sys.stderr)
+            status = 1
     except BaseException:
         sys.excepthook(*sys.exc_info())
         status = 1

@@ -574,10 +574,9 @@ def _run(cfg: Config, preset: str, world: World) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    with distributed.main_first(world):  # rank 0 fills the download, tokenizer and SVD caches; the others read
+    with distributed.main_first(world):  # rank 0 fills the download, tokenizer, SVD and pool caches; the others read
         model, tok = load_model_and_tokenizer(model_path, dtype=cfg.dtype, device=cfg.device, seed=cfg.seed)
         wrappers = adapter.wrap(model)
-    with distributed.main_first(world):
         pool = resolve_pool(cfg, train)
     pairs, pool = pairs_and_pool(cfg, train, pool)
     trusted = trusted_subspace(cfg, model, tok, wrappers, pairs, train, world)
@@ -603,7 +602,6 @@ def _run(cfg: Config, preset: str, world: World) -> dict:
             write_atomically(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
             for name in ("completions.jsonl", "scores.jsonl"):
                 _truncate_jsonl(run_dir / name, state["step"])
-        if world.main:
             log.info("resumed %s from %s", cfg.run_name, checkpoint)
     else:
         basis = _shared(world, cfg.device, lambda: basis_for(cfg, model, tok, wrappers, pairs, model_id))
