@@ -10,7 +10,7 @@ import torch
 
 from projected_grpo import adapter, grpo
 from projected_grpo.config import make_config
-from projected_grpo.model import cut_at_eos, load_model_and_tokenizer, pad_batch, token_logprobs
+from projected_grpo.model import load_model_and_tokenizer, pad_batch, token_logprobs
 from projected_grpo.problems import builtin_problems
 
 
@@ -43,13 +43,6 @@ def test_loss_is_the_fixed_denominator_policy_gradient_plus_k3():
     k3 = math.exp(-0.1) + 0.1 - 1
     with_kl = grpo.policy_loss(logp, logp.detach(), ref, torch.zeros(2), mask, cfg)
     assert math.isclose(with_kl.item(), cfg.beta * k3 * mask.sum().item() / denom, rel_tol=1e-5)
-
-
-def test_completion_ends_at_the_first_stop_token():
-    assert cut_at_eos([5, 6, 2, 7, 2, 0, 0], [2]) == [5, 6, 2]
-    assert cut_at_eos([5, 6, 7], [2]) == [5, 6, 7]  # cut by max_new: no EOS to keep
-    assert cut_at_eos([5, 9, 6, 2], [2, 9]) == [5, 9]  # any of several stop ids
-    assert cut_at_eos([0, 0, 2], [2]) == [0, 0, 2]  # a pad-valued token the model wrote is kept
 
 
 def test_importance_weight_scales_the_policy_term_only():

@@ -251,12 +251,40 @@ def test_the_seeded_sampler_draws_from_the_tempered_nucleus():
     # Gumbel-max with a top-p cut: frequencies over many seeds match the renormalised nucleus.
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     n = 20_000
-    sampler = model_mod._SeededSampler(list(range(n)), temperature=1.0, top_p=0.8, prompt_width=0, device="cpu")
-    draws = sampler(torch.zeros(n, 0, dtype=torch.long), logits.expand(n, 4)).argmax(-1)
+    seeds = torch.arange(n)
+    draws = model_mod.draw(logits.expand(n, 4), seeds, 0, temperature=1.0, top_p=0.8)
     freq = torch.bincount(draws, minlength=4).float() / n
     torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.0, 0.0]) / 0.8, atol=0.015, rtol=0)
-    hot = model_mod._SeededSampler(list(range(n)), temperature=2.0, top_p=1.0, prompt_width=0, device="cpu")
-    freq = torch.bincount(hot(torch.zeros(n, 0, dtype=torch.long), logits.expand(n, 4)).argmax(-1),
+    freq = torch.bincount(model_mod.draw(logits.expand(n, 4), seeds, 0, temperature=2.0, top_p=1.0),
                           minlength=4).float() / n
     tempered = torch.softmax(logits[0] / 2, -1)
     torch.testing.assert_close(freq, tempered, atol=0.015, rtol=0)
+
+
+def test_shared_prompts_are_prefilled_once_and_each_row_leaves_the_batch_when_it_stops(tiny):
+    model, tokenizer = tiny
+    eos = tokenizer.eos_token_id
+    with torch.no_grad():  # EOS's logit a large multiple of another token's: rows stop early, at random steps
+        model.lm_head.weight[eos] = 40 * model.lm_head.weight[7]
+    model.generation_config.eos_token_id = [eos, 9]  # a second stop id, as chat checkpoints have
+    prompts = [encode_prompt(tokenizer, m) for m in CHAT for _ in range(6)]  # two groups of six rows
+    seeds = list(range(12))
+    calls = []  # rows in each decoder call: the prefill's, then one call per token
+    hook = model.get_decoder().register_forward_pre_hook(lambda _, args, kw: calls.append(kw["input_ids"].shape[0]),
+                                                         with_kwargs=True)
+    handed = {}  # row: (its ids when handed on, decoder calls made by then)
+    ids, logprobs = model_mod.generate_completions(
+        model, tokenizer, prompts, 6, seeds, on_finished=lambda i, row: handed.setdefault(i, (list(row), len(calls))))
+    hook.remove()
+    for row in ids:  # up to and including the first stop token, or max_new tokens
+        assert all(t not in (eos, 9) for t in row[:-1]) and (row[-1] in (eos, 9) or len(row) == 6)
+    assert {i: row for i, (row, _) in handed.items()} == dict(enumerate(ids))  # every row once, its final ids
+    early = {i for i, row in enumerate(ids) if row[-1] in (eos, 9) and len(row) < 6}
+    assert early and len(early) < 12  # both kinds happen, so both paths are checked
+    assert all((handed[i][1] < len(calls)) is (i in early) for i in range(12))  # stopped rows handed on at once
+    assert calls[0] == 2 and calls[1] == 12  # each distinct prompt prefilled once
+    assert calls[1:] == sorted(calls[1:], reverse=True) and calls[-1] < 12  # stopped rows leave the batch
+    for i, prompt in enumerate(prompts):  # alone (no sharing, nothing leaving): the same draw, the same log-probs
+        alone, alone_logprobs = model_mod.generate_completions(model, tokenizer, [prompt], 6, [seeds[i]])
+        assert alone[0] == ids[i]
+        torch.testing.assert_close(torch.tensor(alone_logprobs[0]), torch.tensor(logprobs[i]), atol=1e-5, rtol=0)

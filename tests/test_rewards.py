@@ -147,3 +147,16 @@ def test_grade_batch_keeps_input_order(problems):
     assert [r.gt_correct for r in results] == [bool(i % 2) for i in range(6)]
     with pytest.raises(ValueError, match="2 texts but 1 problems"):
         rewards.grade_batch(texts[:2], ps[:1])
+
+
+def test_grading_hands_back_each_grade_and_an_error_cancels_the_queue(problems):
+    p = problems[0]
+    with rewards.Grading(workers=2) as grading:
+        right, wrong = grading.submit(clean_completion(p), p), grading.submit(wrong_completion(p), p)
+        assert right.result().gt_correct and not wrong.result().gt_correct
+    slow = "```python\nimport time\ntime.sleep(0.5)\n```"
+    with pytest.raises(RuntimeError, match="sampling failed"), rewards.Grading(workers=1) as grading:
+        queued = [grading.submit(slow, p) for _ in range(3)]
+        raise RuntimeError("sampling failed")
+    assert not queued[0].cancelled() and queued[0].result().mechanism == "failed"  # the running child was waited for
+    assert queued[2].cancelled()  # the queue is dropped, not run

@@ -21,7 +21,7 @@ from . import adapter
 from .config import Config
 from .model import encode_completion, encode_prompt, generate_completions, pad_batch, row_seed, token_logprobs
 from .problems import Problem
-from .rewards import grade_batch
+from .rewards import Grading
 from .teacher_pool import Pool
 
 
@@ -43,14 +43,15 @@ class Rollout:
 
 
 def sample(model, tokenizer, wrappers, prompts: list[list[int]], n: int, cfg: Config,
-           keys: list) -> tuple[list[list[int]], list[list[float]]]:
+           keys: list, on_finished=None) -> tuple[list[list[int]], list[list[float]]]:
     """n completions per prompt (ids and their sampling log-probs) from one batched generate call
     with the knobs merged into the weights. keys[i] names prompt i's group (seed, step, problem):
-    completion j of it is seeded by row_seed(*keys[i], j), whoever samples it."""
+    completion j of it is seeded by row_seed(*keys[i], j), whoever samples it. `on_finished` as in
+    generate_completions."""
     seeds = [row_seed(*key, j) for key in keys for j in range(n)]
     with adapter.merged(wrappers):
         return generate_completions(model, tokenizer, [p for p in prompts for _ in range(n)], cfg.max_new, seeds,
-                                    cfg.temperature, cfg.top_p)
+                                    cfg.temperature, cfg.top_p, on_finished)
 
 
 def group_advantages(rollouts: list[Rollout], group: int, rewards: list[float] | None = None,
@@ -137,17 +138,24 @@ def collect_rollouts(model, tokenizer, wrappers, problems: list[Problem], pool: 
                      step: int, workers: int | None) -> tuple[list[Rollout], dict[str, float]]:
     """Student samples and teacher rows for each problem, graded; groups are contiguous. Every
     draw (student samples, teacher rows) is seeded by (seed, step, problem), so a problem's group
-    is the same whether one process or a rank holding a share of the step collects it."""
+    is the same whether one process or a rank holding a share of the step collects it. A sample
+    is graded as soon as it ends, while the rest are still being generated: `t_grade` is the wait
+    for grades after generation."""
     timings = {}
     t0 = time.perf_counter()
     prompts = [encode_prompt(tokenizer, p.messages()) for p in problems]
     keys = [(cfg.seed, step, p.id) for p in problems]
-    student_ids, student_logp = sample(model, tokenizer, wrappers, prompts, cfg.student_group, cfg, keys)
-    timings["t_generate"] = time.perf_counter() - t0
-    texts = tokenizer.batch_decode(student_ids, skip_special_tokens=True)
-    t0 = time.perf_counter()
     student_problems = [p for p in problems for _ in range(cfg.student_group)]
-    grades = grade_batch(texts, student_problems, workers=workers)
+    texts, pending = {}, {}
+    with Grading(workers) as grading:
+        def grade(i: int, ids: list[int]) -> None:
+            texts[i] = tokenizer.decode(ids, skip_special_tokens=True)
+            pending[i] = grading.submit(texts[i], student_problems[i])
+
+        student_ids, student_logp = sample(model, tokenizer, wrappers, prompts, cfg.student_group, cfg, keys, grade)
+        timings["t_generate"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        grades = [pending[i].result() for i in range(len(student_ids))]
     timings["t_grade"] = time.perf_counter() - t0
     rollouts = []
     for i, problem in enumerate(problems):

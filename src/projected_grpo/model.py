@@ -6,6 +6,7 @@ entirely offline, so tests and smoke runs never touch the hub.
 """
 
 import hashlib
+import inspect
 import json
 import os
 from pathlib import Path
@@ -16,9 +17,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
-    GenerationConfig,
-    LogitsProcessor,
-    LogitsProcessorList,
+    DynamicCache,
     PreTrainedTokenizerFast,
     Qwen3Config,
     Qwen3ForCausalLM,
@@ -219,41 +218,6 @@ def stop_ids(model, tokenizer) -> list[int]:
     return list(dict.fromkeys(i for i in [tokenizer.eos_token_id, *configured] if i is not None))
 
 
-def cut_at_eos(ids: list[int], stop: list[int]) -> list[int]:
-    """Keep tokens up to and including the first stop token. Not `!= pad`: pad may equal
-    EOS, or be a token the model really wrote."""
-    for i, token in enumerate(ids):
-        if token in stop:
-            return ids[:i + 1]
-    return ids
-
-
-class _SampledLogprobs(LogitsProcessor):
-    """Records log p(token) of every sampled token, as the scoring pass defines it: log-softmax of
-    the model's own fp32 logits (temperature 1, no nucleus cut). It runs first, so `scores` here
-    are those logits. Only the last step's [batch, vocab] log-probs are held: the token drawn from
-    them arrives with the next call."""
-
-    def __init__(self):
-        self.previous: torch.Tensor | None = None
-        self.chosen: list[torch.Tensor] = []
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if self.previous is not None:
-            self.chosen.append(self.previous.gather(-1, input_ids[:, -1:]).squeeze(-1))
-        self.previous = torch.log_softmax(scores.float(), dim=-1)
-        return scores
-
-    def logprobs(self, new_tokens: torch.Tensor) -> torch.Tensor:
-        """(batch, n_new) log-probs of `new_tokens`, the tokens generate returned."""
-        n = new_tokens.shape[1]
-        if len(self.chosen) == n - 1:  # the last token was drawn after the last call
-            self.chosen.append(self.previous.gather(-1, new_tokens[:, -1:]).squeeze(-1))
-        if len(self.chosen) < n:
-            raise RuntimeError(f"recorded {len(self.chosen)} sampling log-probs for {n} generated tokens")
-        return torch.stack(self.chosen[:n], dim=1)
-
-
 def row_seed(*parts) -> int:
     """A sampling seed for one completion, from what identifies it (run seed, step, problem id,
     index in its group): the same row gets the same seed whichever batch, rank or device draws it."""
@@ -286,57 +250,90 @@ def seeded_uniform(seeds: torch.Tensor, step: int, n: int) -> torch.Tensor:
     return (_shift_right(bits, 11).double() + 0.5) / 2.0 ** 53  # the top 53 bits
 
 
-class _SeededSampler(LogitsProcessor):
-    """Draws each row's next token from softmax(logits / temperature), cut to the top-p nucleus,
-    by the Gumbel-max trick with noise from `seeded_uniform`: generate then takes the argmax. A
-    row's draws depend only on its seed and its own logits, never on the batch it shares, so a
-    completion is the same whether one process samples the whole step or a rank samples its share."""
+def draw(logits: torch.Tensor, seeds: torch.Tensor, step: int, temperature: float, top_p: float) -> torch.Tensor:
+    """Each row's token from softmax(logits / temperature), cut to the top-p nucleus, by the
+    Gumbel-max trick with noise from `seeded_uniform`: a row's draw depends only on its seed,
+    the step and its own logits, never on the batch it shares, so a completion is the same
+    whether one process samples the whole step or a rank samples its share."""
+    logits = logits.float() / temperature
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        before = probs.cumsum(-1) - probs  # the mass ranked above each token
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(before >= top_p, -torch.inf))
+    u = seeded_uniform(seeds, step, logits.shape[-1])
+    return (logits - torch.log(-torch.log(u)).float()).argmax(-1)
 
-    def __init__(self, seeds: list[int], temperature: float, top_p: float, prompt_width: int, device):
-        self.seeds = torch.tensor(seeds, dtype=torch.int64, device=device)
-        self.temperature, self.top_p, self.prompt_width = temperature, top_p, prompt_width
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        logits = scores.float() / self.temperature
-        if self.top_p < 1.0:
-            sorted_logits, order = logits.sort(dim=-1, descending=True)
-            probs = sorted_logits.softmax(-1)
-            before = probs.cumsum(-1) - probs  # the mass ranked above each token
-            logits = logits.scatter(-1, order, sorted_logits.masked_fill(before >= self.top_p, -torch.inf))
-        u = seeded_uniform(self.seeds, input_ids.shape[1] - self.prompt_width, logits.shape[-1])
-        return logits - torch.log(-torch.log(u)).float()
+def _next_logits(model, input_ids, attention_mask, positions, cache) -> torch.Tensor:
+    """fp32 logits after each row's last token, extending `cache`; the decoder and head called as
+    token_logprobs calls them, so sampling and scoring compute the same logits."""
+    # transformers 5.x renamed `past_key_values` to `cache` (the old name warns).
+    name = "cache" if "cache" in inspect.signature(model.get_decoder().forward).parameters else "past_key_values"
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                                 use_cache=True, **{name: cache}).last_hidden_state
+    return model.get_output_embeddings()(hidden[:, -1]).float()
 
 
 @torch.no_grad()
 def generate_completions(model, tokenizer, prompts: list[list[int]], max_new: int, seeds: list[int],
-                         temperature: float = 1.0, top_p: float = 1.0) -> tuple[list[list[int]], list[list[float]]]:
-    """Sample one completion per prompt, row i seeded by seeds[i] (`row_seed`), from one
-    left-padded generate call.
+                         temperature: float = 1.0, top_p: float = 1.0,
+                         on_finished=None) -> tuple[list[list[int]], list[list[float]]]:
+    """Sample one completion per prompt, row i seeded by seeds[i] (`row_seed`), with a KV cache.
 
-    Returns the token ids (cut after the first stop token) and, per token, its log-prob under
-    the weights that sampled it (`_SampledLogprobs`: from generate's own logits, no extra
-    forward), so a scoring pass can measure how far the policy it scores is from the one that
-    sampled. Sampling is `_SeededSampler`'s, so no global RNG is read or advanced. The recorded
-    log-probs are at temperature 1 with no nucleus cut, as the scoring pass computes them: with
-    temperature != 1 or top_p < 1, sample_kl compares the two passes' weights, not the tempered
-    distribution tokens came from.
+    Returns the token ids (up to and including the first stop token, or max_new of them) and,
+    per token, its log-prob under the weights that sampled it: log-softmax of the fp32 logits at
+    temperature 1 with no nucleus cut, as the scoring pass computes it, so that pass can measure
+    how far the policy it scores is from the one that sampled (with temperature != 1 or top_p < 1
+    this compares the two passes' weights, not the tempered distribution tokens came from). The
+    draw is `draw`'s: no global RNG is read or advanced.
+
+    Each distinct prompt is prefilled once and its cache copied to the rows that share it (a
+    GRPO group's rows all do: the prompt is most of each row). A row that stops leaves the batch,
+    so the step's cost follows the rows still open, not the longest; `on_finished(i, ids)`, if
+    given, gets it then (grading starts while the rest are sampled), and the rows cut at max_new
+    at the end: once per row, with its final ids.
     """
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
     device = next(model.parameters()).device
     input_ids, attention_mask, _ = pad_batch(prompts, [[] for _ in prompts], tokenizer.pad_token_id, device)
     stop = stop_ids(model, tokenizer)
-    recorder = _SampledLogprobs()
-    sampler = _SeededSampler(seeds, temperature, top_p, input_ids.shape[1], device)
-    # generate fills what is left unset from the checkpoint's generation_config (Qwen3: top_k=20,
-    # temperature=0.6; some chat models a repetition_penalty): set what would change the samples,
-    # or the logits the recorder sees, to neutral. The draw itself is the sampler's argmax.
-    config = GenerationConfig(do_sample=False, temperature=None, top_p=None, top_k=None, max_new_tokens=max_new,
-                              repetition_penalty=1.0, no_repeat_ngram_size=0, min_p=None,
-                              pad_token_id=tokenizer.pad_token_id, eos_token_id=stop)
-    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                         logits_processor=LogitsProcessorList([recorder, sampler]))
-    new_tokens = out[:, input_ids.shape[1]:]
-    ids = [cut_at_eos(row, stop) for row in new_tokens.tolist()]
-    logprobs = recorder.logprobs(new_tokens).tolist()
-    return ids, [row[:len(row_ids)] for row, row_ids in zip(logprobs, ids)]
+    keys = [tuple(row) for row in input_ids.tolist()]
+    distinct = list(dict.fromkeys(keys))
+    first = torch.tensor([keys.index(k) for k in distinct], device=device)
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # each row counts from its first real token
+    cache = DynamicCache(config=model.config)
+    logits = _next_logits(model, input_ids[first], attention_mask[first], positions[first], cache)
+    if len(distinct) < len(keys):
+        shared = torch.tensor([distinct.index(k) for k in keys], device=device)
+        cache.batch_select_indices(shared)
+        logits = logits[shared]
+    open_rows = torch.arange(len(prompts), device=device)
+    row_seeds = torch.tensor(seeds, dtype=torch.int64, device=device)
+    next_position = attention_mask.sum(-1)
+    ids, logprobs = [[] for _ in prompts], [[] for _ in prompts]
+    for step in range(max_new):
+        token = draw(logits, row_seeds[open_rows], step, temperature, top_p)
+        chosen = torch.log_softmax(logits, -1).gather(-1, token[:, None]).squeeze(-1)
+        stopped = torch.isin(token, torch.tensor(stop, device=device))
+        for row, t, logp, end in zip(open_rows.tolist(), token.tolist(), chosen.tolist(), stopped.tolist()):
+            ids[row].append(t)
+            logprobs[row].append(logp)
+            if end and on_finished:
+                on_finished(row, ids[row])
+        if step == max_new - 1 or bool(stopped.all()):
+            break
+        if bool(stopped.any()):
+            keep = (~stopped).nonzero().flatten()
+            open_rows, token, next_position, attention_mask = (x[keep] for x in (open_rows, token, next_position,
+                                                                                  attention_mask))
+            cache.batch_select_indices(keep)
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(open_rows), 1)], dim=1)
+        logits = _next_logits(model, token[:, None], attention_mask, next_position[:, None], cache)
+        next_position = next_position + 1
+    if on_finished:
+        for row in range(len(prompts)):
+            if not ids[row] or ids[row][-1] not in stop:
+                on_finished(row, ids[row])
+    return ids, logprobs

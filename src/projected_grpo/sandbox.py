@@ -34,8 +34,7 @@ import tempfile
 import threading
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 # The child writes its structured payload (one JSON document) to this descriptor.
 PAYLOAD_FD = 3
@@ -67,12 +66,6 @@ class Limits:
     file_bytes: int = 16 << 20  # RLIMIT_FSIZE; stdout/stderr/payload files count too
     open_files: int = 64  # RLIMIT_NOFILE
     processes: int = 32  # RLIMIT_NPROC above what the uid already runs: stops fork bombs
-
-
-@dataclass
-class Job:
-    source: str
-    limits: Limits = field(default_factory=Limits)
 
 
 @dataclass
@@ -372,16 +365,3 @@ def _kill_leftovers(session: int, uid: int | None) -> None:
                 os.kill(int(entry), 9)
             except OSError:
                 pass
-
-
-def run_many(jobs: list[Job], workers: int | None = None) -> list[SandboxResult]:
-    """Run jobs in parallel (threads only wait on children, so the GIL is free); input order kept.
-
-    The default is one worker per core: a run is CPU-bound (interpreter start and imports),
-    so more gives nothing (measured on 2 cores: 56-59 completions/s with 2, 3, 4 or 6).
-    """
-    workers = workers or os.cpu_count() or 1
-    if workers == 1 or len(jobs) <= 1:
-        return [run(j.source, j.limits) for j in jobs]
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(lambda j: run(j.source, j.limits), jobs))
