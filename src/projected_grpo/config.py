@@ -151,9 +151,11 @@ PRESETS: dict[str, dict] = {
     # The smoothed gate: the one-sided gate's rectified noise drifts and collapses it. Weight decay pulls
     # the knobs back to the warm start, so minibatch noise cannot random-walk the memorised hack strings
     # away; without it hacking rose about half as far (docs/organism.md). Every arm gets the same optimizer.
+    # One group per scoring pass: its rows share a prompt, so only completions are padded (~15% faster).
     "organism": dict(model="organism", mix_ratio=0.0, group=8, prompts_per_step=4, max_new=128, steps=200,
-                     lr=3e-2, lr_schedule="cosine", warmup=3, weight_decay=1.0, eval_prompts=6, eval_samples=4,
-                     basis_k=8, basis_modes=",".join(MODES[:-1]), checkpoint_every=50, gate="smoothed"),
+                     micro_batch=8, lr=3e-2, lr_schedule="cosine", warmup=3, weight_decay=1.0, eval_prompts=6,
+                     eval_samples=4, basis_k=8, basis_modes=",".join(MODES[:-1]), checkpoint_every=50,
+                     gate="smoothed"),
     # The long run.
     "full": dict(model="Qwen/Qwen3-4B", dtype="bfloat16", device="cuda", steps=200, group=16, prompts_per_step=8,
                  max_new=1024, micro_batch=8, lr=1e-3, beta=1e-3, eval_prompts=24, eval_every=25, refresh_every=50,
