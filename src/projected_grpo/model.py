@@ -275,7 +275,7 @@ def _next_logits(model, input_ids, attention_mask, positions, cache) -> torch.Te
     return model.get_output_embeddings()(hidden[:, -1]).float()
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate_completions(model, tokenizer, prompts: list[list[int]], max_new: int, seeds: list[int],
                          temperature: float = 1.0, top_p: float = 1.0,
                          on_finished=None) -> tuple[list[list[int]], list[list[float]]]:
