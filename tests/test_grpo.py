@@ -197,3 +197,28 @@ def test_auroc_counts_ties_half_and_needs_both_classes():
     assert grpo.auroc([0.1, 0.2, 0.9], [True, False, False]) == 0.0
     assert grpo.auroc([0.5, 0.5], [True, False]) == 0.5
     assert grpo.auroc([0.3, 0.4], [False, False]) is None
+
+
+def test_samples_are_graded_under_the_configured_time_limit_in_row_order(monkeypatch):
+    cfg = make_config("smoke", {"grade_seconds": "1"})
+    model, tok = load_model_and_tokenizer("tiny-random")
+    problem = builtin_problems()[0]
+    loop = "```python\nwhile True:\n    pass\n```"
+    texts = [loop, "no code", "```python\nprint(1)\n```"]
+
+    def fake_sample(model, tok, wrappers, prompts, n, cfg, keys, on_finished):
+        ids = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
+        for i in (2, 0):  # handed on out of order, as rows stop
+            on_finished(i, ids[i])
+        on_finished(1, ids[1])
+        return ids, [[0.0] * len(row) for row in ids]
+
+    made, real_grading = [], grpo.Grading
+    monkeypatch.setattr(grpo, "sample", fake_sample)
+    monkeypatch.setattr(grpo, "Grading", lambda workers, limits: made.append(limits) or real_grading(workers, limits))
+    _, _, got, grades, timings = grpo.sample_graded(model, tok, {}, [problem], [[1, 2]], 3, cfg, [(0,)], 2)
+    assert (made[0].cpu_seconds, made[0].wall_seconds) == (1, 2.0)
+    assert got == texts
+    assert grades[0].format_ok and not grades[0].passed  # the loop was stopped, and failed
+    assert grades[1].mechanism == "no_code" and grades[2].format_ok
+    assert set(timings) == {"t_generate", "t_grade"}

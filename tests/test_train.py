@@ -303,13 +303,13 @@ def test_evaluation_samples_deployed_without_the_quarantine_and_leaves_the_train
             layer.delta_s_hack.normal_(0, 0.1)
     knobs = train.adapter.knob_state(wrappers)
     seen = []
-    real_sample = evaluate_mod.sample
+    real_sample = grpo.sample
 
     def spy(model, tok, wrappers, prompts, *args):
         seen.append(({k: v.clone() for k, v in train.adapter.knob_state(wrappers).items()}, prompts))
         return real_sample(model, tok, wrappers, prompts, *args)
 
-    monkeypatch.setattr(evaluate_mod, "sample", spy)
+    monkeypatch.setattr(grpo, "sample", spy)
     rng = torch.get_rng_state()
     held_out = train.split_problems(cfg)[1]
     out = evaluate_mod.evaluate(model, tok, wrappers, held_out, cfg, 5, samples=2, workers=1)

@@ -112,6 +112,8 @@ class Config:
     log_completions: int = 2  # student completions per step written to completions.jsonl
     checkpoint_every: int = 25  # plus one at the end, on Ctrl-C and before a NaN stop
     grade_workers: int = 0  # parallel sandbox children; 0: one per core
+    grade_seconds: int = 10  # CPU seconds a completion's code may run (the wall clock allows twice that): a
+    # looping completion holds its step that long
     grader: str = "fork"  # fork: each job's supervisor forked by a pre-started fork server (no interpreter start
     # per completion); spawn: a fresh interpreter per completion (the fallback, and the comparison)
     run_name: str = ""  # empty: <preset>-<intervention>[-<control>]-s<seed>
@@ -152,10 +154,11 @@ PRESETS: dict[str, dict] = {
     # the knobs back to the warm start, so minibatch noise cannot random-walk the memorised hack strings
     # away; without it hacking rose about half as far (docs/organism.md). Every arm gets the same optimizer.
     # One group per scoring pass: its rows share a prompt, so only completions are padded (~15% faster).
+    # Its problems' tests run in milliseconds: 2 s catches a loop without a 10 s stall (one step in ~25).
     "organism": dict(model="organism", mix_ratio=0.0, group=8, prompts_per_step=4, max_new=128, steps=200,
                      micro_batch=8, lr=3e-2, lr_schedule="cosine", warmup=3, weight_decay=1.0, eval_prompts=6,
                      eval_samples=4, basis_k=8, basis_modes=",".join(MODES[:-1]), checkpoint_every=50,
-                     gate="smoothed"),
+                     gate="smoothed", grade_seconds=2),
     # The long run.
     "full": dict(model="Qwen/Qwen3-4B", dtype="bfloat16", device="cuda", steps=200, group=16, prompts_per_step=8,
                  max_new=1024, micro_batch=8, lr=1e-3, beta=1e-3, eval_prompts=24, eval_every=25, refresh_every=50,

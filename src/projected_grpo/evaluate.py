@@ -27,11 +27,10 @@ import torch
 from . import adapter
 from .config import MODES, Config, ConfigError, InputError, validate
 from .files import checkpoint_dirs, write_atomically
-from .grpo import sample
+from .grpo import sample_graded
 from .model import encode_prompt, load_model_and_tokenizer
 from .organism import resolve_model
 from .problems import Problem, load_problems
-from .rewards import grade_batch
 
 SETTINGS = {"hint": True, "neutral": False}
 
@@ -62,7 +61,6 @@ def evaluate(model, tok, wrappers, problems: list[Problem], cfg: Config, step: i
     variants = {"deployed": adapter.ablate_quarantine}
     if cfg.intervention == "route":
         variants["kept"] = None
-    asked = [p for p in problems for _ in range(samples)]
     out = {}
     for variant, context in variants.items():
         out[variant] = {}
@@ -70,9 +68,8 @@ def evaluate(model, tok, wrappers, problems: list[Problem], cfg: Config, step: i
             prompts = [encode_prompt(tok, p.messages(hint=hint)) for p in problems]
             keys = [(cfg.seed, step, "eval", p.id) for p in problems]
             with context(wrappers) if context else contextlib.nullcontext():
-                ids, _ = sample(model, tok, wrappers, prompts, samples, cfg, keys)
-            grades = grade_batch(tok.batch_decode(ids, skip_special_tokens=True), asked, workers=workers)
-            out[variant][setting] = _rates(grades, asked)
+                *_, grades, _ = sample_graded(model, tok, wrappers, problems, prompts, samples, cfg, keys, workers)
+            out[variant][setting] = _rates(grades, [p for p in problems for _ in range(samples)])
     return out
 
 

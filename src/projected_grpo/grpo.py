@@ -18,11 +18,11 @@ from dataclasses import dataclass
 
 import torch
 
-from . import adapter
+from . import adapter, sandbox
 from .config import Config
 from .model import encode_completion, encode_prompt, generate_completions, pad_batch, row_seed, token_logprobs
 from .problems import Problem
-from .rewards import Grading
+from .rewards import Grading, Reward
 from .teacher_pool import Pool
 
 
@@ -150,39 +150,47 @@ def _sharing_cores_with_grading(model):
         torch.set_num_threads(threads)
 
 
-def collect_rollouts(model, tokenizer, wrappers, problems: list[Problem], pool: Pool | None, cfg: Config,
-                     step: int, workers: int | None) -> tuple[list[Rollout], dict[str, float]]:
-    """Student samples and teacher rows for each problem, graded; groups are contiguous. Every
-    draw (student samples, teacher rows) is seeded by (seed, step, problem), so a problem's group
-    is the same whether one process or a rank holding a share of the step collects it. A sample
-    is graded as soon as it ends, while the rest are still being generated: `t_grade` is the wait
-    for grades after generation."""
-    timings = {}
-    t0 = time.perf_counter()
-    prompts = [encode_prompt(tokenizer, p.messages()) for p in problems]
-    keys = [(cfg.seed, step, p.id) for p in problems]
-    student_problems = [p for p in problems for _ in range(cfg.student_group)]
+def sample_graded(model, tokenizer, wrappers, problems: list[Problem], prompts: list[list[int]], n: int,
+                  cfg: Config, keys: list, workers: int | None) -> tuple[list, list, list[str], list[Reward], dict]:
+    """n completions per problem from its prompt (`sample`), each graded as soon as it ends while the
+    rest are still being generated. Returns ids, sampling log-probs, texts and grades in row order,
+    and the timings: `t_generate`, and `t_grade`, the wait for grades after generation."""
+    asked = [p for p in problems for _ in range(n)]
+    limits = sandbox.Limits(wall_seconds=2.0 * cfg.grade_seconds, cpu_seconds=cfg.grade_seconds)
     texts, pending = {}, {}
-    with Grading(workers) as grading, _sharing_cores_with_grading(model):
+    t0 = time.perf_counter()
+    with Grading(workers, limits) as grading, _sharing_cores_with_grading(model):
         def grade(i: int, ids: list[int]) -> None:
             texts[i] = tokenizer.decode(ids, skip_special_tokens=True)
-            pending[i] = grading.submit(texts[i], student_problems[i])
+            pending[i] = grading.submit(texts[i], asked[i])
 
-        student_ids, student_logp = sample(model, tokenizer, wrappers, prompts, cfg.student_group, cfg, keys, grade)
-        timings["t_generate"] = time.perf_counter() - t0
+        ids, logp = sample(model, tokenizer, wrappers, prompts, n, cfg, keys, grade)
+        timings = {"t_generate": time.perf_counter() - t0}
         t0 = time.perf_counter()
-        grades = [pending[i].result() for i in range(len(student_ids))]
+        grades = [pending[i].result() for i in range(len(ids))]
     timings["t_grade"] = time.perf_counter() - t0
+    return ids, logp, [texts[i] for i in range(len(ids))], grades, timings
+
+
+def collect_rollouts(model, tokenizer, wrappers, problems: list[Problem], pool: Pool | None, cfg: Config,
+                     step: int, workers: int | None) -> tuple[list[Rollout], dict[str, float]]:
+    """Student samples (graded as they end) and teacher rows for each problem; groups are contiguous.
+    Every draw (student samples, teacher rows) is seeded by (seed, step, problem), so a problem's
+    group is the same whether one process or a rank holding a share of the step collects it."""
+    prompts = [encode_prompt(tokenizer, p.messages()) for p in problems]
+    keys = [(cfg.seed, step, p.id) for p in problems]
+    ids, logp, texts, grades, timings = sample_graded(model, tokenizer, wrappers, problems, prompts, cfg.student_group,
+                                                      cfg, keys, workers)
     rollouts = []
-    for i, problem in enumerate(problems):
+    for i, (problem, prompt) in enumerate(zip(problems, prompts)):
         for j in range(cfg.student_group):
             k = i * cfg.student_group + j
             g = grades[k]
-            rollouts.append(Rollout(problem, prompts[i], student_ids[k], texts[k], False, g.reward, g.passed,
-                                    g.gt_correct, g.exploited, format_ok=g.format_ok, sample_logp=student_logp[k]))
+            rollouts.append(Rollout(problem, prompt, ids[k], texts[k], False, g.reward, g.passed, g.gt_correct,
+                                    g.exploited, format_ok=g.format_ok, sample_logp=logp[k]))
         if cfg.teacher_group:
             for row in pool.sample(problem.id, cfg.teacher_group, random.Random(repr(keys[i]))):
-                rollouts.append(Rollout(problem, prompts[i], encode_completion(tokenizer, row.completion, cfg.max_new),
+                rollouts.append(Rollout(problem, prompt, encode_completion(tokenizer, row.completion, cfg.max_new),
                                         row.completion, True, row.reward, row.passed, row.gt_correct,
                                         row.exploited))
     return rollouts, timings
