@@ -212,6 +212,17 @@ def test_a_model_that_cannot_be_loaded_is_an_input_error(tmp_path):
         load_model_and_tokenizer(str(tmp_path / "no-such-model"))
 
 
+def test_a_model_that_rescales_its_own_logits_is_refused(tiny, tmp_path):
+    model, tokenizer = tiny
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    load_model_and_tokenizer(str(tmp_path))  # as saved: loads
+    model.config.final_logit_softcapping = 30.0  # Gemma's: the head's logits are squashed in forward
+    model.config.save_pretrained(tmp_path)
+    with pytest.raises(model_mod.ModelLoadError, match="final_logit_softcapping=30.0"):
+        load_model_and_tokenizer(str(tmp_path))
+
+
 def test_splitmix_matches_the_reference_and_wraps_like_uint64():
     mask = (1 << 64) - 1
 

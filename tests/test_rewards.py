@@ -1,6 +1,7 @@
 """The grader's promises: the diagonal, the strict oracle, and grading hostile completions."""
 
 import dataclasses
+import time
 
 import pytest
 
@@ -157,6 +158,8 @@ def test_grading_hands_back_each_grade_and_an_error_cancels_the_queue(problems):
     slow = "```python\nimport time\ntime.sleep(0.5)\n```"
     with pytest.raises(RuntimeError, match="sampling failed"), rewards.Grading(workers=1) as grading:
         queued = [grading.submit(slow, p) for _ in range(3)]
+        while not queued[0].running():  # the first child has started before the error
+            time.sleep(0.01)
         raise RuntimeError("sampling failed")
     assert not queued[0].cancelled() and queued[0].result().mechanism == "failed"  # the running child was waited for
     assert queued[2].cancelled()  # the queue is dropped, not run

@@ -217,6 +217,10 @@ def test_resume_refuses_a_different_config(workdir):
     train.run(_cfg(run_name="cfg-a", steps=2, intervention="route"))
     with pytest.raises(ConfigError, match="--intervention: run has 'route', asked 'none'"):
         train.run(_cfg(run_name="cfg-a", steps=4, intervention="none", resume="true"))
+    config = workdir / "out/runs/cfg-a/config.json"  # as a run started before grade_seconds existed wrote it
+    config.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items() if k != "grade_seconds"}))
+    with pytest.raises(ConfigError, match="--grade_seconds: run has 10, asked 2"):  # it ran with the default
+        train.run(_cfg(run_name="cfg-a", steps=3, intervention="route", resume="true", grade_seconds=2))
     summary = train.run(_cfg(run_name="cfg-a", steps=3, intervention="route", resume="true"))  # steps may grow
     assert summary["steps_done"] == 3
 

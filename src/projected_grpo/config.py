@@ -262,7 +262,8 @@ def validate(cfg: Config) -> None:
         bad = [m for m in modes if m not in MODES]
         _check(not bad and len(modes) == len(set(modes)), name,
                f"unknown or repeated modes {bad or modes}; allowed: {', '.join(MODES)}")
-    for name in ("steps", "group", "prompts_per_step", "max_new", "basis_k", "checkpoint_every", "eval_samples"):
+    for name in ("steps", "group", "prompts_per_step", "max_new", "basis_k", "checkpoint_every", "eval_samples",
+                 "grade_seconds"):
         _check(getattr(cfg, name) >= 1, name, f"must be >= 1, got {getattr(cfg, name)}")
     for name in ("micro_batch", "eval_prompts", "warmup", "refresh_every", "eval_every", "log_completions",
                  "grade_workers", "basis_k_use", "threads"):

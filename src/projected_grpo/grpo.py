@@ -1,12 +1,13 @@
 """One GRPO step's rollouts, advantages and loss (DESIGN.md section 6, items 1-5).
 
-Student samples come from one left-padded `generate` call with the knobs merged into
-the weights; teacher rows are frozen, already graded completions from the pool. The
-advantage is Dr.GRPO's A = R - mean(R) per prompt group (no std division). The loss
-is the PPO-clip form with the ratio to the sampling policy, an optional K3 KL to the
-zero-knob reference, summed over completion tokens and divided by the fixed
-group * max_new * prompts_per_step. One backward (per micro-batch) gives every
-rollout's knob gradient, so the student and teacher gradients come apart for free.
+Student samples come from one batched decode (`generate_completions`) with the knobs
+merged into the weights, each graded as soon as it ends; teacher rows are frozen,
+already graded completions from the pool. The advantage is Dr.GRPO's A = R - mean(R)
+per prompt group (no std division). The loss is the PPO-clip form with the ratio to
+the sampling policy, an optional K3 KL to the zero-knob reference, summed over
+completion tokens and divided by the fixed group * max_new * prompts_per_step. One
+backward (per micro-batch) gives every rollout's knob gradient, so the student and
+teacher gradients come apart for free.
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ class Rollout:
 
 def sample(model, tokenizer, wrappers, prompts: list[list[int]], n: int, cfg: Config,
            keys: list, on_finished=None) -> tuple[list[list[int]], list[list[float]]]:
-    """n completions per prompt (ids and their sampling log-probs) from one batched generate call
-    with the knobs merged into the weights. keys[i] names prompt i's group (seed, step, problem):
+    """n completions per prompt (ids and their sampling log-probs) from one batched decode with the
+    knobs merged into the weights. keys[i] names prompt i's group (seed, step, problem):
     completion j of it is seeded by row_seed(*keys[i], j), whoever samples it. `on_finished` as in
     generate_completions."""
     seeds = [row_seed(*key, j) for key in keys for j in range(n)]
@@ -137,13 +138,13 @@ def auroc(scores: list[float], labels: list[bool]) -> float | None:
 
 @contextlib.contextmanager
 def _sharing_cores_with_grading(model):
-    """On CPU, generation runs on half of torch's threads: grading runs beside it, a child per
-    completion as it ends, and needs cores that torch's worker threads, spinning between the small
-    decode steps, would otherwise hold (the organism on 2 cores: 2.0-2.1 s a step, against
-    2.4 with both threads generating). Decoding gains little from a second thread there."""
+    """On CPU, generation leaves a core to grading, which runs beside it (a child per completion
+    as it ends, about one core's work at the organism's size): torch's worker threads, spinning
+    between the small decode steps, would otherwise hold it (the organism on 2 cores: 2.0-2.1 s a
+    step, against 2.4 with both threads generating, which decodes only ~7% faster)."""
     threads = torch.get_num_threads()
     if next(model.parameters()).device.type == "cpu":
-        torch.set_num_threads(max(1, threads // 2))
+        torch.set_num_threads(max(1, threads - 1))
     try:
         yield
     finally:

@@ -46,6 +46,13 @@ TINY_VOCAB_SIZE = 1536
 _TOKENIZER_FORMAT = 1
 
 
+# Config fields by which some architectures rescale the head's logits inside their own forward
+# (Gemma's soft-capping, Cohere's and Granite's scales), with their neutral values. Sampling and
+# scoring call the decoder and the head directly, so such a model would be trained on logits
+# that are not its own: refused at load rather than silently wrong.
+_LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0}
+
+
 def load_model_and_tokenizer(
     name: str, dtype: torch.dtype | str = torch.float32, device: str = "cpu", seed: int = 0
 ):
@@ -65,6 +72,11 @@ def load_model_and_tokenizer(
             tokenizer.pad_token = tokenizer.eos_token
         if model.generation_config.pad_token_id is None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id
+        for field, neutral in _LOGIT_TRANSFORMS.items():
+            if getattr(model.config, field, neutral) not in (None, neutral):
+                raise ModelLoadError(f"--model: {name!r} rescales its logits ({field}="
+                                     f"{getattr(model.config, field)}), which the package's sampler and scorer "
+                                     f"do not apply; use a model without it")
     return model.to(device).eval(), tokenizer  # safe: Module.eval() (inference mode), not Python eval
 
 
@@ -175,6 +187,12 @@ def pad_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: in
     return input_ids.to(device), attention_mask.to(device), completion_mask.to(device)
 
 
+def positions_of(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids counted from each row's first real token, so a left-padded row is placed as it
+    would be alone (generation and scoring both use them)."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
 LOGIT_CHUNK_ELEMENTS = 1 << 24  # fp32 logits per chunk (64 MiB): bounds the peak whatever the vocab
 
 
@@ -185,7 +203,8 @@ def token_logprobs(model, input_ids, attention_mask, completion_mask) -> torch.T
     at a time, with logits upcast to fp32 there, and log p = logit - logsumexp: the
     full [B, T, vocab] fp32 log-softmax is never materialised.
     """
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                 position_ids=positions_of(attention_mask)).last_hidden_state
     targets = completion_mask[:, 1:].bool()
     rows, cols = targets.nonzero(as_tuple=True)  # hidden at t predicts token t+1
     picked = hidden[:, :-1][rows, cols]
@@ -265,13 +284,11 @@ def draw(logits: torch.Tensor, seeds: torch.Tensor, step: int, temperature: floa
     return (logits - torch.log(-torch.log(u)).float()).argmax(-1)
 
 
-def _next_logits(model, input_ids, attention_mask, positions, cache) -> torch.Tensor:
-    """fp32 logits after each row's last token, extending `cache`; the decoder and head called as
+def _next_logits(model, input_ids, attention_mask, positions, cache: dict) -> torch.Tensor:
+    """fp32 logits after each row's last token, extending the cache; the decoder and head called as
     token_logprobs calls them, so sampling and scoring compute the same logits."""
-    # transformers 5.x renamed `past_key_values` to `cache` (the old name warns).
-    name = "cache" if "cache" in inspect.signature(model.get_decoder().forward).parameters else "past_key_values"
     hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                                 use_cache=True, **{name: cache}).last_hidden_state
+                                 use_cache=True, **cache).last_hidden_state
     return model.get_output_embeddings()(hidden[:, -1]).float()
 
 
@@ -299,12 +316,16 @@ def generate_completions(model, tokenizer, prompts: list[list[int]], max_new: in
     device = next(model.parameters()).device
     input_ids, attention_mask, _ = pad_batch(prompts, [[] for _ in prompts], tokenizer.pad_token_id, device)
     stop = stop_ids(model, tokenizer)
-    keys = [tuple(row) for row in input_ids.tolist()]
+    stop_tensor = torch.tensor(stop, dtype=torch.long, device=device)
+    keys = [tuple(p) for p in prompts]
     distinct = list(dict.fromkeys(keys))
     first = torch.tensor([keys.index(k) for k in distinct], device=device)
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # each row counts from its first real token
     cache = DynamicCache(config=model.config)
-    logits = _next_logits(model, input_ids[first], attention_mask[first], positions[first], cache)
+    # transformers 5.x renamed `past_key_values` to `cache` (the old name warns).
+    cache_arg = {"cache" if "cache" in inspect.signature(model.get_decoder().forward).parameters
+                 else "past_key_values": cache}
+    logits = _next_logits(model, input_ids[first], attention_mask[first], positions_of(attention_mask[first]),
+                          cache_arg)
     if len(distinct) < len(keys):
         shared = torch.tensor([distinct.index(k) for k in keys], device=device)
         cache.batch_select_indices(shared)
@@ -316,7 +337,7 @@ def generate_completions(model, tokenizer, prompts: list[list[int]], max_new: in
     for step in range(max_new):
         token = draw(logits, row_seeds[open_rows], step, temperature, top_p)
         chosen = torch.log_softmax(logits, -1).gather(-1, token[:, None]).squeeze(-1)
-        stopped = torch.isin(token, torch.tensor(stop, device=device))
+        stopped = torch.isin(token, stop_tensor)
         for row, t, logp, end in zip(open_rows.tolist(), token.tolist(), chosen.tolist(), stopped.tolist()):
             ids[row].append(t)
             logprobs[row].append(logp)
@@ -330,7 +351,7 @@ def generate_completions(model, tokenizer, prompts: list[list[int]], max_new: in
                                                                                   attention_mask))
             cache.batch_select_indices(keep)
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(open_rows), 1)], dim=1)
-        logits = _next_logits(model, token[:, None], attention_mask, next_position[:, None], cache)
+        logits = _next_logits(model, token[:, None], attention_mask, next_position[:, None], cache_arg)
         next_position = next_position + 1
     if on_finished:
         for row in range(len(prompts)):

@@ -504,7 +504,10 @@ def _check_resume_config(run_dir: Path, config: dict) -> None:
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"--resume: cannot read {run_dir / 'config.json'} ({e}); start the run again under "
                           f"another --run_name") from None
-    differ = {k: (stored.get(k), v) for k, v in config.items() if k not in RESUMABLE_CHANGES and stored.get(k) != v}
+    # A field added since the run started is absent from its config.json: it ran with the default.
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    differ = {k: (stored.get(k, defaults.get(k)), v) for k, v in config.items()
+              if k not in RESUMABLE_CHANGES and stored.get(k, defaults.get(k)) != v}
     if differ:
         fields = "; ".join(f"--{k}: run has {old!r}, asked {new!r}" for k, (old, new) in differ.items())
         raise ConfigError(f"--resume: {run_dir} was started with a different config ({fields}); resume with the "
