@@ -88,7 +88,7 @@ lomo *args:
 plots *args:
     python -m projected_grpo.plots {{args}}
 
-# the organism's step through TRL's GRPOTrainer (LoRA) and projected_grpo, taking turns (out/bench_peer.json);
+# the organism's step through TRL's GRPOTrainer (LoRA) and projected_grpo, taking turns (under "peer" in out/bench.json);
 # needs the peer extra: pip install -e '.[peer]'
 bench-peer *args:
     python -m projected_grpo.bench_peer {{args}}

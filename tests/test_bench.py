@@ -1,7 +1,9 @@
 """The benchmark's cases run and report sane figures (speed is never asserted here)."""
 
 import copy
+import json
 
+import pytest
 import torch
 
 from projected_grpo import adapter, bench
@@ -26,3 +28,14 @@ def test_verdicts_follow_the_targets():
     assert bench.verdict("gen_merged_over_base", 0.90).startswith("MISS")
     assert bench.verdict("logprob_peak_over_full", 0.3).startswith("MISS")
     assert bench.verdict("gen_hook_over_base", 0.5) == "reported"
+
+
+def test_bench_and_bench_peer_share_one_record_each_keeping_the_others_keys(tmp_path):
+    path = str(tmp_path / "out" / "bench.json")
+    bench.update_record(path, {"figures": {"a": 1.0}})
+    bench.update_record(path, {"peer": {"figures": {"b": 2.0}}})
+    bench.update_record(path, {"figures": {"a": 3.0}})  # a new `just bench` replaces its own keys only
+    assert json.loads(open(path).read()) == {"figures": {"a": 3.0}, "peer": {"figures": {"b": 2.0}}}
+    open(path, "w").write("{cut")
+    with pytest.raises(SystemExit, match=r"bench\.json: not JSON"):
+        bench.update_record(path, {"figures": {}})

@@ -219,7 +219,7 @@ def test_a_model_that_rescales_its_own_logits_is_refused(tiny, tmp_path):
     load_model_and_tokenizer(str(tmp_path))  # as saved: loads
     model.config.final_logit_softcapping = 30.0  # Gemma's: the head's logits are squashed in forward
     model.config.save_pretrained(tmp_path)
-    with pytest.raises(model_mod.ModelLoadError, match="final_logit_softcapping=30.0"):
+    with pytest.raises(model_mod.ModelLoadError, match=r"final_logit_softcapping=30\.0"):
         load_model_and_tokenizer(str(tmp_path))
 
 

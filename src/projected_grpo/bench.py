@@ -24,6 +24,7 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from . import adapter, hack_basis, projection, rewards, sandbox
+from .files import write_atomically
 from .model import load_model_and_tokenizer, pad_batch, token_logprobs
 from .problems import builtin_problems, clean_completion, default_pairs, hack_completion
 
@@ -321,10 +322,21 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", "| raw | value |", "|---|---|"]
     lines += [f"| {k} | {v:.4g} |" for k, v in figures.items() if k not in TARGETS]
     print("\n".join(lines))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"machine": machine, "figures": figures,
-                                          "verdicts": {k: verdict(k, figures[k]) for k in TARGETS}}, indent=2))
+    update_record(args.out, {"machine": machine, "figures": figures,
+                             "verdicts": {k: verdict(k, figures[k]) for k in TARGETS}})
     return 0
+
+
+def update_record(path: str, entries: dict) -> None:
+    """Merge `entries` into the JSON record at `path`: `just bench` and `just bench-peer` share
+    out/bench.json, each replacing only its own keys."""
+    record = {}
+    if os.path.exists(path):
+        try:
+            record = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"{path}: not JSON ({e}); delete it and run again") from None
+    write_atomically(path, json.dumps({**record, **entries}, indent=2))
 
 
 if __name__ == "__main__":

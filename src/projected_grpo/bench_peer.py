@@ -8,7 +8,7 @@ scale_rewards="none", per-device batch = one step's completions; projected_grpo:
 organism preset, arms `none` and `erase`). Each case runs in a process of its own (so its
 peak RSS is its own), the cases take turns for `--rounds`, and each reports the median step
 time after its warm-up steps, its own split where it has one, and its mean completion length
-(a check that the work was the same). Writes out/bench_peer.json.
+(a check that the work was the same). Writes them under "peer" in out/bench.json.
 
 Needs the `peer` extra (trl, peft); nothing else in the package imports them.
 """
@@ -24,7 +24,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 CASES = ("trl", "none", "erase")
 WARMUP = 3  # steps left out of each median: first generate calls, allocator growth
@@ -110,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=1e-6,
                         help="both sides; small, so both keep sampling the warm start and the work stays the same "
                              "(at the organism's 3e-2, TRL's LoRA run drifts to 128-token completions)")
-    parser.add_argument("--out", default="out/bench_peer.json")
+    parser.add_argument("--out", default="out/bench.json", help="its figures go under the key 'peer'")
     parser.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)  # a child process: one case
     args = parser.parse_args(argv)
     if args.case:
@@ -149,9 +148,10 @@ def main(argv: list[str] | None = None) -> int:
               f"| {f['completions_per_step']:.0f} |")
     print(f"projected_grpo / TRL step time: none {figures['none_over_trl_step']:.2f}, "
           f"erase {figures['erase_over_trl_step']:.2f} (target <= 0.5)")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"machine": machine, "steps": args.steps, "rounds": args.rounds, "lr": args.lr,
-                                          "figures": figures}, indent=2))
+    from .bench import update_record
+
+    update_record(args.out, {"peer": {"machine": machine, "steps": args.steps, "rounds": args.rounds, "lr": args.lr,
+                                      "figures": figures}})
     return 0
 
 
