@@ -317,19 +317,19 @@ def generate_completions(model, tokenizer, prompts: list[list[int]], max_new: in
     input_ids, attention_mask, _ = pad_batch(prompts, [[] for _ in prompts], tokenizer.pad_token_id, device)
     stop = stop_ids(model, tokenizer)
     stop_tensor = torch.tensor(stop, dtype=torch.long, device=device)
-    keys = [tuple(p) for p in prompts]
-    distinct = list(dict.fromkeys(keys))
-    first = torch.tensor([keys.index(k) for k in distinct], device=device)
+    slot = {}  # each distinct prompt's index among those prefilled
+    shared = [slot.setdefault(tuple(p), len(slot)) for p in prompts]
+    first = torch.tensor([shared.index(j) for j in range(len(slot))], device=device)
     cache = DynamicCache(config=model.config)
     # transformers 5.x renamed `past_key_values` to `cache` (the old name warns).
     cache_arg = {"cache" if "cache" in inspect.signature(model.get_decoder().forward).parameters
                  else "past_key_values": cache}
     logits = _next_logits(model, input_ids[first], attention_mask[first], positions_of(attention_mask[first]),
                           cache_arg)
-    if len(distinct) < len(keys):
-        shared = torch.tensor([distinct.index(k) for k in keys], device=device)
-        cache.batch_select_indices(shared)
-        logits = logits[shared]
+    if len(slot) < len(prompts):
+        rows = torch.tensor(shared, device=device)
+        cache.batch_select_indices(rows)
+        logits = logits[rows]
     open_rows = torch.arange(len(prompts), device=device)
     row_seeds = torch.tensor(seeds, dtype=torch.int64, device=device)
     next_position = attention_mask.sum(-1)
