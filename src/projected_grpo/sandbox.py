@@ -4,14 +4,16 @@ Knows nothing about problems or grading modes: it takes a source string and give
 back what the run did (exit status, capped stdout/stderr, files left in its working
 directory, and one structured payload). Every run gets
 
-- a fresh temporary working directory, removed afterwards;
+- a fresh temporary working directory, removed afterwards (the job itself, its output and
+  its report travel in memory files, so a run creates no other file on disk);
 - an interpreter started with `-I -S` (no user site, no PYTHON* variables, no cwd on
   sys.path) and an environment holding nothing from the parent but a bare PATH;
 - rlimits on CPU time, address space, file size, open files and processes;
-- two processes: a *supervisor* that owns the wall clock and is made a child
-  subreaper, and a *runner* (its child) that executes the code. `os.getppid()` in
-  the code is the supervisor, never the caller; orphans the code leaves behind are
-  re-parented to the supervisor, which kills every descendant before it reports;
+- a *supervisor* that owns the wall clock and is made a child subreaper (the fork
+  server, or a fresh one per job), and a *runner* (its child) that executes the code.
+  `os.getppid()` in the code is the supervisor, never the caller; orphans the code
+  leaves behind are re-parented to the supervisor, which kills every descendant before
+  it reports;
 - when the caller is root, the runner drops to an unprivileged uid of its own, so
   the code cannot signal the caller and the process limit counts only this run.
 
@@ -45,8 +47,9 @@ FILE_CAP = 64 * 1024  # bytes kept per file left in the working directory
 MAX_FILES = 32  # files reported from the working directory
 
 
-# How a job's supervisor starts: forked by a pre-started fork server (no interpreter start per
-# job), or spawned fresh (`--grader=spawn`: for comparison, and where fork servers cannot run).
+# Who supervises a job: a pre-started fork server that forks its runner (no interpreter start
+# and one fork per job), or a supervisor spawned fresh (`--grader=spawn`: for comparison, and
+# where fork servers cannot run).
 GRADERS = ("fork", "spawn")
 _grader = os.environ.get("PROJECTED_GRPO_GRADER", "fork")
 
@@ -90,10 +93,10 @@ class SandboxResult:
 
 
 # The supervisor program, a module of its own (sandbox_supervisor.py: stdlib only), run by
-# path as `python -I -S <it> <job dir> <payload fd> <status fd> <PAYLOAD_FD>`, with the job's
-# source in <job dir>/io/main.py and the limits in <job dir>/io/limits.json. It forks the
-# runner, which alone executes the code. The trainer never imports it. -I (safe path) also
-# keeps the script's directory, the package, off the child's sys.path.
+# path as `python -I -S <it> <job fd> <payload fd> <status fd> <PAYLOAD_FD>` (or `--serve`),
+# with the job's source, limits and work dir as JSON in the memory file <job fd>. It forks
+# the runner, which alone executes the code. The trainer never imports it. -I (safe path)
+# also keeps the script's directory, the package, off the child's sys.path.
 _SUPERVISOR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_supervisor.py")
 
 # Where an unprivileged run lives when the caller is root: a uid no account uses,
@@ -176,15 +179,14 @@ def _remove_tree(path: str) -> None:
         subprocess.run(["rm", "-rf", "--", path], check=False)
 
 
-def _spawned(job: str, handles: dict, backstop: float) -> tuple[int, str, str | None]:
+def _spawned(handles: dict, work: str, backstop: float) -> tuple[int, str, str | None]:
     """A fresh `python -I -S` supervisor for this job. Returns its session id, how it ended, and
     an error when it had to be killed."""
-    payload_fd, status_fd = handles["payload"].fileno(), handles["status"].fileno()
-    work = os.path.join(job, "work")
-    argv = [sys.executable, "-I", "-S", _SUPERVISOR, job, str(payload_fd), str(status_fd), str(PAYLOAD_FD)]
+    job_fd, payload_fd, status_fd = (handles[k].fileno() for k in ("job", "payload", "status"))
+    argv = [sys.executable, "-I", "-S", _SUPERVISOR, str(job_fd), str(payload_fd), str(status_fd), str(PAYLOAD_FD)]
     proc = subprocess.Popen(argv, cwd=work, env=_minimal_env(work), stdin=subprocess.DEVNULL,
                             stdout=handles["stdout"], stderr=handles["stderr"],
-                            pass_fds=(payload_fd, status_fd), start_new_session=True)
+                            pass_fds=(job_fd, payload_fd, status_fd), start_new_session=True)
     error = None
     # The supervisor enforces the wall clock itself; this is the backstop in case the
     # code managed to kill or stall it. A pidfd wakes us the moment it exits
@@ -206,7 +208,8 @@ class ServerDied(RuntimeError):
 
 class _ForkServer:
     """One pre-started fork server (sandbox_supervisor.py --serve): a `python -I -S` process with
-    the bare environment, started once and reused for job after job, one at a time."""
+    the bare environment, started once and reused for job after job, one at a time. It supervises
+    each job's runner itself: one fork per job."""
 
     def __init__(self):
         ours, theirs = socket.socketpair()
@@ -217,9 +220,9 @@ class _ForkServer:
         theirs.close()
         self.sock, self.buffer = ours, b""
 
-    def send(self, job: str, fds: list[int]) -> None:
+    def send(self, fds: list[int]) -> None:
         try:
-            socket.send_fds(self.sock, [job.encode()], fds)
+            socket.send_fds(self.sock, [b"job"], fds)
         except OSError:
             raise ServerDied from None
 
@@ -253,22 +256,22 @@ def _close_servers() -> None:
             _idle_servers.pop().close()
 
 
-def _forked(job: str, handles: dict, backstop: float) -> tuple[int | None, str, str | None]:
-    """This job's supervisor forked by an idle fork server (started if none is idle). Returns the
-    supervisor's session id, how it ended, and an error when it was killed or its server died;
-    a dead server is replaced, and its job comes back as an error, never lost."""
+def _forked(handles: dict, work: str, backstop: float) -> tuple[int | None, str, str | None]:
+    """This job run and supervised by an idle fork server (started if none is idle). Returns the
+    runner's session id, how it ended, and an error when it was killed or its server died; a
+    dead server is replaced, and its job comes back as an error, never lost."""
     with _servers_lock:
         server = _idle_servers.pop() if _idle_servers else None
-    fds = [handles[k].fileno() for k in ("stdout", "stderr", "payload", "status")]
+    fds = [handles[k].fileno() for k in ("job", "stdout", "stderr", "payload", "status")]
     session, keep = None, False
     try:
         try:
             server = server or _ForkServer()
-            server.send(job, fds)
+            server.send(fds)
         except ServerDied:  # an idle server that died between jobs: this job never started; a new one runs it
             server.close()
             server = _ForkServer()
-            server.send(job, fds)
+            server.send(fds)
         deadline = time.monotonic() + backstop
         session = int(server.line(deadline) or 0) or None
         done = server.line(deadline) if session else None
@@ -299,25 +302,23 @@ def run(source: str, limits: Limits | None = None) -> SandboxResult:
     limits = limits or Limits()
     job = tempfile.mkdtemp(prefix="pg_sandbox_")
     try:
-        io_dir, work = os.path.join(job, "io"), os.path.join(job, "work")
-        os.mkdir(io_dir, 0o700)
+        work = os.path.join(job, "work")
         os.mkdir(work, 0o700)
         uid = None
         if os.geteuid() == 0:
             uid = _UID_BASE + secrets.randbelow(_UID_SPAN)
             os.chown(work, uid, uid)
-            os.chmod(job, 0o711)  # the dropped uid may pass through to work/, not list io/
-        with open(os.path.join(io_dir, "main.py"), "w", encoding="utf-8") as f:
-            f.write(source)
-        with open(os.path.join(io_dir, "limits.json"), "w") as f:
-            json.dump({**limits.__dict__, "uid": uid}, f)
+            os.chmod(job, 0o711)  # the dropped uid may pass through to work/
         with contextlib.ExitStack() as stack:
-            # We read back through these same handles: a path the code swaps for a
-            # link or a FIFO cannot redirect or stall the caller.
-            handles = {name: stack.enter_context(open(os.path.join(io_dir, name), "w+b"))
-                       for name in ("stdout", "stderr", "payload", "status")}
+            # Memory files: nothing for the code to find on disk, no inode made per run. We read
+            # back through these same handles, which the code cannot redirect.
+            handles = {name: stack.enter_context(open(os.memfd_create(name), "w+b"))
+                       for name in ("job", "stdout", "stderr", "payload", "status")}
+            handles["job"].write(json.dumps({"source": source, "limits": {**limits.__dict__, "uid": uid},
+                                             "work": work}).encode())
+            handles["job"].flush()
             supervise = _forked if _grader == "fork" else _spawned
-            session, ended, error = supervise(job, handles, limits.wall_seconds + 5)
+            session, ended, error = supervise(handles, work, limits.wall_seconds + 5)
             report = _parse_report(handles["status"])
             if report is None or error:
                 # The supervisor did not finish its own cleanup: sweep what the run left.

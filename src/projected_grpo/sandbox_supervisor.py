@@ -1,32 +1,33 @@
-"""The sandbox's supervisor: the program `sandbox.run` starts for every run.
+"""The sandbox's supervisor: the program `sandbox.run` starts to run and watch each job.
 
-`sandbox.run` runs this file by path; the trainer never imports it:
+`sandbox.run` runs this file by path; the trainer never imports it. Started as
 
-    python -I -S .../sandbox_supervisor.py <job dir> <payload fd> <status fd> <code payload fd>
+    python -I -S .../sandbox_supervisor.py <job fd> <payload fd> <status fd> <code payload fd>
 
-with the job's source in <job dir>/io/main.py and the limits in <job dir>/io/limits.json.
-The supervisor makes itself a child subreaper and forks the *runner*, which confines
-itself (own process group, Landlock, unprivileged uid, rlimits), says on a pipe that
-setup is done, and alone executes the code, with <payload fd> moved to <code payload fd>
-(sandbox.PAYLOAD_FD) for the code's payload. The supervisor owns the wall clock, kills
-every descendant the code left, and writes one JSON report to <status fd>.
+(`--grader=spawn`) it supervises one job. <job fd> holds the job as JSON (its source, its
+limits and its work dir); stdout and stderr are the job's. The supervisor makes itself a
+child subreaper and forks the *runner*, which confines itself (own process group,
+Landlock, unprivileged uid, rlimits), says on a pipe that setup is done, and alone
+executes the code, with <payload fd> moved to <code payload fd> (sandbox.PAYLOAD_FD) for
+the code's payload. The supervisor owns the wall clock, kills every descendant the code
+left, and writes one JSON report to <status fd>.
 
-Started as `... sandbox_supervisor.py --serve <socket fd>` it is instead a fork server
-(`--grader=fork`, `sandbox.use_grader`): a long-lived process that never runs model code. For
-each job the trainer sends the job dir and four descriptors (stdout, stderr, payload,
-status) over the socket; the server forks a child that becomes that job's supervisor
-exactly as above (own session, the job's work dir and environment) and reports its pid,
-then its end. Every job starts from the server's untouched memory: nothing a job does
+Started as `... sandbox_supervisor.py --serve <socket fd> <code payload fd>` it is
+instead a fork server (`--grader=fork`, `sandbox.use_grader`): a long-lived supervisor
+that never runs model code. For each job the trainer sends five descriptors over the
+socket (the job, stdout, stderr, payload, status); the server forks that job's runner
+(in a session of its own), says its pid, supervises it exactly as above and says when it
+is done. Every runner starts from the server's untouched memory: nothing a job does
 reaches the server or the next job, and no interpreter start is paid per job.
 
 Standard library only, and nothing from projected_grpo: under -I -S the package is
 not importable, and the code under test must not get the trainer's package. Importing
 this module runs nothing.
 """
-
 import atexit
 import builtins
 import ctypes
+import fcntl
 import itertools
 import json
 import os
@@ -83,31 +84,34 @@ def relocate(path, moved):
     return path
 
 
-def enter_sandbox(libc, job, lim, payload_fd, code_payload_fd, ready_fd):
-    os.setpgid(0, 0)
-    os.dup2(payload_fd, code_payload_fd)
-    work = os.path.join(job, "work")
+def stdlib_through_fds():
+    """When root (each runner drops to a uid of its own): the stdlib may sit under a directory that
+    uid cannot search (/root), so open its directories now and import through /proc/self/fd from
+    here on. Done once per supervisor (the fork server's runners inherit it). Returns the fds."""
+    if os.geteuid() != 0:
+        return set()
+    moved = {p: high_fd(os.open(p, os.O_RDONLY | os.O_DIRECTORY)) for p in sys.path if os.path.isdir(p)}
+    fds = set(moved.values())
+    moved = {p: f"/proc/self/fd/{fd}" for p, fd in moved.items()}
+    sys.path[:] = list(moved.values())
+    for module in list(sys.modules.values()):  # packages already imported, e.g. collections
+        if isinstance(getattr(module, "__path__", None), list):
+            module.__path__[:] = [relocate(p, moved) for p in module.__path__]
+    sys.path_importer_cache.clear()
+    return fds
+
+
+def enter_sandbox(libc, work, lim, stdlib_fds, code_payload_fd, ready_fd):
     os.chdir(work)
-    stdlib = [p for p in sys.path if os.path.isdir(p)]
-    rules = [(os.open(p, os.O_PATH), "read") for p in stdlib]
+    rules = [(os.open(p, os.O_PATH), "read") for p in sys.path if os.path.isdir(p)]
     rules += [(os.open(work, os.O_PATH), "all"), (os.open("/dev/null", os.O_PATH), "file")]
-    keep = {0, 1, 2, code_payload_fd, ready_fd}
+    keep = {0, 1, 2, code_payload_fd, ready_fd} | stdlib_fds
     uid = lim["uid"]
     if uid is not None:
-        # The stdlib may sit under a directory the new uid cannot search (/root);
-        # directory fds opened now keep it importable through /proc/self/fd.
-        moved = {p: os.open(p, os.O_RDONLY | os.O_DIRECTORY) for p in stdlib}
-        keep |= set(moved.values())
-        moved = {p: f"/proc/self/fd/{fd}" for p, fd in moved.items()}
         os.setgroups([])
         os.setgid(uid)
         os.setuid(uid)
-        libc.prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE, so /proc/self/fd is ours again
-        sys.path[:] = list(moved.values())
-        for module in list(sys.modules.values()):  # packages already imported, e.g. collections
-            if isinstance(getattr(module, "__path__", None), list):
-                module.__path__[:] = [relocate(p, moved) for p in module.__path__]
-        sys.path_importer_cache.clear()
+        libc.prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE, so /proc/self/fd (the stdlib's way in) is ours again
     abi = landlock(libc, rules)
     nproc = lim["processes"] + (0 if uid is not None else count_processes(os.getuid()))
     for res, value in ((resource.RLIMIT_CPU, lim["cpu_seconds"]),
@@ -118,7 +122,7 @@ def enter_sandbox(libc, job, lim, payload_fd, code_payload_fd, ready_fd):
                        (resource.RLIMIT_CORE, 0)):
         resource.setrlimit(res, (value, value))
     os.write(ready_fd, b"%d" % abi)  # setup done: from here on, only the code's own doing
-    # Close everything else we hold (the status fd, the supervisor's copies).
+    # Close everything else we hold (the status fd, the supervisor's or the server's own).
     edges = sorted(keep - {ready_fd}) + [1 << 16]
     for low, high in itertools.pairwise(edges):
         os.closerange(low + 1, high)
@@ -168,20 +172,24 @@ def kill_descendants(runner):
 
 
 def supervise(runner, ready_r, status_fd, wall_seconds):
-    """Wait for the runner (wall clock), kill what it left, and write the report to `status_fd`."""
+    """Wait for the runner (wall clock), kill what it left, and write the report to `status_fd`.
+    Returns the runner's wait status."""
     pidfd = os.pidfd_open(runner)
     timed_out = not select.select([pidfd], [], [], wall_seconds)[0]
+    os.close(pidfd)
     if timed_out:
         os.kill(runner, signal.SIGKILL)
     _, status = os.waitpid(runner, 0)
     kill_descendants(runner)
     ready = os.read(ready_r, 16)
+    os.close(ready_r)
     report = {"timed_out": timed_out,
               "exit_code": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
               "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
               "setup_ok": bool(ready),
               "landlock_abi": int(ready) if ready.isdigit() else 0}
     os.write(status_fd, json.dumps(report).encode())
+    return status
 
 
 def run_code(source):
@@ -213,90 +221,94 @@ def run_code(source):
         os._exit(status & 0xFF)
 
 
-def run_job(job, payload_fd, status_fd, code_payload_fd):
-    """Supervise one job: fork the runner, which confines itself and runs the code; report."""
-    with open(os.path.join(job, "io", "limits.json")) as f:
-        lim = json.load(f)
-    with open(os.path.join(job, "io", "main.py"), encoding="utf-8") as f:
-        source = f.read()
+def load_libc():
     libc = ctypes.CDLL(None, use_errno=True)
     libc.syscall.restype = ctypes.c_long
     libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: the code's orphans come back to us
+    return libc
+
+
+def read_job(job_fd):
+    """The job the trainer wrote: {"source", "limits", "work"}. The descriptor is closed, so the runner never
+    holds it."""
+    data = os.pread(job_fd, os.fstat(job_fd).st_size, 0)
+    os.close(job_fd)
+    return json.loads(data)
+
+
+def start_runner(libc, job, stdlib_fds, out, err, payload_fd, code_payload_fd, own_session):
+    """Fork the runner, which confines itself and runs the job's source. `own_session`: a session of its
+    own, whose id (the runner's pid) the trainer sweeps by (the fork server's runners); else a process group
+    in the spawned supervisor's session. Returns its pid and the pipe on which it says setup is done."""
     ready_r, ready_w = os.pipe()
     runner = os.fork()
     if runner == 0:
         try:
             os.close(ready_r)
-            enter_sandbox(libc, job, lim, payload_fd, code_payload_fd, ready_w)
+            ready_w = high_fd(ready_w)
+            os.dup2(out, 1)
+            os.dup2(err, 2)
+            os.dup2(payload_fd, code_payload_fd)
+            os.setsid() if own_session else os.setpgid(0, 0)
+            os.environ["HOME"] = os.environ["TMPDIR"] = job["work"]  # as a fresh start would have them
+            if "random" in sys.modules:
+                sys.modules["random"].seed()  # not the server's state, shared by every runner forked from it
+            enter_sandbox(libc, job["work"], job["limits"], stdlib_fds, code_payload_fd, ready_w)
         except BaseException as e:
             os.write(2, f"sandbox setup failed: {e!r}\n".encode())
             os._exit(111)
-        run_code(source)
+        run_code(job["source"])
     os.close(ready_w)
-    supervise(runner, ready_r, status_fd, lim["wall_seconds"])
+    return runner, ready_r
 
 
 # What the problems' set-up code imports (typing alone takes ~10-20 ms): imported once by the
-# fork server, so each job's runner finds them loaded. Each job gets its own copy-on-write copy;
+# fork server, so each job's runner finds them loaded. Each runner gets its own copy-on-write copy;
 # what one job does to them never reaches the server or another job.
 PRELOAD = ("typing", "collections", "functools", "itertools", "heapq", "bisect", "math", "random", "string",
            "datetime", "operator", "re", "json")
 
 
 def serve(sock_fd, code_payload_fd):
-    """The fork server: one job at a time, each in a forked child that is that job's supervisor."""
+    """The fork server: one job at a time, each in a forked runner that the server supervises."""
     for name in PRELOAD:
         __import__(name)
+    libc, stdlib_fds = load_libc(), stdlib_through_fds()
     server = socket.socket(fileno=sock_fd)
     while True:
         try:
-            message, fds, _, _ = socket.recv_fds(server, 4096, 4)
+            message, fds, _, _ = socket.recv_fds(server, 16, 5)
         except OSError:
             return
         if not message:  # the trainer is gone
             return
-        job = message.decode()
-        child = os.fork()
-        if child == 0:
-            try:
-                server.close()
-                os.setsid()  # the job's own session: the trainer sweeps it by session id
-                sys.modules["random"].seed()  # not the server's state, shared by every job forked from it
-                # Received descriptors take the lowest free numbers, which may be the code's payload fd:
-                # move them out of the way before anything is dup'ed onto 1, 2 or that fd.
-                out, err, payload_fd, status_fd = (_moved(fd, 100 + i) for i, fd in enumerate(fds))
-                os.dup2(out, 1)
-                os.dup2(err, 2)
-                os.close(out)
-                os.close(err)
-                work = os.path.join(job, "work")
-                os.chdir(work)
-                os.environ["HOME"] = os.environ["TMPDIR"] = work  # as a fresh start would have them
-                run_job(job, payload_fd, status_fd, code_payload_fd)
-            except BaseException as e:
-                os.write(2, f"sandbox supervisor failed: {e!r}\n".encode())
-            finally:
-                os._exit(0)
-        for fd in fds:
+        job_fd, out, err, payload_fd, status_fd = (high_fd(fd) for fd in fds)
+        job = read_job(job_fd)
+        runner, ready_r = start_runner(libc, job, stdlib_fds, out, err, payload_fd, code_payload_fd, own_session=True)
+        for fd in (out, err, payload_fd):
             os.close(fd)
-        server.sendall(b"%d\n" % child)
-        _, status = os.waitpid(child, 0)
+        server.sendall(b"%d\n" % runner)
+        status = supervise(runner, ready_r, status_fd, job["limits"]["wall_seconds"])
+        os.close(status_fd)
         server.sendall(b"done %d\n" % status)
 
 
-def _moved(fd, at):
-    os.dup2(fd, at)
+def high_fd(fd):
+    """`fd` moved to the lowest free number from 10 up. A descriptor opened or received here takes the
+    lowest free number, which may be the one the runner dup's the code's payload onto."""
+    moved = fcntl.fcntl(fd, fcntl.F_DUPFD, 10)
     os.close(fd)
-    return at
+    return moved
 
 
 def main():
     if sys.argv[1] == "--serve":
         serve(int(sys.argv[2]), int(sys.argv[3]))
         return
-    job = sys.argv[1]
-    payload_fd, status_fd, code_payload_fd = (int(a) for a in sys.argv[2:5])
-    run_job(job, payload_fd, status_fd, code_payload_fd)
+    job_fd, payload_fd, status_fd, code_payload_fd = (int(a) for a in sys.argv[1:5])
+    libc, stdlib_fds, job = load_libc(), stdlib_through_fds(), read_job(job_fd)
+    runner, ready_r = start_runner(libc, job, stdlib_fds, 1, 2, payload_fd, code_payload_fd, own_session=False)
+    supervise(runner, ready_r, status_fd, job["limits"]["wall_seconds"])
 
 
 if __name__ == "__main__":
