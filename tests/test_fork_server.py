@@ -89,3 +89,11 @@ def test_graders_are_named(fork_grader):
     assert config.GRADERS == sandbox.GRADERS  # --grader accepts exactly what the sandbox can do
     with pytest.raises(config.ConfigError, match="--grader: 'thread' is not one of fork, spawn"):
         config.make_config("smoke", {"grader": "thread"})
+
+
+def test_a_server_that_cannot_start_is_a_setup_error_naming_why(fork_grader, monkeypatch, tmp_path):
+    broken = tmp_path / "supervisor.py"
+    broken.write_text("raise SystemExit('no fork server on this machine')\n")
+    monkeypatch.setattr(sandbox, "_SUPERVISOR", str(broken))
+    with pytest.raises(sandbox.SandboxSetupError, match="died at start-up: no fork server on this machine"):
+        sandbox.run("print(1)")

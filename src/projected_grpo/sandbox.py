@@ -213,12 +213,13 @@ class _ForkServer:
 
     def __init__(self):
         ours, theirs = socket.socketpair()
+        self.log = open(os.memfd_create("fork-server-stderr"), "w+b")  # why it died, should it die at start
         self.proc = subprocess.Popen([sys.executable, "-I", "-S", _SUPERVISOR, "--serve", str(theirs.fileno()),
                                       str(PAYLOAD_FD)], cwd="/", env=_minimal_env("/"), stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=self.log,
                                      pass_fds=(theirs.fileno(),), start_new_session=True)
         theirs.close()
-        self.sock, self.buffer = ours, b""
+        self.sock, self.buffer, self.jobs_done = ours, b"", 0
 
     def send(self, fds: list[int]) -> None:
         try:
@@ -231,7 +232,10 @@ class _ForkServer:
         while b"\n" not in self.buffer:
             if not select.select([self.sock], [], [], max(0.0, deadline - time.monotonic()))[0]:
                 return None
-            chunk = self.sock.recv(4096)
+            try:
+                chunk = self.sock.recv(4096)
+            except OSError:  # a reset: it died with our job unread
+                raise ServerDied from None
             if not chunk:
                 raise ServerDied
             self.buffer += chunk
@@ -243,6 +247,11 @@ class _ForkServer:
         with contextlib.suppress(OSError):
             self.proc.kill()
         self.proc.wait()
+        self.log.close()
+
+    def startup_error(self) -> str:
+        self.proc.wait()
+        return _read_capped(self.log, 4096)[0].decode("utf-8", "replace").strip() or f"exit {self.proc.returncode}"
 
 
 _idle_servers: list[_ForkServer] = []
@@ -282,8 +291,11 @@ def _forked(handles: dict, work: str, backstop: float) -> tuple[int | None, str,
             keep = done is not None
             return session, "killed", "the supervisor did not finish in time and was killed"
         keep = True
+        server.jobs_done += 1
         return session, f"status {int(done.split()[1])}", None
     except ServerDied:
+        if session is None and server.jobs_done == 0:  # no job ever ran in it: the server cannot start here
+            raise SandboxSetupError(f"the grading server died at start-up: {server.startup_error()}") from None
         return session, "its server died", "the grading server died while running this job (it is restarted)"
     finally:
         if keep:
