@@ -24,6 +24,7 @@ Standard library only, and nothing from projected_grpo: under -I -S the package 
 not importable, and the code under test must not get the trainer's package. Importing
 this module runs nothing.
 """
+
 import atexit
 import builtins
 import ctypes
@@ -289,9 +290,9 @@ def serve(sock_fd, code_payload_fd):
     """The fork server: one job at a time, each in a forked runner that the server supervises."""
     for name in PRELOAD:
         __import__(name)
+    libc, stdlib_fds = load_libc(), stdlib_through_fds()
     compile(WARM_UP, "<warm-up>", "exec")
     gc.freeze()  # what the server holds now is never scanned by a runner's collector (no copy-on-write)
-    libc, stdlib_fds = load_libc(), stdlib_through_fds()
     server = socket.socket(fileno=sock_fd)
     while True:
         try:
