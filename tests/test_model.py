@@ -194,11 +194,13 @@ def test_token_logprobs_match_a_full_log_softmax(tmp_path, monkeypatch):
 @pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.9)])
 def test_recorded_sampling_logprobs_are_the_scored_ones_whatever_the_checkpoint_config(tiny, temperature, top_p):
     model, tokenizer = tiny
+    prompts = [encode_prompt(tokenizer, m) for m in CHAT]
+    plain = model_mod.generate_completions(model, tokenizer, prompts, 12, [1, 2], temperature, top_p)
     # A checkpoint's own generation config must not reach the sampler (nor the recorded log-probs).
     model.generation_config.repetition_penalty = 3.0
     model.generation_config.top_k = 5
-    prompts = [encode_prompt(tokenizer, m) for m in CHAT]
     ids, logprobs = model_mod.generate_completions(model, tokenizer, prompts, 12, [1, 2], temperature, top_p)
+    assert (ids, logprobs) == plain
     input_ids, attention, completion = pad_batch(prompts, ids, tokenizer.pad_token_id)
     with torch.no_grad():
         scored = token_logprobs(model, input_ids, attention, completion)
