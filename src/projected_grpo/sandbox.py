@@ -93,11 +93,15 @@ class SandboxResult:
 
 
 # The supervisor program, a module of its own (sandbox_supervisor.py: stdlib only), run by
-# path as `python -I -S <it> <job fd> <payload fd> <status fd> <PAYLOAD_FD>` (or `--serve`),
-# with the job's source, limits and work dir as JSON in the memory file <job fd>. It forks
-# the runner, which alone executes the code. The trainer never imports it. -I (safe path)
-# also keeps the script's directory, the package, off the child's sys.path.
+# path as `python -I -S <it> <job fd> <payload fd> <status fd> <PAYLOAD_FD> <wall seconds>`
+# (or `--serve`), with the job's source, limits and work dir as JSON in the memory file
+# <job fd>. It forks the runner, which alone reads the job and executes the code. The
+# trainer never imports it. -I (safe path) also keeps the script's directory, the package,
+# off the child's sys.path.
 _SUPERVISOR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_supervisor.py")
+
+# Seconds past its wall clock the caller gives a supervisor before killing the run itself.
+_BACKSTOP = 5
 
 # Where an unprivileged run lives when the caller is root: a uid no account uses,
 # different per run, so signals and RLIMIT_NPROC see only this run's processes.
@@ -179,11 +183,11 @@ def _remove_tree(path: str) -> None:
         subprocess.run(["rm", "-rf", "--", path], check=False)
 
 
-def _spawned(handles: dict, work: str, backstop: float) -> tuple[int, str, str | None]:
+def _spawned(handles: dict, work: str, wall: float) -> tuple[int, str, str | None]:
     """A fresh `python -I -S` supervisor for this job. Returns its session id, how it ended, and
     an error when it had to be killed."""
     job_fd, payload_fd, status_fd = (handles[k].fileno() for k in ("job", "payload", "status"))
-    argv = [sys.executable, "-I", "-S", _SUPERVISOR, str(job_fd), str(payload_fd), str(status_fd), str(PAYLOAD_FD)]
+    argv = [sys.executable, "-I", "-S", _SUPERVISOR, *map(str, (job_fd, payload_fd, status_fd, PAYLOAD_FD, wall))]
     proc = subprocess.Popen(argv, cwd=work, env=_minimal_env(work), stdin=subprocess.DEVNULL,
                             stdout=handles["stdout"], stderr=handles["stderr"],
                             pass_fds=(job_fd, payload_fd, status_fd), start_new_session=True)
@@ -193,7 +197,7 @@ def _spawned(handles: dict, work: str, backstop: float) -> tuple[int, str, str |
     # (Popen.wait(timeout) polls with growing sleeps: tens of ms lost per run).
     pidfd = os.pidfd_open(proc.pid)
     try:
-        if not select.select([pidfd], [], [], backstop)[0]:
+        if not select.select([pidfd], [], [], wall + _BACKSTOP)[0]:
             error = "the supervisor did not finish in time and was killed"
             _kill_leftovers(session=proc.pid, uid=None)
     finally:
@@ -219,11 +223,11 @@ class _ForkServer:
                                      stdout=subprocess.DEVNULL, stderr=self.log,
                                      pass_fds=(theirs.fileno(),), start_new_session=True)
         theirs.close()
-        self.sock, self.buffer, self.jobs_done = ours, b"", 0
+        self.sock, self.buffer, self.ready = ours, b"", False
 
-    def send(self, fds: list[int]) -> None:
+    def send(self, wall: float, fds: list[int]) -> None:
         try:
-            socket.send_fds(self.sock, [b"job"], fds)
+            socket.send_fds(self.sock, [str(wall).encode()], fds)
         except OSError:
             raise ServerDied from None
 
@@ -250,6 +254,8 @@ class _ForkServer:
         self.log.close()
 
     def startup_error(self) -> str:
+        with contextlib.suppress(OSError):
+            self.proc.kill()  # it may be alive but stuck
         self.proc.wait()
         return _read_capped(self.log, 4096)[0].decode("utf-8", "replace").strip() or f"exit {self.proc.returncode}"
 
@@ -265,7 +271,7 @@ def _close_servers() -> None:
             _idle_servers.pop().close()
 
 
-def _forked(handles: dict, work: str, backstop: float) -> tuple[int | None, str, str | None]:
+def _forked(handles: dict, wall: float) -> tuple[int | None, str, str | None]:
     """This job run and supervised by an idle fork server (started if none is idle). Returns the
     runner's session id, how it ended, and an error when it was killed or its server died; a
     dead server is replaced, and its job comes back as an error, never lost."""
@@ -276,25 +282,28 @@ def _forked(handles: dict, work: str, backstop: float) -> tuple[int | None, str,
     try:
         try:
             server = server or _ForkServer()
-            server.send(fds)
+            server.send(wall, fds)
         except ServerDied:  # an idle server that died between jobs: this job never started; a new one runs it
             server.close()
             server = _ForkServer()
-            server.send(fds)
-        deadline = time.monotonic() + backstop
+            server.send(wall, fds)
+        deadline = time.monotonic() + wall + _BACKSTOP
+        if not server.ready:
+            server.ready = server.line(deadline) == b"ready"
+            if not server.ready:
+                raise ServerDied
         session = int(server.line(deadline) or 0) or None
         done = server.line(deadline) if session else None
         if done is None:  # stalled: kill the job, then wait for the server to see its child end
             if session:
                 _kill_leftovers(session=session, uid=None)
-            done = server.line(time.monotonic() + 5)
+            done = server.line(time.monotonic() + _BACKSTOP)
             keep = done is not None
             return session, "killed", "the supervisor did not finish in time and was killed"
         keep = True
-        server.jobs_done += 1
         return session, f"status {int(done.split()[1])}", None
     except ServerDied:
-        if session is None and server.jobs_done == 0:  # no job ever ran in it: the server cannot start here
+        if not server.ready:  # it never got as far as serving: the server cannot start here
             raise SandboxSetupError(f"the grading server died at start-up: {server.startup_error()}") from None
         return session, "its server died", "the grading server died while running this job (it is restarted)"
     finally:
@@ -329,8 +338,10 @@ def run(source: str, limits: Limits | None = None) -> SandboxResult:
             handles["job"].write(json.dumps({"source": source, "limits": {**limits.__dict__, "uid": uid},
                                              "work": work}).encode())
             handles["job"].flush()
-            supervise = _forked if _grader == "fork" else _spawned
-            session, ended, error = supervise(handles, work, limits.wall_seconds + 5)
+            if _grader == "fork":
+                session, ended, error = _forked(handles, limits.wall_seconds)
+            else:
+                session, ended, error = _spawned(handles, work, limits.wall_seconds)
             report = _parse_report(handles["status"])
             if report is None or error:
                 # The supervisor did not finish its own cleanup: sweep what the run left.

@@ -2,22 +2,23 @@
 
 `sandbox.run` runs this file by path; the trainer never imports it. Started as
 
-    python -I -S .../sandbox_supervisor.py <job fd> <payload fd> <status fd> <code payload fd>
+    python -I -S .../sandbox_supervisor.py <job fd> <payload fd> <status fd> <code payload fd> <wall seconds>
 
 (`--grader=spawn`) it supervises one job. <job fd> holds the job as JSON (its source, its
 limits and its work dir); stdout and stderr are the job's. The supervisor makes itself a
-child subreaper and forks the *runner*, which confines itself (own process group,
-Landlock, unprivileged uid, rlimits), says on a pipe that setup is done, and alone
+child subreaper and forks the *runner*, which reads the job, confines itself (own process
+group, Landlock, unprivileged uid, rlimits), says on a pipe that setup is done, and alone
 executes the code, with <payload fd> moved to <code payload fd> (sandbox.PAYLOAD_FD) for
 the code's payload. The supervisor owns the wall clock, kills every descendant the code
-left, and writes one JSON report to <status fd>.
+left, and writes one JSON report to <status fd>. It never reads the job itself.
 
 Started as `... sandbox_supervisor.py --serve <socket fd> <code payload fd>` it is
 instead a fork server (`--grader=fork`, `sandbox.use_grader`): a long-lived supervisor
-that never runs model code. For each job the trainer sends five descriptors over the
-socket (the job, stdout, stderr, payload, status); the server forks that job's runner
-(in a session of its own), says its pid, supervises it exactly as above and says when it
-is done. Every runner starts from the server's untouched memory: nothing a job does
+that never runs model code. It says `ready` once set up; then for each job the trainer
+sends the wall seconds and five descriptors over the socket (the job, stdout, stderr,
+payload, status); the server forks that job's runner (in a session of its own), says its
+pid, supervises it exactly as above and says when it is done. The server never reads a
+job, so no job's text is in the memory the next runner is forked from; nothing a job does
 reaches the server or the next job, and no interpreter start is paid per job.
 
 Standard library only, and nothing from projected_grpo: under -I -S the package is
@@ -27,6 +28,7 @@ this module runs nothing.
 
 import atexit
 import builtins
+import contextlib
 import ctypes
 import fcntl
 import gc
@@ -92,7 +94,9 @@ def stdlib_through_fds():
     here on. Done once per supervisor (the fork server's runners inherit it). Returns the fds."""
     if os.geteuid() != 0:
         return set()
-    moved = {p: high_fd(os.open(p, os.O_RDONLY | os.O_DIRECTORY)) for p in sys.path if os.path.isdir(p)}
+    # O_PATH: shared by every runner and kept by the server, so nothing a runner does to one (a lock,
+    # a read position) may outlive its job.
+    moved = {p: high_fd(os.open(p, os.O_PATH | os.O_DIRECTORY)) for p in sys.path if os.path.isdir(p)}
     fds = set(moved.values())
     moved = {p: f"/proc/self/fd/{fd}" for p, fd in moved.items()}
     sys.path[:] = list(moved.values())
@@ -231,25 +235,27 @@ def load_libc():
 
 
 def read_job(job_fd):
-    """The job the trainer wrote: {"source", "limits", "work"}. The descriptor is closed, so the runner never
-    holds it."""
+    """The job the trainer wrote: {"source", "limits", "work"}, read by the runner alone. The descriptor is
+    closed before the code runs."""
     data = os.pread(job_fd, os.fstat(job_fd).st_size, 0)
     os.close(job_fd)
     return json.loads(data)
 
 
-def start_runner(libc, job, stdlib_fds, out, err, payload_fd, code_payload_fd, own_session):
-    """Fork the runner, which confines itself and runs the job's source. `own_session`: a session of its
-    own, whose id (the runner's pid) the trainer sweeps by (the fork server's runners); else a process group
-    in the spawned supervisor's session. Returns its pid and the pipe on which it says setup is done."""
+def start_runner(libc, job_fd, stdlib_fds, out, err, payload_fd, code_payload_fd, own_session):
+    """Fork the runner, which reads the job, confines itself and runs the job's source. `own_session`: a
+    session of its own, whose id (the runner's pid) the trainer sweeps by (the fork server's runners); else a
+    process group in the spawned supervisor's session. Returns its pid and the pipe on which it says setup
+    is done."""
     ready_r, ready_w = os.pipe()
     runner = os.fork()
     if runner == 0:
         try:
-            os.close(ready_r)
-            ready_w = high_fd(ready_w)
             os.dup2(out, 1)
             os.dup2(err, 2)
+            os.close(ready_r)
+            ready_w = high_fd(ready_w)  # it or the job may hold the code's payload fd number: moved or read first
+            job = read_job(job_fd)
             os.dup2(payload_fd, code_payload_fd)
             os.setsid() if own_session else os.setpgid(0, 0)
             os.environ["HOME"] = os.environ["TMPDIR"] = job["work"]  # as a fresh start would have them
@@ -294,20 +300,27 @@ def serve(sock_fd, code_payload_fd):
     compile(WARM_UP, "<warm-up>", "exec")
     gc.freeze()  # what the server holds now is never scanned by a runner's collector (no copy-on-write)
     server = socket.socket(fileno=sock_fd)
+    server.sendall(b"ready\n")  # the trainer tells a server that cannot start from one a job killed
     while True:
         try:
-            message, fds, _, _ = socket.recv_fds(server, 16, 5)
+            message, fds, _, _ = socket.recv_fds(server, 64, 5)
         except OSError:
             return
         if not message:  # the trainer is gone
             return
         job_fd, out, err, payload_fd, status_fd = (high_fd(fd) for fd in fds)
-        job = read_job(job_fd)
-        runner, ready_r = start_runner(libc, job, stdlib_fds, out, err, payload_fd, code_payload_fd, own_session=True)
-        for fd in (out, err, payload_fd):
-            os.close(fd)
-        server.sendall(b"%d\n" % runner)
-        status = supervise(runner, ready_r, status_fd, job["limits"]["wall_seconds"])
+        runner, ready_r = start_runner(libc, job_fd, stdlib_fds, out, err, payload_fd, code_payload_fd,
+                                       own_session=True)
+        try:
+            for fd in (job_fd, out, err, payload_fd):
+                os.close(fd)
+            server.sendall(b"%d\n" % runner)
+            status = supervise(runner, ready_r, status_fd, float(message))
+        except BaseException:  # the server is going down: never leave a runner unsupervised
+            for kill in (os.killpg, os.kill):
+                with contextlib.suppress(OSError):
+                    kill(runner, signal.SIGKILL)
+            raise
         os.close(status_fd)
         server.sendall(b"done %d\n" % status)
 
@@ -325,9 +338,9 @@ def main():
         serve(int(sys.argv[2]), int(sys.argv[3]))
         return
     job_fd, payload_fd, status_fd, code_payload_fd = (int(a) for a in sys.argv[1:5])
-    libc, stdlib_fds, job = load_libc(), stdlib_through_fds(), read_job(job_fd)
-    runner, ready_r = start_runner(libc, job, stdlib_fds, 1, 2, payload_fd, code_payload_fd, own_session=False)
-    supervise(runner, ready_r, status_fd, job["limits"]["wall_seconds"])
+    libc, stdlib_fds = load_libc(), stdlib_through_fds()
+    runner, ready_r = start_runner(libc, job_fd, stdlib_fds, 1, 2, payload_fd, code_payload_fd, own_session=False)
+    supervise(runner, ready_r, status_fd, float(sys.argv[5]))
 
 
 if __name__ == "__main__":
