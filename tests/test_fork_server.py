@@ -136,5 +136,5 @@ def test_a_server_that_cannot_start_is_a_setup_error_naming_why(fork_grader, mon
     broken = tmp_path / "supervisor.py"
     broken.write_text("raise SystemExit('no fork server on this machine')\n")
     monkeypatch.setattr(sandbox, "_SUPERVISOR", str(broken))
-    with pytest.raises(sandbox.SandboxSetupError, match="died at start-up: no fork server on this machine"):
+    with pytest.raises(sandbox.SandboxSetupError, match="did not start: no fork server on this machine"):
         sandbox.run("print(1)")

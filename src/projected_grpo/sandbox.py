@@ -304,7 +304,7 @@ def _forked(handles: dict, wall: float) -> tuple[int | None, str, str | None]:
         return session, f"status {int(done.split()[1])}", None
     except ServerDied:
         if not server.ready:  # it never got as far as serving: the server cannot start here
-            raise SandboxSetupError(f"the grading server died at start-up: {server.startup_error()}") from None
+            raise SandboxSetupError(f"the grading server did not start: {server.startup_error()}") from None
         return session, "its server died", "the grading server died while running this job (it is restarted)"
     finally:
         if keep:
