@@ -1,9 +1,9 @@
 """`just bench-peer`: the organism's GRPO step through TRL's GRPOTrainer and through projected_grpo.
 
 The same work on each side: the organism model, its training problems, 4 prompts x 8
-completions a step, at most 128 new tokens at temperature 1 with no nucleus cut (the preset's
-top_p is set to 1 here, as TRL's is), the package's grader as the
-reward, Dr.GRPO's loss without a KL term, the same small learning rate (TRL: LoRA r=8 on the
+completions a step, at most 128 new tokens at temperature 1 with no nucleus cut, the package's
+grader as the reward, Dr.GRPO's loss without a KL term (the preset's top_p and beta are set to
+1 and 0 here, as TRL's are), the same small learning rate (TRL: LoRA r=8 on the
 adapter's target modules, loss_type="dr_grpo", beta=0, num_iterations=1,
 scale_rewards="none", per-device batch = one step's completions; projected_grpo: the
 organism preset, arms `none` and `erase`). Each case runs in a process of its own (so its
@@ -85,7 +85,7 @@ def run_projected(arm: str, steps: int, lr: float, out_dir: str) -> dict:
     from .train import main
 
     if main(["organism", f"--intervention={arm}", f"--steps={steps}", "--run_name=peer", f"--out_dir={out_dir}",
-             "--eval_samples=1", f"--lr={lr}", "--top_p=1.0"]):
+             "--eval_samples=1", f"--lr={lr}", "--top_p=1.0", "--beta=0"]):
         raise RuntimeError(f"projected_grpo ({arm}) failed")
     from .bench import split_of
 
