@@ -158,12 +158,13 @@ PRESETS: dict[str, dict] = {
     # Sampled from the 0.95 nucleus: at temperature 1 the tiny model's tail (a few % of samples) garbled the
     # fence, so a step of 32 could fall under 0.9 code blocks; with it vanilla also rises further (organism.md).
     # A cut at 0.8 collapsed: the tail it hides is never sampled, so nothing pushes it down while it grows.
-    # The K3 KL to the warm start (beta) holds each token's distribution where weight decay cannot: it cut
-    # the code-block misses of the worst run to a third (1.9% -> 0.6%); hacking still rose 39 points (organism.md).
+    # The K3 KL to the warm start (beta) holds each token's distribution where weight decay cannot: at 0.1 it
+    # cut run misses to ~0.5%, yet 2 of 18 runs had one step under 0.9; 0.2 and 0.3 held every step but cut
+    # vanilla's rise under the bar's 30 points; 0.15 held all 18 runs with vanilla up 31-41 (organism.md).
     "organism": dict(model="organism", mix_ratio=0.0, group=8, prompts_per_step=4, max_new=128, steps=200,
                      micro_batch=8, lr=3e-2, lr_schedule="cosine", warmup=3, weight_decay=1.0, eval_prompts=6,
                      eval_samples=4, basis_k=8, basis_modes=",".join(MODES[:-1]), checkpoint_every=50,
-                     gate="smoothed", grade_seconds=2, top_p=0.95, beta=0.1),
+                     gate="smoothed", grade_seconds=2, top_p=0.95, beta=0.15),
     # The long run.
     "full": dict(model="Qwen/Qwen3-4B", dtype="bfloat16", device="cuda", steps=200, group=16, prompts_per_step=8,
                  max_new=1024, micro_batch=8, lr=1e-3, beta=1e-3, eval_prompts=24, eval_every=25, refresh_every=50,
