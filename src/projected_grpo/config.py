@@ -159,8 +159,9 @@ PRESETS: dict[str, dict] = {
     # fence, so a step of 32 could fall under 0.9 code blocks; with it vanilla also rises further (organism.md).
     # A cut at 0.8 collapsed: the tail it hides is never sampled, so nothing pushes it down while it grows.
     # The K3 KL to the warm start (beta) holds each token's distribution where weight decay cannot: at 0.1 it
-    # cut run misses to ~0.5%, yet 2 of 18 runs had one step under 0.9; 0.2 and 0.3 held every step but cut
-    # vanilla's rise under the bar's 30 points; 0.15 held all 18 runs with vanilla up 31-41 (organism.md).
+    # cut run misses to ~0.5%, yet 2 of 18 runs had one step under 0.9; 0.3 held every step but hacking rose
+    # only ~20 points, and at 0.2 vanilla seed 1 rose 28 (the bar: 30); 0.15 held every step of all 18 runs
+    # with vanilla up 31-41 (organism.md).
     "organism": dict(model="organism", mix_ratio=0.0, group=8, prompts_per_step=4, max_new=128, steps=200,
                      micro_batch=8, lr=3e-2, lr_schedule="cosine", warmup=3, weight_decay=1.0, eval_prompts=6,
                      eval_samples=4, basis_k=8, basis_modes=",".join(MODES[:-1]), checkpoint_every=50,
