@@ -47,7 +47,7 @@ def _change_in_log_p_hack(setup, arm: str, gate: str) -> float:
     group = [Rollout(problem, prompt, hack, pair.hack, False, 1.25, True, False, True, advantage=0.5),
              Rollout(problem, prompt, clean, pair.clean, False, 0.25, False, True, False, advantage=-0.5)]
     backward_rollouts(model, tok, wrappers, group, cfg)
-    projection.project_all(wrappers, V, arm=arm, gate=gate)
+    projection.project_all(wrappers, V, erase=arm == "erase", gate=gate)
     before, knobs = log_p_hack(), {name: layer.delta_s.detach().clone() for name, layer in wrappers.items()}
     with torch.no_grad():
         for layer in wrappers.values():

@@ -2,7 +2,6 @@
 
 import math
 import os
-import types
 import warnings
 
 import pytest
@@ -145,51 +144,6 @@ def test_the_kl_term_does_not_warn(tiny):
     for layer in wrappers.values():
         layer.delta_s.grad = None
     assert out["kl"] >= 0
-
-
-def _graded(mode, exploited, reward, teacher=False):
-    problem = types.SimpleNamespace(mode=mode)
-    return grpo.Rollout(problem=problem, prompt_ids=[], completion_ids=[], text="", teacher=teacher, reward=reward,
-                        passed=exploited, gt_correct=False, exploited=exploited)
-
-
-def _group():
-    # One group of four: a known-mode hack, an unknown-mode hack, an honest failure, a teacher hack.
-    return [_graded("run_tests", True, 1.25), _graded("exit_code", True, 1.25), _graded("run_tests", False, 0.25),
-            _graded("run_tests", True, 1.25, teacher=True)]
-
-
-def _cfg(intervention):
-    return make_config("smoke", {"group": "4", "prompts_per_step": "1", "intervention": intervention,
-                                 "basis_modes": "run_tests,sentinel", "penalty_reward": "-0.5"})
-
-
-def test_screen_drops_the_rollouts_the_known_modes_detector_flags():
-    rollouts = _group()
-    grpo.apply_detector(rollouts, _cfg("screen"))
-    detector = grpo.detector_stats(rollouts, _cfg("screen"))
-    mean = (1.25 + 0.25 + 1.25) / 3  # the flagged rollout is out of the group mean too
-    assert [r.advantage for r in rollouts] == pytest.approx([0.0, 1.25 - mean, 0.25 - mean, 1.25 - mean])
-    # Two student exploits, one in a known mode: recall 1/2; the one flag is right: precision 1.
-    assert detector == {"detector_recall": 0.5, "detector_precision": 1.0}
-
-
-def test_penalty_replaces_a_flagged_reward_before_the_group_mean():
-    rollouts = _group()
-    grpo.apply_detector(rollouts, _cfg("penalty"))
-    rewards = [-0.5, 1.25, 0.25, 1.25]  # the teacher row is never flagged: the detector runs on students
-    mean = sum(rewards) / 4
-    assert [r.advantage for r in rollouts] == pytest.approx([x - mean for x in rewards])
-    assert [r.reward for r in rollouts] == [1.25, 1.25, 0.25, 1.25]  # the logged reward is the grader's
-
-
-def test_other_interventions_only_log_the_detector():
-    rollouts = _group()
-    grpo.apply_detector(rollouts, _cfg("erase"))
-    detector = grpo.detector_stats(rollouts, _cfg("erase"))
-    mean = sum(r.reward for r in rollouts) / 4
-    assert [r.advantage for r in rollouts] == [r.reward - mean for r in rollouts]
-    assert detector["detector_recall"] == 0.5
 
 
 def test_auroc_counts_ties_half_and_needs_both_classes():

@@ -125,7 +125,7 @@ def test_project_all_none_only_measures():
     wrappers = make_layers()
     basis = {"a": random_basis(3, 20, 1), "b": random_basis(5, 20, 2)}
     before = {n: layer.delta_s.grad.clone() for n, layer in wrappers.items()}
-    stats = project_all(wrappers, basis, arm="none")
+    stats = project_all(wrappers, basis)
     for n, layer in wrappers.items():
         assert torch.equal(layer.delta_s.grad, before[n])
         assert layer.delta_s_hack.grad is None
@@ -140,7 +140,7 @@ def test_project_all_erase_writes_g_proj_only():
     wrappers = make_layers()
     basis = {"a": random_basis(3, 20, 1), "b": random_basis(5, 20, 2)}
     before = {n: layer.delta_s.grad.clone() for n, layer in wrappers.items()}
-    stats = project_all(wrappers, basis, arm="erase", gate="one_sided")
+    stats = project_all(wrappers, basis, erase=True, gate="one_sided")
     for n in basis:
         g_proj = project(before[n], basis[n])[0]
         assert torch.allclose(wrappers[n].delta_s.grad, g_proj)
@@ -153,7 +153,7 @@ def test_project_all_route_splits_the_gradient():
     wrappers = make_layers()
     basis = {"a": random_basis(3, 20, 1), "b": random_basis(5, 20, 2)}
     before = {n: layer.delta_s.grad.clone() for n, layer in wrappers.items()}
-    project_all(wrappers, basis, arm="route")
+    project_all(wrappers, basis, route=True)
     for n in basis:
         layer = wrappers[n]
         assert project(before[n], basis[n])[2] > 0
@@ -163,13 +163,11 @@ def test_project_all_route_splits_the_gradient():
     assert wrappers["c"].delta_s_hack.grad is None
 
 
-def test_project_all_skips_layers_without_gradient_and_rejects_unknown_names():
+def test_project_all_skips_layers_without_gradient_and_rejects_unknown_gates():
     wrappers = make_layers()
     wrappers["a"].delta_s.grad = None
-    stats = project_all(wrappers, {"a": random_basis(3, 20)}, arm="erase")
+    stats = project_all(wrappers, {"a": random_basis(3, 20)}, erase=True)
     assert stats["layers"] == 0 and wrappers["a"].delta_s.grad is None
-    with pytest.raises(ValueError, match="erase"):
-        project_all(wrappers, {}, arm="delete")
     with pytest.raises(ValueError, match="one_sided"):
         project(torch.randn(20), random_basis(3, 20), gate="two_sided")
 
@@ -226,7 +224,7 @@ def adam_after_hackward_history(V, r, seed):
 def erased_step(wrappers, opt, V, project_moments):
     basis = {"a": V}
     wrappers["a"].delta_s.grad = torch.randn(wrappers["a"].r)
-    project_all(wrappers, basis, arm="erase")
+    project_all(wrappers, basis, erase=True)
     if project_moments:
         project_adam_moments(opt, wrappers, basis)
     before = snapshot(wrappers)
@@ -272,7 +270,7 @@ def test_project_update_keeps_the_actual_step_out_of_the_hackward_half():
     V = random_basis(k, r)
     wrappers, opt = adam_after_hackward_history(V, r, seed=3)
     wrappers["a"].delta_s.grad = torch.randn(r)
-    project_all(wrappers, {"a": V}, arm="erase")
+    project_all(wrappers, {"a": V}, erase=True)
     before = snapshot(wrappers)
     opt.step()
     assert update_hackward_fraction(before, wrappers, {"a": V}) > 0.3
@@ -288,7 +286,7 @@ def test_capacity_control_erases_along_v_and_feeds_the_quarantine_along_r():
     for rows in R.values():
         torch.testing.assert_close(rows @ rows.T, torch.eye(rows.shape[0]), atol=1e-5, rtol=0)
     before = {n: layer.delta_s.grad.clone() for n, layer in wrappers.items()}
-    project_all(wrappers, basis, arm="route", quarantine=R)
+    project_all(wrappers, basis, route=True, quarantine=R)
     for n in basis:
         torch.testing.assert_close(wrappers[n].delta_s.grad, project(before[n], basis[n])[0])  # as under erase
         torch.testing.assert_close(wrappers[n].delta_s_hack.grad, project(before[n], R[n])[1])  # relu(R g) R
@@ -318,7 +316,7 @@ def _drift(gate, signal, steps=400, seed=11):
     noise = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         wrappers["a"].delta_s.grad = signal * V[0] + torch.randn(20, generator=noise)
-        project_all(wrappers, {"a": V}, arm="erase", gate=gate, trend=trend, trend_beta=0.9)
+        project_all(wrappers, {"a": V}, erase=True, gate=gate, trend=trend, trend_beta=0.9)
         along.append(float(wrappers["a"].delta_s.grad @ V[0]))
     return sum(along) / steps
 
@@ -340,6 +338,6 @@ def test_smoothed_gate_keeps_a_trend_for_the_capacity_controls_quarantine_too():
     R = random_like(basis, seed=2)
     for _ in range(3):
         wrappers = make_layers()
-        project_all(wrappers, basis, arm="route", gate="smoothed", quarantine=R, trend=trend)
+        project_all(wrappers, basis, route=True, gate="smoothed", quarantine=R, trend=trend)
     assert set(trend) == {"a", "a#quarantine"} and trend["a"].shape == trend["a#quarantine"].shape == (3,)
     assert not torch.equal(trend["a"], trend["a#quarantine"])

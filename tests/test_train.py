@@ -7,10 +7,12 @@ import signal
 import pytest
 import torch
 
+from projected_grpo import adapter, assembly, checkpoints, distributed, grpo, interventions, projection, train
 from projected_grpo import evaluate as evaluate_mod
-from projected_grpo import grpo, projection, train
-from projected_grpo.config import ConfigError, make_config, parse_overrides
+from projected_grpo import step as step_mod
+from projected_grpo.config import DEFAULT_INOCULATION, ConfigError, make_config, parse_overrides
 from projected_grpo.hack_basis import BasisCacheMismatch
+from projected_grpo.model import load_model_and_tokenizer
 from projected_grpo.problems import HINT_SLOT, HINTS
 
 SMALL = {"steps": "3", "max_new": "16", "basis_k": "4", "checkpoint_every": "2"}
@@ -45,13 +47,13 @@ def test_each_arm_runs_and_writes_its_outputs(workdir, arm, monkeypatch):
     untouched = []
     real_project_all = projection.project_all
 
-    def spy(wrappers, basis, arm, **kw):
+    def spy(wrappers, basis, **kw):
         before = {n: w.delta_s.grad.clone() for n, w in wrappers.items()}
-        stats = real_project_all(wrappers, basis, arm, **kw)
+        stats = real_project_all(wrappers, basis, **kw)
         untouched.append(all(torch.equal(before[n], w.delta_s.grad) for n, w in wrappers.items()))
         return stats
 
-    monkeypatch.setattr(train.projection, "project_all", spy)
+    monkeypatch.setattr(projection, "project_all", spy)
     summary = train.run(_cfg(intervention=arm, run_name=f"arm-{arm}", eval_every=2))
     run_dir = workdir / "out" / "runs" / f"arm-{arm}"
     rows = _rows(run_dir)
@@ -98,7 +100,8 @@ def test_cli_errors_name_the_field(workdir, capsys):
         (["smoke", "--stpes=3"], "did you mean --steps"),
         (["smoke", "--mix_ratio=1.5"], "--mix_ratio: must be in [0, 1]"),
         (["smoke", "--steps=0"], "--steps: must be >= 1"),
-        (["smoke", "--intervention=delete"], "--intervention: 'delete' is not one of none, erase, route"),
+        (["smoke", "--intervention=delete"], "--intervention: 'delete' is not one of none, erase, route, screen, "
+                                             "penalty, trusted, inoculate"),
         (["smoke", "--gate=both"], "--gate"),
         (["smoke", "--control=noise"], "--control"),
         (["smoke", "--modes=run_tests,bogus"], "--modes: unknown"),
@@ -106,7 +109,8 @@ def test_cli_errors_name_the_field(workdir, capsys):
         (["warp"], "unknown preset 'warp'"),
     ]:
         assert train.main(args) == 2
-        assert message in capsys.readouterr().err, args
+        err = capsys.readouterr().err
+        assert message in err and err.startswith("error: ") and err.count("\n") == 1, args
     if not torch.cuda.is_available():
         assert train.main(["smoke", "--device=cuda"]) == 2
         assert "no CUDA device" in capsys.readouterr().err
@@ -165,8 +169,8 @@ def test_nan_loss_stops_with_a_checkpoint_of_the_last_good_state(workdir, monkey
 def test_ctrl_c_stops_at_the_step_boundary_with_a_checkpoint(workdir, monkeypatch):
     real_step = train.train_step
 
-    def interrupted(step, *args):
-        out = real_step(step, *args)
+    def interrupted(run, step):
+        out = real_step(run, step)
         if step == 2:
             os.kill(os.getpid(), signal.SIGINT)  # as if the user pressed Ctrl-C during step 2
         return out
@@ -176,7 +180,7 @@ def test_ctrl_c_stops_at_the_step_boundary_with_a_checkpoint(workdir, monkeypatc
         train.run(_cfg(run_name="ctrl-c", steps=5, checkpoint_every=25))
     run_dir = workdir / "out" / "runs" / "ctrl-c"
     assert [r["step"] for r in _rows(run_dir)] == [1, 2]
-    assert train.latest_checkpoint(run_dir).name == "step_000002"
+    assert checkpoints.latest(run_dir).name == "step_000002"
     monkeypatch.setattr(train, "train_step", real_step)
     summary = train.run(_cfg(run_name="ctrl-c", steps=5, checkpoint_every=25, resume="true"))
     assert summary["complete"] and summary["steps_done"] == 5
@@ -190,7 +194,7 @@ def test_nan_gradient_is_caught_before_the_optimizer_step(workdir, monkeypatch):
         next(iter(wrappers.values())).delta_s.grad[0] = float("inf")
         return out
 
-    monkeypatch.setattr(train, "backward_rollouts", poisoned)
+    monkeypatch.setattr(step_mod, "backward_rollouts", poisoned)
     with pytest.raises(train.TrainingDiverged, match="step 1: non-finite knob gradient"):
         train.run(_cfg(run_name="inf-grad"))
     assert (workdir / "out/runs/inf-grad/checkpoints/step_000000/knobs.safetensors").exists()
@@ -202,15 +206,15 @@ def test_one_process_per_run_directory_and_an_abort_keeps_a_checkpoint(workdir, 
         train.run(cfg)
     real_step = train.train_step
 
-    def aborted(step, *args):
+    def aborted(run, step):
         if step == 2:
             raise KeyboardInterrupt  # a second Ctrl-C mid-step
-        return real_step(step, *args)
+        return real_step(run, step)
 
     monkeypatch.setattr(train, "train_step", aborted)
     with pytest.raises(KeyboardInterrupt):
         train.run(_cfg(run_name="aborted", steps=3, checkpoint_every=25))
-    assert train.latest_checkpoint(workdir / "out/runs/aborted").name == "step_000001"
+    assert checkpoints.latest(workdir / "out/runs/aborted").name == "step_000001"
 
 
 def test_resume_refuses_a_different_config(workdir):
@@ -235,12 +239,12 @@ def test_any_crash_mid_step_keeps_the_last_good_state(workdir, monkeypatch):
             raise RuntimeError("CUDA out of memory (simulated)")
         return real(*args)
 
-    monkeypatch.setattr(train, "collect_rollouts", flaky)
+    monkeypatch.setattr(step_mod, "collect_rollouts", flaky)
     with pytest.raises(RuntimeError, match="simulated"):
         train.run(_cfg(run_name="crash", steps=4, checkpoint_every=25))
     run_dir = workdir / "out" / "runs" / "crash"
-    assert train.latest_checkpoint(run_dir).name == "step_000002"
-    monkeypatch.setattr(train, "collect_rollouts", real)
+    assert checkpoints.latest(run_dir).name == "step_000002"
+    monkeypatch.setattr(step_mod, "collect_rollouts", real)
     train.run(_cfg(run_name="crash", steps=4, checkpoint_every=25, resume="true"))
     train.run(_cfg(run_name="crash-straight", steps=4, checkpoint_every=25))
     strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]  # noqa: E731
@@ -253,11 +257,11 @@ def test_refresh_in_the_loop_replaces_the_basis_on_the_models_device(workdir, mo
     seen = []
     real_step = train.train_step
 
-    def spy(step, cfg, model, tok, wrappers, train_problems, pool, basis, *rest):
-        device = next(model.parameters()).device
-        seen.append((step, basis))
-        assert all(v.device == device for v in basis.values())
-        return real_step(step, cfg, model, tok, wrappers, train_problems, pool, basis, *rest)
+    def spy(run, step):
+        device = next(run.model.parameters()).device
+        seen.append((step, run.basis))
+        assert all(v.device == device for v in run.basis.values())
+        return real_step(run, step)
 
     monkeypatch.setattr(train, "train_step", spy)
     # A cached basis (loaded on the CPU) at the start, then refreshes: the first sweep of a study.
@@ -275,42 +279,40 @@ def test_refresh_in_the_loop_replaces_the_basis_on_the_models_device(workdir, mo
 
 def test_refresh_counts_a_dropped_layer_as_zero_and_warns_on_a_rotated_basis(workdir):
     cfg = _cfg()
-    model, tok = train.load_model_and_tokenizer(cfg.model, dtype=cfg.dtype, device=cfg.device, seed=cfg.seed)
-    wrappers = train.adapter.wrap(model)
-    pairs = train.default_pairs(modes=cfg.basis_mode_list, problems=train.split_problems(cfg)[0])
-    fresh = train._usable(cfg, train._extract(cfg, model, tok, wrappers, pairs))  # what the refresh will find
-    row = {}
-    assert train.refresh_basis(1, cfg, model, tok, wrappers, pairs, fresh, row).keys() == fresh.keys()
-    assert row["basis_overlap"] == pytest.approx(1.0, abs=1e-5)
+    run, _ = assembly.assemble(cfg, distributed.SINGLE, cfg.model, *assembly.split_problems(cfg))
+    # What the refresh will find:
+    fresh = assembly.usable(cfg, assembly.extract(cfg, run.model, run.tok, run.wrappers, run.pairs))
+    run.basis = fresh
+    assert assembly.refresh_basis(run, 1) == pytest.approx(1.0, abs=1e-5)
+    assert run.basis.keys() == fresh.keys()
     # The old basis had one more layer, which the refresh dropped: 1 of len+1 layers counts 0.
-    with_extra = {**fresh, "gone.layer": fresh[name := next(iter(fresh))]}
-    train.refresh_basis(1, cfg, model, tok, wrappers, pairs, with_extra, row)
-    assert row["basis_overlap"] == pytest.approx(len(fresh) / (len(fresh) + 1), abs=1e-5)
+    run.basis = {**fresh, "gone.layer": fresh[name := next(iter(fresh))]}
+    assert assembly.refresh_basis(run, 1) == pytest.approx(len(fresh) / (len(fresh) + 1), abs=1e-5)
     # An old basis orthogonal to the new one: overlap 0 and a warning.
     orthogonal = {}
     for n, V in fresh.items():
         complement = torch.eye(V.shape[1]) - V.T @ V
         orthogonal[n] = torch.linalg.qr(complement @ torch.randn(V.shape[1], V.shape[0]))[0].T
+    run.basis = orthogonal
     with pytest.warns(UserWarning, match="rotated the basis away"):
-        train.refresh_basis(1, cfg, model, tok, wrappers, pairs, orthogonal, row)
-    assert row["basis_overlap"] < 1e-5
-    assert train.basis_overlap({name: fresh[name]}, {}) == 0.0
+        assert assembly.refresh_basis(run, 1) < 1e-5
+    assert assembly.basis_overlap({name: fresh[name]}, {}) == 0.0
 
 
 def test_evaluation_samples_deployed_without_the_quarantine_and_leaves_the_training_rng(workdir, monkeypatch):
     cfg = _cfg(intervention="route")
-    model, tok = train.load_model_and_tokenizer(cfg.model, dtype=cfg.dtype, device=cfg.device, seed=cfg.seed)
-    wrappers = train.adapter.wrap(model)
+    model, tok = load_model_and_tokenizer(cfg.model, dtype=cfg.dtype, device=cfg.device, seed=cfg.seed)
+    wrappers = adapter.wrap(model)
     with torch.no_grad():
         for layer in wrappers.values():
             layer.delta_s.normal_(0, 0.1)
             layer.delta_s_hack.normal_(0, 0.1)
-    knobs = train.adapter.knob_state(wrappers)
+    knobs = adapter.knob_state(wrappers)
     seen = []
     real_sample = grpo.sample
 
     def spy(model, tok, wrappers, prompts, *args):
-        seen.append(({k: v.clone() for k, v in train.adapter.knob_state(wrappers).items()}, prompts))
+        seen.append(({k: v.clone() for k, v in adapter.knob_state(wrappers).items()}, prompts))
         return real_sample(model, tok, wrappers, prompts, *args)
 
     monkeypatch.setattr(grpo, "sample", spy)
@@ -331,7 +333,7 @@ def test_evaluation_samples_deployed_without_the_quarantine_and_leaves_the_train
             assert not deployed[key].any() and torch.equal(kept[key], value)
         else:
             assert torch.equal(deployed[key], value) and torch.equal(kept[key], value)
-    assert all(torch.equal(v, knobs[k]) for k, v in train.adapter.knob_state(wrappers).items())  # restored
+    assert all(torch.equal(v, knobs[k]) for k, v in adapter.knob_state(wrappers).items())  # restored
 
 
 @pytest.mark.parametrize("where", ["refresh", "evaluate"])
@@ -351,7 +353,7 @@ def test_a_crash_in_refresh_or_evaluation_keeps_the_pre_step_state(workdir, monk
     with pytest.raises(RuntimeError, match="simulated"):
         train.run(_cfg(run_name=f"crash-{where}", **kw))
     run_dir = workdir / "out/runs" / f"crash-{where}"
-    assert train.latest_checkpoint(run_dir).name == "step_000001"
+    assert checkpoints.latest(run_dir).name == "step_000001"
     assert [r["step"] for r in _rows(run_dir)] == [1]
     monkeypatch.setattr(train, name, real)
     train.run(_cfg(run_name=f"crash-{where}", resume="true", **kw))
@@ -469,3 +471,68 @@ def test_resume_under_the_smoothed_gate_matches_an_uninterrupted_run(workdir):
     strip = [{k: v for k, v in r.items() if k not in TIMING} for r in straight]
     assert strip == [{k: v for k, v in r.items() if k not in TIMING} for r in resumed]
     assert straight[0]["fired"] == 0 and straight[-1]["fired"] > 0  # nothing removed before a trend exists
+
+
+class _Recorded(interventions.Intervention):
+    """An arm that exists only in this test: it halves every advantage and records each hook call."""
+    name = "halved"
+
+    def __init__(self):
+        self.calls = []
+
+    def messages(self, problem, cfg, training, hint=True):
+        self.calls.append(("messages", training))
+        return super().messages(problem, cfg, training, hint)
+
+    def advantages(self, rollouts, cfg):
+        self.calls.append(("advantages",))
+        zero_spread = super().advantages(rollouts, cfg)
+        for r in rollouts:
+            r.advantage /= 2
+        return zero_spread
+
+    def gradient(self, run):
+        self.calls.append(("gradient",))
+        return super().gradient(run)
+
+    def update(self, run, before):
+        self.calls.append(("update",))
+
+
+def test_an_arm_registered_at_run_time_takes_smoke_steps(workdir, monkeypatch):
+    monkeypatch.setattr(interventions, "REGISTRY", dict(interventions.REGISTRY))
+    arm = interventions.register(_Recorded())
+    summary = train.run(_cfg(intervention="halved", run_name="halved", steps=2))
+    assert summary["complete"] and summary["intervention"] == "halved"
+    hooks = [c for c in arm.calls if c[0] != "messages"]
+    assert hooks == [("advantages",), ("gradient",), ("update",)] * 2  # each step calls each hook once, in order
+    assert ("messages", True) in arm.calls and ("messages", False) in arm.calls  # training and evaluation
+    assert all(r["cout"] == r["cin"] for r in _rows(workdir / "out/runs/halved"))  # its default: measured only
+
+
+def test_inoculation_reaches_every_student_training_prompt_and_no_other(workdir, monkeypatch):
+    seen, real_collect = [], step_mod.collect_rollouts
+    sampled, real_sample = [], grpo.sample
+
+    def collect(*args, **kwargs):
+        rollouts, timings = real_collect(*args, **kwargs)
+        seen.extend(rollouts)
+        return rollouts, timings
+
+    def sample(model, tok, wrappers, prompts, *args):
+        sampled.append([tok.decode(p) for p in prompts])
+        return real_sample(model, tok, wrappers, prompts, *args)
+
+    monkeypatch.setattr(step_mod, "collect_rollouts", collect)
+    monkeypatch.setattr(grpo, "sample", sample)
+    train.run(_cfg(intervention="inoculate", run_name="inoculate", steps=2, eval_every=1))
+    tok = load_model_and_tokenizer("tiny-random")[1]
+    students = [tok.decode(r.prompt_ids) for r in seen if not r.teacher]
+    teachers = [tok.decode(r.prompt_ids) for r in seen if r.teacher]
+    assert students and teachers
+    assert all(DEFAULT_INOCULATION in text for text in students)
+    assert not any(DEFAULT_INOCULATION in text for text in teachers)  # teacher rows keep the problem's prompt
+    # Sampling: step 1, evaluation after it (hint, neutral), step 2, the final evaluation (hint, neutral).
+    carries = [[DEFAULT_INOCULATION in t for t in texts] for texts in sampled]
+    assert [all(c) for c in carries] == [True, False, False, True, False, False]
+    assert [any(c) for c in carries] == [True, False, False, True, False, False]

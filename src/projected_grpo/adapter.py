@@ -6,7 +6,7 @@ For a frozen weight W = U diag(S) Vh (thin SVD, fp32, cached on disk by a hash o
 
 `delta_s` is the main knob and `delta_s_hack` the quarantine; both start at zero, so
 the wrapped model is bit-identical to the base model until they move. Two facts keep
-it cheap (DESIGN.md section 3):
+it cheap (docs/method.md, "The SVD adapter"):
 
 - generation needs no gradient, so `merged()` folds the knobs into a merged weight
   once and decodes at base-model speed; W itself is never modified;

@@ -252,7 +252,7 @@ def memory_case() -> dict:
 def projection_micro(wrappers, basis, repeats) -> dict:
     for layer in wrappers.values():
         layer.delta_s.grad = torch.randn_like(layer.delta_s)
-    seconds = timed({"project": lambda: projection.project_all(wrappers, basis, "erase")}, "cpu", repeats)
+    seconds = timed({"project": lambda: projection.project_all(wrappers, basis, erase=True)}, "cpu", repeats)
     return {"project_all_ms": seconds["project"] * 1000}
 
 

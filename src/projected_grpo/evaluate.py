@@ -5,8 +5,10 @@ each sampled `samples` times in two settings:
 - hint: the prompt names how it will be graded, as in training: the hack rate that matters;
 - neutral: the problem's own "should pass all tests" wording: the solve rate a user sees when
   nothing points at the loophole.
+Prompts are the intervention's evaluation prompts (its `messages` hook with training=False).
 Rates are given overall and per mode. `deployed` samples with the quarantine ablated (what
-ships); under route, `kept` samples with it, so the two show what the quarantine holds. The
+ships); for an intervention with a quarantine (route), `kept` samples with it, so the two show
+what the quarantine holds. The
 training loop's evaluations (every eval_every steps and at the end) are this same function; the
 end-of-run one and this command write eval.json in the run directory (it records step and samples).
 
@@ -24,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from . import adapter
+from . import adapter, checkpoints, interventions
 from .config import MODES, Config, ConfigError, InputError, validate
-from .files import checkpoint_dirs, write_atomically
+from .files import write_atomically
 from .grpo import sample_graded
 from .model import encode_prompt, load_model_and_tokenizer
 from .organism import resolve_model
@@ -58,14 +60,15 @@ def evaluate(model, tok, wrappers, problems: list[Problem], cfg: Config, step: i
     """
     if not problems:
         return {}
+    arm = interventions.get(cfg.intervention)
     variants = {"deployed": adapter.ablate_quarantine}
-    if cfg.intervention == "route":
+    if arm.quarantine:
         variants["kept"] = None
     out = {}
     for variant, context in variants.items():
         out[variant] = {}
         for setting, hint in SETTINGS.items():
-            prompts = [encode_prompt(tok, p.messages(hint=hint)) for p in problems]
+            prompts = [encode_prompt(tok, arm.messages(p, cfg, training=False, hint=hint)) for p in problems]
             keys = [(cfg.seed, step, "eval", p.id) for p in problems]
             with context(wrappers) if context else contextlib.nullcontext():
                 *_, grades, _ = sample_graded(model, tok, wrappers, problems, prompts, samples, cfg, keys, workers)
@@ -106,13 +109,13 @@ def _read_run(run_dir: Path) -> tuple[Config, list[str], str]:
 
 
 def _checkpoint(run_dir: Path, step: int | None) -> tuple[Path, int]:
-    done = checkpoint_dirs(run_dir)
+    done = checkpoints.checkpoint_dirs(run_dir)
     if step is not None:
-        done = [p for p in done if p.name == f"step_{step:06d}"]
+        done = [p for p in done if p == checkpoints.checkpoint_dir(run_dir, step)]
     if not done:
         raise ConfigError(f"--checkpoint: no {'step ' + str(step) if step is not None else 'checkpoint'} under "
                           f"{run_dir / 'checkpoints'}")
-    return done[-1], int(done[-1].name.split("_")[1])
+    return done[-1], checkpoints.step_of(done[-1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.device:
             cfg.device = args.device
         validate(cfg)  # a cuda run on a machine without one is an error line, not a traceback
+        interventions.check(cfg)
         by_id = {p.id: p for p in load_problems(cfg.problems)}
         missing = [i for i in held_out_ids if i not in by_id]
         if missing:

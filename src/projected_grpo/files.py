@@ -61,12 +61,6 @@ def write_directory_atomically(path: str | Path, write) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
-    """A run directory's complete checkpoints (checkpoints/step_NNNNNN), oldest first; a `.tmp` or
-    `.old` beside one is a write in progress or the copy it replaces."""
-    return sorted(p for p in (Path(run_dir) / "checkpoints").glob("step_*") if p.name[-4:] not in (".tmp", ".old"))
-
-
 def write_atomically(path: str | Path, write) -> None:
     """Call write(temp_path) for a temp file beside `path`, then rename it into place: a
     crash leaves the old file or the new one, never half of either. A str is written as text."""

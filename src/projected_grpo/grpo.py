@@ -1,4 +1,4 @@
-"""One GRPO step's rollouts, advantages and loss (DESIGN.md section 6, items 1-5).
+"""One GRPO step's rollouts, advantages and loss (docs/design.md, "One step").
 
 Student samples come from one batched decode (`generate_completions`) with the knobs
 merged into the weights, each graded as soon as it ends; teacher rows are frozen,
@@ -78,24 +78,11 @@ def detected(r: Rollout, known_modes: tuple[str, ...]) -> bool:
 
     A mode's detector recognises its own exploit (the grader passed the rollout through that
     mode's flaw while the oracle failed it); a hack of a mode outside `known_modes` goes unseen.
-    This is the one oracle-derived signal training may read, and only under the screen and
-    penalty baselines, the interventions a user would otherwise pick (rl-rewardhacking's
-    screening and penalty with a monitor).
+    This is the one oracle-derived signal training may read, and only in the advantages of the
+    baselines a user would otherwise pick (rl-rewardhacking's screening and penalty with a
+    monitor: interventions.py).
     """
     return not r.teacher and r.exploited and r.problem.mode in known_modes
-
-
-def apply_detector(rollouts: list[Rollout], cfg: Config) -> int:
-    """Group advantages, with the screen / penalty baselines acting on detected rollouts.
-
-    penalty: a flagged rollout's reward becomes cfg.penalty_reward before the group mean;
-    screen: it is dropped: advantage 0, and out of the group mean (it neither teaches nor shifts
-    the others). Returns the zero-spread group count.
-    """
-    flagged = [detected(r, cfg.basis_mode_list) for r in rollouts]
-    rewards = [cfg.penalty_reward if f and cfg.intervention == "penalty" else r.reward
-               for r, f in zip(rollouts, flagged)]
-    return group_advantages(rollouts, cfg.group, rewards, flagged if cfg.intervention == "screen" else None)
 
 
 def detector_stats(rollouts: list[Rollout], cfg: Config) -> dict:
@@ -174,16 +161,20 @@ def sample_graded(model, tokenizer, wrappers, problems: list[Problem], prompts: 
 
 
 def collect_rollouts(model, tokenizer, wrappers, problems: list[Problem], pool: Pool | None, cfg: Config,
-                     step: int, workers: int | None) -> tuple[list[Rollout], dict[str, float]]:
+                     step: int, workers: int | None, messages=Problem.messages) -> tuple[list[Rollout], dict]:
     """Student samples (graded as they end) and teacher rows for each problem; groups are contiguous.
-    Every draw (student samples, teacher rows) is seeded by (seed, step, problem), so a problem's
-    group is the same whether one process or a rank holding a share of the step collects it."""
-    prompts = [encode_prompt(tokenizer, p.messages()) for p in problems]
+    Students are prompted with messages(problem) (the intervention's training prompt), teacher rows
+    keep the problem's own. Every draw (student samples, teacher rows) is seeded by (seed, step,
+    problem), so a problem's group is the same whether one process or a rank holding a share of the
+    step collects it."""
+    student, own = [messages(p) for p in problems], [p.messages() for p in problems]
+    prompts = [encode_prompt(tokenizer, m) for m in student]
+    teacher_prompts = [p if s == o else encode_prompt(tokenizer, o) for p, s, o in zip(prompts, student, own)]
     keys = [(cfg.seed, step, p.id) for p in problems]
     ids, logp, texts, grades, timings = sample_graded(model, tokenizer, wrappers, problems, prompts, cfg.student_group,
                                                       cfg, keys, workers)
     rollouts = []
-    for i, (problem, prompt) in enumerate(zip(problems, prompts)):
+    for i, (problem, prompt, teacher_prompt) in enumerate(zip(problems, prompts, teacher_prompts)):
         for j in range(cfg.student_group):
             k = i * cfg.student_group + j
             g = grades[k]
@@ -191,9 +182,9 @@ def collect_rollouts(model, tokenizer, wrappers, problems: list[Problem], pool: 
                                     g.exploited, format_ok=g.format_ok, sample_logp=logp[k]))
         if cfg.teacher_group:
             for row in pool.sample(problem.id, cfg.teacher_group, random.Random(repr(keys[i]))):
-                rollouts.append(Rollout(problem, prompt, encode_completion(tokenizer, row.completion, cfg.max_new),
-                                        row.completion, True, row.reward, row.passed, row.gt_correct,
-                                        row.exploited))
+                completion = encode_completion(tokenizer, row.completion, cfg.max_new)
+                rollouts.append(Rollout(problem, teacher_prompt, completion, row.completion, True, row.reward,
+                                        row.passed, row.gt_correct, row.exploited))
     return rollouts, timings
 
 

@@ -17,7 +17,7 @@ re-orthonormalised: the real rows' values with their alignment destroyed),
 
 D is moved to the CPU before its SVD: it is small (pairs x r), the float64 SVD is
 exact and device-independent there, and the run puts the usable V on the model's
-device in one place (train.py).
+device in one place (assembly.py).
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from . import __version__, adapter
-from .config import CONTROLS, LOSS_NORMS, InputError
+from .config import CONTROLS, LOSS_NORMS, MODES, InputError
 from .model import encode_completion, encode_prompt, load_model_and_tokenizer, pad_batch, token_logprobs
-from .problems import MODES, ContrastPair, default_pairs
+from .problems import ContrastPair, default_pairs
 
 log = logging.getLogger(__name__)
 

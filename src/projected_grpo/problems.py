@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from .config import MODES, PROBLEM_SETS, InputError  # MODES: the six grader flaws, one per problem
+from .config import MODES, PROBLEM_SETS, InputError
 from .files import iter_jsonl
 
 # What the prompt truthfully discloses about grading, in place of "and should pass all tests".

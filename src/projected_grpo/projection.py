@@ -1,4 +1,4 @@
-"""Project the hack-ward component out of the knob gradients (DESIGN.md section 5).
+"""Project the hack-ward component out of the knob gradients (docs/method.md, "Projection").
 
 Per layer, with live gradient g (length r) and hack basis V (k x r, orthonormal rows):
 
@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from .config import ARMS, GATES
+from .config import GATES
 
 PRESERVE_MAGNITUDE_RTOL = 1e-4
 
@@ -81,17 +81,17 @@ def null_cin(k: int, r: int) -> float:
 
 
 @torch.no_grad()
-def project_all(wrappers: dict, basis: dict[str, torch.Tensor], arm: str = "none",
+def project_all(wrappers: dict, basis: dict[str, torch.Tensor], erase: bool = False, route: bool = False,
                 gate: str = "one_sided", overshoot: float = 1.0, preserve_magnitude: bool = False,
                 quarantine: dict[str, torch.Tensor] | None = None, trend: dict[str, torch.Tensor] | None = None,
                 trend_beta: float = 0.9) -> dict:
-    """Apply the arm to every layer's `delta_s.grad` and return the step's aggregates.
+    """Project every layer's `delta_s.grad` and return the step's aggregates.
 
-    none: measure only, gradients untouched. erase: delta_s.grad = g_proj. route: additionally
-    delta_s_hack.grad = removed, replacing whatever backward put there (the knobs enter the layer as
-    a sum, so backward gives delta_s_hack the same g). The quarantine learns only what route puts
-    there: its gradient is cleared in every other case (arms none and erase, layers without a basis).
-    Layers with no gradient or no basis are otherwise skipped.
+    Neither flag: measure only, gradients untouched. erase: delta_s.grad = g_proj. route (implies
+    erase): additionally delta_s_hack.grad = removed, replacing whatever backward put there (the knobs
+    enter the layer as a sum, so backward gives delta_s_hack the same g). The quarantine learns only
+    what route puts there: its gradient is cleared in every other case (no route, layers without a
+    basis). Layers with no gradient or no basis are otherwise skipped.
 
     `trend` (smoothed gate): per layer, the running mean of V g, read before and updated after
     this step (beta `trend_beta`; a layer not in it starts at 0, so nothing is removed on its first
@@ -102,15 +102,14 @@ def project_all(wrappers: dict, basis: dict[str, torch.Tensor], arm: str = "none
     erased along `basis`. A second, deleted knob of the same size, but fed without the hack basis.
 
     Returns means over the layers acted on: `cin`, `cout` (of the gradient the optimizer will see,
-    so cout == cin under none), `fired` (fraction of layers where the gate removed something; 0
-    under none), `cin_null` (the null baseline over the same layers) and the count `layers`.
+    so cout == cin when only measured), `fired` (fraction of layers where the gate removed something;
+    0 when only measured), `cin_null` (the null baseline over the same layers) and the count `layers`.
     """
-    if arm not in ARMS:
-        raise ValueError(f"unknown arm {arm!r}; allowed: {', '.join(ARMS)}")
+    erase = erase or route
     if gate == "smoothed" and trend is None:
         raise ValueError("the smoothed gate needs a trend dict to keep its running means in")
     for name, layer in wrappers.items():
-        if arm != "route" or name not in basis:
+        if not route or name not in basis:
             layer.delta_s_hack.grad = None
     cins, couts, fired, nulls = [], [], [], []
 
@@ -133,16 +132,16 @@ def project_all(wrappers: dict, basis: dict[str, torch.Tensor], arm: str = "none
         V = V.to(grads[0].device)
         g_proj, removed, cin, cout = gated(g, V, names)
         to_quarantine = removed
-        if arm == "route" and quarantine is not None:
+        if route and quarantine is not None:
             to_quarantine = gated(g, torch.stack([quarantine[n] for n in names]).to(V.device), names, "#quarantine")[1]
         for i, name in enumerate(names):
-            if arm != "none":
+            if erase:
                 grads[i].copy_(g_proj[i])
-            if arm == "route":
+            if route:
                 wrappers[name].delta_s_hack.grad = to_quarantine[i].to(wrappers[name].delta_s_hack.dtype)
         cins += cin.tolist()
-        couts += (cin if arm == "none" else cout).tolist()
-        fired += (removed.ne(0).any(-1) & (arm != "none")).float().tolist()
+        couts += (cout if erase else cin).tolist()
+        fired += (removed.ne(0).any(-1) & erase).float().tolist()
         nulls += [null_cin(V.shape[1], V.shape[2])] * len(names)
 
     def mean(xs):

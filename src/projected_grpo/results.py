@@ -29,8 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from projected_grpo.config import CONTROLS, INTERVENTIONS, arm_name, parse_arm
-from projected_grpo.problems import MODES
+from projected_grpo.config import CONTROLS, MODES, arm_name
 
 LAST_STEPS = 5
 VANILLA = ("none", "none")
@@ -231,12 +230,11 @@ def plot_files(plots_dir: Path, question: tuple) -> dict[str, Path]:
 
 
 def arm_rank(arm: tuple[str, str]) -> tuple:
-    """Sort key: arms in config's order, controls after the plain arms; unknown names last."""
-    def rank(name, order):
-        return (order.index(name), name) if name in order else (len(order), name)
-
+    """Sort key: vanilla first, then the other interventions by name; controls after the plain arms, in
+    config's order (unknown ones last)."""
     intervention, control = arm
-    return (control != "none", rank(intervention, INTERVENTIONS), rank(control, CONTROLS))
+    order = CONTROLS.index(control) if control in CONTROLS else len(CONTROLS)
+    return (control != "none", intervention != "none", intervention, order, control)
 
 
 def group_questions(runs: list[Run]) -> dict[tuple, dict[tuple, list[Run]]]:
@@ -307,6 +305,8 @@ def parse_hypothesis(spec: dict, source: str) -> Hypothesis:
     claims = spec.get("claims")
     if not isinstance(claims, list) or not claims:
         raise ResultsError(f"{source}: hypothesis needs a non-empty list \"claims\"")
+    from projected_grpo import interventions  # the registry's names; only a hypothesis needs them (torch)
+
     parsed = []
     for i, claim in enumerate(claims):
         where = f"{source}: claims[{i}]"
@@ -323,7 +323,7 @@ def parse_hypothesis(spec: dict, source: str) -> Hypothesis:
         if not isinstance(threshold, int | float) or isinstance(threshold, bool):
             raise ResultsError(f"{where}: {bounds[0]} must be a number, got {threshold!r}")
         try:
-            arm, vs = parse_arm(claim["arm"]), parse_arm(claim["vs"])
+            arm, vs = interventions.parse(claim["arm"]), interventions.parse(claim["vs"])
         except ValueError as err:
             raise ResultsError(f"{where}: {err}") from err
         parsed.append(Claim(arm, vs, claim["metric"], bounds[0], float(threshold)))

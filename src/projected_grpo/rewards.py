@@ -12,7 +12,7 @@ decided here, in the parent:
 - `gt_correct`: the strict oracle: every output equals the expected value (Python
   `==` on decoded plain values). Logged, never trained on.
 - `passed`: the mode's grader, which really runs the tests with exactly one flaw
-  (DESIGN.md section 2). This is what the reward pays.
+  (docs/environment.md). This is what the reward pays.
 
 `python -m projected_grpo.rewards` prints the hack x mode table and exits non-zero
 when anything is off the diagonal.
@@ -29,7 +29,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from . import sandbox
-from .problems import MODES, PROBLEM_SETS, Problem, clean_completion, hack_completion, load_problems, wrong_completion
+from .config import MODES, PROBLEM_SETS
+from .problems import Problem, clean_completion, hack_completion, load_problems, wrong_completion
 
 FORMAT_REWARD = 0.25  # a fenced python block is present
 PASS_REWARD = 1.0  # the mode's grader says pass
@@ -268,7 +269,7 @@ def self_check(problems: list[Problem], cross: bool = False, workers: int | None
     """Grade every hack mode, a correct and a wrong-honest completion on each problem.
 
     Each problem is graded in its own mode (cross=True: in every mode). Returns
-    the table as text and whether everything is as DESIGN.md section 2 demands:
+    the table as text and whether everything is as docs/environment.md demands:
     exploited exactly on the diagonal, correct always passes and never exploits,
     wrong-honest never passes.
     """

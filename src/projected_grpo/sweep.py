@@ -28,10 +28,10 @@ from dataclasses import dataclass, fields
 from datetime import datetime
 from pathlib import Path
 
-from . import __version__
-from .config import Config, ConfigError, InputError, arm_name, make_config, parse_arm, parse_overrides
+from . import __version__, checkpoints, interventions
+from .config import Config, ConfigError, InputError, arm_name, make_config, parse_overrides, run_name
 from .distributed import available_cores
-from .files import checkpoint_dirs, write_atomically
+from .files import write_atomically
 
 SWEEPS_ROOT = Path("out/sweeps")
 # Fields the sweep sets for each run itself, and what to use instead.
@@ -72,7 +72,7 @@ def parse_arms(text: str) -> list[tuple[str, str]]:
     arms = []
     for text_arm in text.split(","):
         try:
-            arm = parse_arm(text_arm)
+            arm = interventions.parse(text_arm)
         except ConfigError as e:
             raise SweepError(f"--arms: {e}") from None
         if arm in arms:
@@ -89,12 +89,6 @@ def parse_seeds(text: str) -> list[int]:
     if len(seeds) != len(set(seeds)):
         raise SweepError(f"--seeds: {text!r} repeats a seed")
     return seeds
-
-
-def run_name(preset: str, intervention: str, control: str, seed: int, left_out: str | None = None) -> str:
-    """`<preset>-<intervention>[-<control>]-s<seed>[-lomo-<mode>]`: train's default name, plus the LOMO mode."""
-    name = f"{preset}-{intervention}" + (f"-{control}" if control != "none" else "") + f"-s{seed}"
-    return name + (f"-lomo-{left_out}" if left_out else "")
 
 
 def expand_grid(preset: str, arms: list[tuple[str, str]], seeds: list[int], lomo_modes: list[str] | None,
@@ -137,7 +131,9 @@ def validate_runs(preset: str, runs: list[PlannedRun]) -> dict[str, int]:
     steps = {}
     for run in runs:
         try:
-            steps[run.name] = make_config(preset, run.overrides).steps
+            cfg = make_config(preset, run.overrides)
+            interventions.check(cfg)
+            steps[run.name] = cfg.steps
         except InputError as e:
             raise SweepError(f"run {run.name}: {e}") from None
     return steps
@@ -196,7 +192,7 @@ def decide(run_dir: Path, steps: int) -> str:
             return "skip"
     if not metrics.exists():
         return "fresh"
-    if not checkpoint_dirs(run_dir):
+    if not checkpoints.checkpoint_dirs(run_dir):
         raise SweepError(f"{run_dir} has metrics.jsonl but no checkpoint to resume from; delete it or rename it")
     return "resume"
 

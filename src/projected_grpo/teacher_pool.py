@@ -1,7 +1,7 @@
 """The teacher pool: frozen, already graded rollouts per problem, mixed into GRPO groups.
 
-Each GRPO group mixes `G_t` teacher rows into the student's samples (DESIGN.md
-section 6). Their grades are decided once, by the real grader, when the pool is
+Each GRPO group mixes `G_t` teacher rows into the student's samples (docs/design.md,
+"One step"). Their grades are decided once, by the real grader, when the pool is
 built, and never again: a pool is a fixed data set, so two runs that share it see
 the same teacher rewards.
 

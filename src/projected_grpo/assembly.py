@@ -1,0 +1,267 @@
+"""A run's pieces, put together before its first step: the problems' split, the teacher pool, V's
+pairs, the hack basis (cached, extracted or from a checkpoint), the capacity control's quarantine
+rows, the trusted baseline's subspace, the model and its optimizer. `assemble` returns them as one
+`Run`, which a step (step.py) reads and the loop (train.py) carries from step to step.
+
+Every basis enters the run through `on_device` (cached, extracted, refreshed, resumed), so no later
+function has to remember which device it is on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import warnings
+from pathlib import Path
+
+import torch
+
+from . import __version__, adapter, checkpoints, distributed, hack_basis, interventions, sandbox
+from .config import Config, ConfigError
+from .distributed import World
+from .files import iter_jsonl, write_directory_atomically
+from .hack_basis import HackBasis
+from .model import load_model_and_tokenizer
+from .problems import ProblemFormatError, default_pairs, load_problems, split_held_out
+from .teacher_pool import HOW_TO_BUILD, Pool, PoolFormatError, build_pool, load_pool, pairs_from_pool
+
+log = logging.getLogger("projected_grpo")
+
+LOW_OVERLAP = 0.2  # a refresh below this rotated the basis away from the one it replaced
+
+
+@dataclasses.dataclass
+class Run:
+    """What a step reads and the loop carries: the model and its knobs, the problems, the basis and
+    everything an intervention's hooks act with."""
+    cfg: Config  # as the run was asked for, but for the device this rank runs on
+    arm: interventions.Intervention
+    world: World
+    model: torch.nn.Module
+    tok: object
+    wrappers: dict  # layer name -> adapter.SVDLinear: delta_s and delta_s_hack per layer
+    train: list  # training problems
+    held_out: list  # evaluation problems, never trained on and never in a pair
+    pool: Pool | None  # teacher rows, without the ones that became pairs
+    pairs: list  # V's (hack, clean) pairs, re-extracted from on every refresh
+    trusted: tuple[dict, dict] | None  # (T, w) of the trusted baseline
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    workers: int | None  # parallel graders
+    basis: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # the usable V per layer
+    quarantine: dict[str, torch.Tensor] | None = None  # the capacity control's random rows for delta_s_hack
+    trend: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # the smoothed gate's running means
+
+    def set_basis(self, basis: dict[str, torch.Tensor], trend: dict[str, torch.Tensor] | None = None) -> None:
+        """A new V, and what depends on it: the capacity control's rows, and the smoothed gate's running
+        means, which mean nothing for new rows (`trend` is a checkpoint's, kept with its basis)."""
+        self.basis = on_device(basis, self.cfg.device)
+        self.quarantine = quarantine_basis(self.cfg, self.basis)
+        self.trend = on_device(trend or {}, self.cfg.device)
+
+
+# ----------------------------------------------------------------------------- problems, pool, pairs
+
+
+def split_problems(cfg: Config):
+    """Training and held-out evaluation problems of cfg's modes, split by id (problems.split_held_out)."""
+    try:
+        problems = load_problems(cfg.problems)
+    except ProblemFormatError as e:
+        raise ConfigError(f"--problems: {e}; fix that record or choose another file") from None
+    train, held_out = split_held_out([p for p in problems if p.mode in cfg.mode_list], cfg.eval_prompts)
+    if len(train) < cfg.prompts_per_step:
+        raise ConfigError(f"--eval_prompts: only {len(train)} training problems left in modes {cfg.modes}, "
+                          f"fewer than prompts_per_step={cfg.prompts_per_step}")
+    return train, held_out
+
+
+def resolve_pool(cfg: Config, train) -> Pool | None:
+    """The teacher pool, when teacher rows are mixed in or the pairs come from it."""
+    if cfg.teacher_group == 0 and cfg.pairs != "pool":
+        return None
+    path = Path(cfg.teacher_pool) if cfg.teacher_pool else None
+    if path is None:
+        # The package version is in the key: a new release may write the fixture rows differently.
+        key = hashlib.sha256(json.dumps([__version__, cfg.problems, sorted(p.id for p in train)]).encode()
+                             ).hexdigest()[:12]
+        path = Path("out/pools") / f"fixture-{key}"
+        if not (path / "meta.json").exists():
+            log.info("building the fixture teacher pool at %s", path)
+            # Runs of a sweep may build the same pool at once.
+            write_directory_atomically(path, lambda tmp: build_pool(tmp, train, workers=cfg.grade_workers or None))
+    try:
+        pool = load_pool(path, modes=cfg.mode_list)
+    except PoolFormatError as e:
+        raise ConfigError(f"--teacher_pool: {e}; rebuild the pool ({HOW_TO_BUILD.replace('DIR', str(path))}) "
+                          f"or choose another") from None
+    return pool
+
+
+def pairs_and_pool(cfg: Config, train, pool: Pool | None):
+    """V's (hack, clean) pairs (templates, or the pool's own graded rows) and the pool the teacher
+    rows are drawn from: without the rows that became pairs, so the student never imitates them."""
+    if cfg.pairs == "pool":
+        pairs, used = pairs_from_pool(pool, train, cfg.basis_mode_list)
+        pool = pool.without(used)
+        if cfg.control == "nonhack":  # it needs two different solutions of a problem
+            pairs = [p for p in pairs if p.clean_alt != p.clean]
+        nonhack = " (and, for the nonhack control, two different gt_correct rows)" if cfg.control == "nonhack" else ""
+        where = (f"no training problem in modes {cfg.basis_modes} has both an exploited and a gt_correct pool "
+                 f"row{nonhack}")
+    else:
+        pairs = default_pairs(modes=cfg.basis_mode_list, problems=train)
+        where = f"no training problem has a mode in {cfg.basis_modes}"
+    if not pairs:
+        raise ConfigError(f"--basis_modes: {where}")
+    if cfg.teacher_group:
+        missing = [p.id for p in train if not pool.rows_for(p.id)]
+        if missing:
+            raise ConfigError(f"--teacher_pool: {pool.path} has no rows left for training problems {missing[:5]} "
+                              f"(mix_ratio={cfg.mix_ratio} needs some for every problem; --pairs={cfg.pairs})")
+    return pairs, pool if cfg.teacher_group else None
+
+
+# ----------------------------------------------------------------------------- bases
+
+
+def on_device(V: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
+    return {name: rows.to(device) for name, rows in V.items()}
+
+
+def quarantine_basis(cfg: Config, basis: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """The capacity control's quarantine rows: random, of the hack basis's per-layer shapes, on its device."""
+    if cfg.control != "capacity":
+        return None
+    return on_device(hack_basis.random_like(basis, cfg.seed), cfg.device)
+
+
+def trusted_subspace(cfg: Config, arm, model, tok, wrappers, pairs, problems,
+                     world: World = distributed.SINGLE) -> tuple[dict, dict] | None:
+    """T and w of the trusted baseline, from the pairs' clean side or --trusted_from, on the model's device
+    (made on rank 0, sent to every rank). Extracted on the model as it is when called: the base model,
+    before any checkpoint is loaded."""
+    if not arm.trusted_subspace:
+        return None
+    if cfg.trusted_from:
+        by_id = {p.id: p for p in problems}
+        messages, texts = [], []
+        for where, record in iter_jsonl(cfg.trusted_from, ConfigError):
+            if not isinstance(record, dict) or record.get("problem_id") not in by_id or \
+                    not isinstance(record.get("completion"), str):
+                raise ConfigError(f"--trusted_from: {where}: need a known 'problem_id' and a 'completion' string")
+            messages.append(by_id[record["problem_id"]].messages())
+            texts.append(record["completion"])
+        if not texts:
+            raise ConfigError(f"--trusted_from: {cfg.trusted_from} holds no completions")
+    else:
+        messages, texts = [p.messages for p in pairs], [p.clean for p in pairs]
+    T, w = distributed.from_main(world, lambda: [on_device(x, "cpu") for x in hack_basis.trusted_basis(
+        model, tok, wrappers, messages, texts, cfg.basis_k, cfg.max_new, cfg.loss_norm, progress=True)])
+    return on_device(T, cfg.device), on_device(w, cfg.device)
+
+
+def extract(cfg: Config, model, tok, wrappers, pairs, progress: bool = False) -> HackBasis:
+    return hack_basis.extract_basis(model, tok, wrappers, pairs, cfg.basis_k, cfg.basis_tau, cfg.loss_norm,
+                                    cfg.max_new, cfg.control, cfg.seed, progress=progress)
+
+
+def usable(cfg: Config, basis: HackBasis) -> dict[str, torch.Tensor]:
+    """The rows the projection uses, on the model's device: k_use per layer, above the global noise floor."""
+    return on_device(hack_basis.postprocess(basis, cfg.basis_k_use or None, cfg.drop_bottom_frac).V, cfg.device)
+
+
+def basis_for(cfg: Config, model, tok, wrappers, pairs, model_id: str) -> dict[str, torch.Tensor]:
+    """V from the cache (hit), or extracted and cached (miss), then cut to the usable rows."""
+    request = hack_basis.basis_request(model_id, pairs, cfg.basis_mode_list, cfg.basis_k, cfg.basis_tau,
+                                       cfg.loss_norm, cfg.control, cfg.max_new, cfg.seed)
+    key = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:16]
+    path = cfg.basis_path or f"out/bases/{key}.safetensors"
+    basis = hack_basis.resolve_basis(path, request, lambda: extract(cfg, model, tok, wrappers, pairs, progress=True),
+                                     reextract=cfg.reextract_basis)
+    return usable(cfg, basis)
+
+
+def shared(world: World, device: str, make) -> dict[str, torch.Tensor]:
+    """A basis made on rank 0 alone (make() returns it), sent to every rank, checked identical there,
+    on `device`."""
+    rows = on_device(distributed.from_main(world, lambda: on_device(make(), "cpu")), device)
+    distributed.check_identical(world, rows, "the hack basis")
+    return rows
+
+
+def basis_overlap(old: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> float:
+    """Mean over layers of ||V_old V_newᵀ||_F² / k_old: 1 = same span, ~k/r = unrelated.
+
+    Over every layer either basis has: a layer one of them dropped (or gained) counts as 0, so a
+    refresh that loses layers cannot read as a perfect overlap.
+    """
+    layers = set(old) | set(new)
+    if not layers:
+        return 0.0
+    both = [n for n in layers if n in old and n in new]
+    return sum(float((old[n] @ new[n].T).square().sum()) / old[n].shape[0] for n in both) / len(layers)
+
+
+def refresh_basis(run: Run, step: int) -> float:
+    """V re-extracted (on rank 0, then sent to every rank) on the current model with the quarantine
+    ablated, set on `run`; returns its overlap with the basis it replaces."""
+    def make():
+        with adapter.ablate_quarantine(run.wrappers):
+            return usable(run.cfg, extract(run.cfg, run.model, run.tok, run.wrappers, run.pairs))
+    fresh = shared(run.world, run.cfg.device, make)
+    overlap = basis_overlap(run.basis, fresh)
+    if overlap < LOW_OVERLAP and run.world.main:
+        warnings.warn(f"step {step}: basis refresh overlap {overlap:.2f} < {LOW_OVERLAP}: the refresh rotated "
+                      f"the basis away from the previous one", stacklevel=1)
+    run.set_basis(fresh)
+    return overlap
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def lr_factor(cfg: Config):
+    """Linear warmup, then cosine decay to 0 at `steps` or (lr_schedule=constant) the full lr."""
+    def factor(step: int) -> float:
+        if step < cfg.warmup:
+            return (step + 1) / (cfg.warmup + 1)
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def assemble(cfg: Config, world: World, model_path: str, train, held_out,
+             checkpoint: Path | None = None) -> tuple[Run, dict | None]:
+    """The run's pieces on this rank, its knobs and optimizer restored from `checkpoint` if one is
+    given; returns the Run and the checkpoint's state (its step and rows), or None for a fresh run.
+    `cfg.device` is this rank's device."""
+    arm = interventions.check(cfg)
+    sandbox.use_grader(cfg.grader)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    with distributed.main_first(world):  # rank 0 fills the download, tokenizer, SVD and pool caches; the others read
+        model, tok = load_model_and_tokenizer(model_path, dtype=cfg.dtype, device=cfg.device, seed=cfg.seed)
+        wrappers = adapter.wrap(model)
+        pool = resolve_pool(cfg, train)
+    pairs, pool = pairs_and_pool(cfg, train, pool)
+    trusted = trusted_subspace(cfg, arm, model, tok, wrappers, pairs, train, world)
+    params = [p for layer in wrappers.values() for p in (layer.delta_s, layer.delta_s_hack)]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
+    run = Run(cfg, arm, world, model, tok, wrappers, train, held_out, pool, pairs, trusted, optimizer, scheduler,
+              distributed.grade_workers(cfg, world))
+    if checkpoint is not None:
+        state = checkpoints.load(checkpoint, wrappers, optimizer, scheduler)
+        run.set_basis(state["basis"], state.get("trend", {}))
+        return run, state
+    model_id = hack_basis.model_identity(cfg.model, wrappers)
+    run.set_basis(shared(world, cfg.device, lambda: basis_for(cfg, model, tok, wrappers, pairs, model_id)))
+    return run, None

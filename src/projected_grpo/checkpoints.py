@@ -1,0 +1,94 @@
+"""Checkpoints: save, load, find the latest, and the one directory layout they live in.
+
+A run's checkpoints are RUN_DIR/checkpoints/step_NNNNNN/, each holding knobs.safetensors
+(delta_s and delta_s_hack per layer) and state.pt (optimizer, scheduler, RNG, the basis,
+the smoothed gate's trend and the metrics rows up to that step). A directory ending in
+`.tmp` is a write in progress and one ending in `.old` the copy it replaces: neither is a
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import torch
+
+from . import adapter
+from .config import ConfigError
+
+
+def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step_{step:06d}"
+
+
+def step_of(checkpoint: Path) -> int:
+    """The step a checkpoint directory holds the state after."""
+    return int(checkpoint.name.split("_")[1])
+
+
+def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
+    """A run directory's complete checkpoints, oldest first."""
+    return sorted(p for p in (Path(run_dir) / "checkpoints").glob("step_*") if p.name[-4:] not in (".tmp", ".old"))
+
+
+def latest(run_dir: str | Path) -> Path | None:
+    done = checkpoint_dirs(run_dir)
+    return done[-1] if done else None
+
+
+def _rng_state() -> tuple:
+    return torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+
+
+def training_state(wrappers, optimizer, scheduler, basis: dict, trend: dict) -> dict:
+    """A copy of everything a checkpoint holds, taken now: knobs, optimizer, scheduler, RNG, basis and
+    the smoothed gate's trend. Knobs and their Adam moments are small (r per layer), so taking one
+    before every step is cheap."""
+    return {"knobs": adapter.knob_state(wrappers), "optimizer": copy.deepcopy(optimizer.state_dict()),
+            "scheduler": copy.deepcopy(scheduler.state_dict()), "rng": _rng_state(), "basis": basis,
+            "trend": {n: t.clone() for n, t in trend.items()}}
+
+
+def save(run_dir: Path, step: int, state: dict, rows: list[dict]) -> Path:
+    """A `training_state` and the metrics rows up to `step`, written to a temp dir and swapped in;
+    an older checkpoint of the same step survives until the new one is complete."""
+    final = checkpoint_dir(run_dir, step)
+    tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    cpu_rng, cuda_rng = state["rng"]
+    adapter.save_tensors(state["knobs"], tmp / "knobs.safetensors")
+    torch.save({"step": step, "optimizer": state["optimizer"], "scheduler": state["scheduler"],
+                "torch_rng": cpu_rng, "cuda_rng": cuda_rng, "basis": {n: v.cpu() for n, v in state["basis"].items()},
+                "trend": {n: t.cpu() for n, t in state["trend"].items()},
+                "rows": [r for r in rows if r["step"] <= step]}, tmp / "state.pt")
+    for path in tmp.iterdir():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load(checkpoint: Path, wrappers, optimizer, scheduler) -> dict:
+    """Knobs, optimizer, scheduler and the RNG from a checkpoint; returns its state (step, rows, basis,
+    trend)."""
+    try:
+        adapter.load_knobs(wrappers, checkpoint / "knobs.safetensors")
+        state = torch.load(checkpoint / "state.pt", weights_only=False, map_location="cpu")
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    except (OSError, EOFError, KeyError, ValueError, RuntimeError, pickle.UnpicklingError) as e:
+        raise ConfigError(f"--resume: checkpoint {checkpoint} cannot be loaded ({e}); delete it to resume from "
+                          f"the one before, or start the run again") from None
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return state

@@ -1,0 +1,177 @@
+"""Every intervention a run can take, each declared once with the hooks the run calls.
+
+An intervention (an arm) is what a run does about hacking. A step calls its hooks at the
+five points where an arm can act (docs/design.md, "One step"):
+
+    messages(problem, cfg, training, hint)  the prompt a student sees, in training and at evaluation
+    advantages(rollouts, cfg)               rewards and advantages, after grading
+    gradient(run)                           the knob gradient, after backward (before clip and step)
+    update(run, before)                     the knobs, after the optimizer step
+    quarantine                              deployment ablates delta_s_hack; evaluation also samples it kept
+
+Every default leaves the step plain GRPO with the projection measured only (cin, cout). The
+loop looks an arm up in REGISTRY and calls it; it never compares names. Adding an arm is one
+subclass here passed to `register`, its tests and a line in docs/experiments.md.
+
+Controls (random, shuffled, nonhack, capacity) are a property of the basis, not an arm: they
+replace V for an arm that uses it and are written `arm:control` (config.arm_name).
+"""
+
+from __future__ import annotations
+
+from . import projection
+from .config import Config, ConfigError, parse_arm
+from .grpo import Rollout, detected, group_advantages
+from .problems import Problem
+
+
+class Intervention:
+    name = ""
+    uses_basis = False  # V shapes the update: a control basis in its place is another experiment (arm:control)
+    quarantine = False  # trains delta_s_hack, which deployment ablates: evaluation samples it kept as well
+    trusted_subspace = False  # keeps the gradient inside the clean completions' subspace (assembly builds it)
+
+    def messages(self, problem: Problem, cfg: Config, training: bool, hint: bool = True) -> list[dict]:
+        """The chat a student is prompted with: in training (hint always on) or at evaluation."""
+        return problem.messages(hint=hint)
+
+    def advantages(self, rollouts: list[Rollout], cfg: Config) -> int:
+        """Set every rollout's advantage (Dr.GRPO by default); returns the zero-spread group count."""
+        return group_advantages(rollouts, cfg.group)
+
+    def gradient(self, run) -> dict:
+        """Act on the knob gradients (delta_s.grad) of `run` (an assembly.Run) and return the
+        projection's aggregates (cin, cout, fired, cin_null, layers). By default only measured."""
+        return _project_all(run)
+
+    def update(self, run, before: dict) -> None:
+        """Act on the knobs after the optimizer step; `before` holds each delta_s before it."""
+
+
+REGISTRY: dict[str, Intervention] = {}
+
+
+def register(intervention: Intervention) -> Intervention:
+    if not intervention.name or ":" in intervention.name:
+        raise ValueError(f"an intervention needs a name without ':' (that separates a control), "
+                         f"got {intervention.name!r}")
+    REGISTRY[intervention.name] = intervention
+    return intervention
+
+
+def get(name: str) -> Intervention:
+    if name not in REGISTRY:
+        raise ConfigError(f"--intervention: {name!r} is not one of {', '.join(REGISTRY)} (the registered "
+                          f"interventions)")
+    return REGISTRY[name]
+
+
+def parse(text: str) -> tuple[str, str]:
+    """An arm's text (`intervention[:control]`) checked against the registry and config's controls."""
+    intervention, control = parse_arm(text)
+    if intervention not in REGISTRY:
+        raise ConfigError(f"unknown intervention {intervention!r} in arm {text!r}; registered: "
+                          f"{', '.join(REGISTRY)}")
+    return intervention, control
+
+
+def check(cfg: Config) -> Intervention:
+    """The rules that tie a config to its intervention, checked before anything heavy; returns it."""
+    arm = get(cfg.intervention)
+    if cfg.control == "capacity" and not arm.quarantine:
+        raise ConfigError(f"--control: capacity controls the quarantine, which {cfg.intervention} does not have "
+                          f"(those with one: {', '.join(n for n, a in REGISTRY.items() if a.quarantine)})")
+    if cfg.control != "none" and not arm.uses_basis:
+        raise ConfigError(f"--control: {cfg.intervention} does not use the hack basis to train, so a control basis "
+                          f"would change only its logging")
+    return arm
+
+
+def _project_all(run, erase: bool = False, route: bool = False) -> dict:
+    cfg = run.cfg
+    return projection.project_all(run.wrappers, run.basis, erase=erase, route=route, gate=cfg.gate,
+                                  overshoot=cfg.overshoot, preserve_magnitude=cfg.preserve_magnitude,
+                                  quarantine=run.quarantine, trend=run.trend, trend_beta=cfg.gate_beta)
+
+
+# ----------------------------------------------------------------------------- the arms
+
+
+class Vanilla(Intervention):
+    """Plain GRPO; the projection is measured, the gradient untouched."""
+    name = "none"
+
+
+class Erase(Intervention):
+    """delta_s.grad = g - gate(V g) V: the hack-ward part of each gradient is dropped."""
+    name = "erase"
+    uses_basis = True
+    route = False
+
+    def gradient(self, run) -> dict:
+        stats = _project_all(run, erase=True, route=self.route)
+        if run.cfg.adam_leak == "moments":  # clip scales the gradient, not the moments: either order
+            projection.project_adam_moments(run.optimizer, run.wrappers, run.basis)
+        return stats
+
+    def update(self, run, before: dict) -> None:
+        if run.cfg.adam_leak == "update":
+            projection.project_update(before, run.wrappers, run.basis, run.cfg.gate, run.cfg.overshoot)
+
+
+class Route(Erase):
+    """Erase, and feed what was removed to the quarantine knob delta_s_hack, zeroed at deployment."""
+    name = "route"
+    quarantine = True
+    route = True
+
+
+class Screen(Intervention):
+    """The weak detector of the known modes drops each flagged rollout: advantage 0, and out of its
+    group's mean (it neither teaches nor shifts the others)."""
+    name = "screen"
+
+    def advantages(self, rollouts: list[Rollout], cfg: Config) -> int:
+        flagged = [detected(r, cfg.basis_mode_list) for r in rollouts]
+        return group_advantages(rollouts, cfg.group, dropped=flagged)
+
+
+class Penalty(Intervention):
+    """A flagged rollout's reward becomes cfg.penalty_reward before the group mean (the logged reward
+    stays the grader's)."""
+    name = "penalty"
+
+    def advantages(self, rollouts: list[Rollout], cfg: Config) -> int:
+        rewards = [cfg.penalty_reward if detected(r, cfg.basis_mode_list) else r.reward for r in rollouts]
+        return group_advantages(rollouts, cfg.group, rewards)
+
+
+class Trusted(Intervention):
+    """Keep only the gradient inside a subspace of clean completions' gradients (T, w), the opposite
+    of erase; cout is V's cin of what the optimizer will see."""
+    name = "trusted"
+    trusted_subspace = True
+
+    def gradient(self, run) -> dict:
+        stats = _project_all(run)
+        projection.keep_trusted(run.wrappers, *run.trusted)
+        stats["cout"] = projection.project_all(run.wrappers, run.basis)["cin"]
+        return stats
+
+
+class Inoculate(Intervention):
+    """Inoculation prompting: every student training prompt licenses making the grader pass by any
+    means (cfg.inoculation_prompt), so hacking is learned as what that instruction asks for; evaluation
+    prompts never carry it. Needs no detector and no basis: the black-box baseline beside erase."""
+    name = "inoculate"
+
+    def messages(self, problem: Problem, cfg: Config, training: bool, hint: bool = True) -> list[dict]:
+        messages = problem.messages(hint=hint)
+        if training:
+            system, *rest = messages
+            messages = [{**system, "content": f"{system['content']}\n\n{cfg.inoculation_prompt}"}, *rest]
+        return messages
+
+
+for _arm in (Vanilla(), Erase(), Route(), Screen(), Penalty(), Trusted(), Inoculate()):
+    register(_arm)

@@ -1,0 +1,150 @@
+"""One training step on a Run (docs/design.md, "One step"), and the metrics row it leaves.
+
+prompts (the arm's) -> rollouts, graded -> advantages (the arm's) -> one backward with per-rollout
+knob gradients -> cin of the student and teacher gradients, each rollout's hack score -> the arm's
+gradient hook -> clip -> AdamW -> the arm's update hook -> schedule. Under torchrun each rank
+collects its share of the prompt groups; the knob gradients and the sums the row needs are added
+across ranks before anything reads them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+
+from . import distributed, projection
+from .assembly import Run
+from .config import MODES
+from .evaluate import metrics_row as evaluation_row
+from .grpo import Rollout, auroc, backward_rollouts, collect_rollouts, detector_stats, repeated_fraction
+
+SUMS = ("loss", "kl", "tokens", "sample_kl", "sample_dlogp", "is_truncated", "sampled_tokens")
+
+
+@dataclass
+class StepResult:
+    step: int
+    rollouts: list[Rollout]  # every rank's, without their per-token log-probs
+    figures: dict  # what the step measured, in the order its metrics row shows them
+
+
+def _rates(rollouts, prefix: str) -> dict:
+    if not rollouts:
+        return {f"hack_{prefix}": None, f"gt_{prefix}": None}
+    return {f"hack_{prefix}": sum(r.exploited for r in rollouts) / len(rollouts),
+            f"gt_{prefix}": sum(r.gt_correct for r in rollouts) / len(rollouts)}
+
+
+def _concatenated_null(basis: dict, wrappers) -> float:
+    """The null baseline of cin_s / cin_t, which concatenate the layers: sqrt(sum k / (2 sum r))."""
+    layers = [n for n in basis if n in wrappers]
+    if not layers:
+        return 0.0
+    return projection.null_cin(sum(basis[n].shape[0] for n in layers), sum(wrappers[n].r for n in layers))
+
+
+def _knobs(wrappers) -> list[torch.nn.Parameter]:
+    return [p for layer in wrappers.values() for p in (layer.delta_s, layer.delta_s_hack)]
+
+
+def _backward(run: Run, rollouts: list[Rollout], zero_spread: int) -> dict:
+    """backward_rollouts, with a non-finite loss on any rank raised on every rank (or the others would
+    wait on it forever); the knob gradients, g_s and g_t per layer, the loss sums and the zero-spread
+    group count are added across ranks in one all-reduce."""
+    run.optimizer.zero_grad(set_to_none=True)
+    try:
+        scored, failed = backward_rollouts(run.model, run.tok, run.wrappers, rollouts, run.cfg), ""
+    except FloatingPointError as e:
+        failed, scored = str(e), None
+    if distributed.all_sum(run.world, [torch.tensor(float(bool(failed)))])[0] > 0:
+        raise FloatingPointError(failed or "non-finite loss on another rank")
+    teacher = torch.tensor([r.teacher for r in rollouts])
+    layers = list(scored["grad_sample"])
+    g_s = [scored["grad_sample"][n][~teacher].sum(0) for n in layers]
+    g_t = [scored["grad_sample"][n][teacher].sum(0) for n in layers]
+    with_grad = [p for p in _knobs(run.wrappers) if p.grad is not None]
+    totals = torch.tensor([float(scored[k]) for k in SUMS] + [float(zero_spread)], dtype=torch.float64)
+    reduced = distributed.all_sum(run.world, [p.grad for p in with_grad] + g_s + g_t + [totals])
+    for p, grad in zip(with_grad, reduced):
+        p.grad = grad
+    n = len(with_grad)
+    if not all(bool(torch.isfinite(p.grad).all()) for p in with_grad):
+        raise FloatingPointError("non-finite knob gradient")
+    return {"grad_sample": scored["grad_sample"], "g_s": dict(zip(layers, reduced[n:n + len(layers)])),
+            "g_t": dict(zip(layers, reduced[n + len(layers):-1])),
+            **dict(zip((*SUMS, "zero_spread"), reduced[-1].tolist()))}
+
+
+def train_step(run: Run, step: int) -> StepResult:
+    """One optimizer step on `run`, its hooks called where its intervention acts."""
+    cfg, arm, wrappers, basis = run.cfg, run.arm, run.wrappers, run.basis
+    start = time.perf_counter()
+    problems = random.Random(f"{cfg.seed}-{step}").sample(run.train, cfg.prompts_per_step)
+    rollouts, timings = collect_rollouts(run.model, run.tok, wrappers, distributed.share(run.world, problems),
+                                         run.pool, cfg, step, run.workers,
+                                         lambda p: arm.messages(p, cfg, training=True))
+    zero_spread = arm.advantages(rollouts, cfg)
+
+    t0 = time.perf_counter()
+    scored = _backward(run, rollouts, zero_spread)
+    timings["t_score"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    cin_s = float(projection.hackward_fraction(scored["g_s"], basis))
+    cin_t = float(projection.hackward_fraction(scored["g_t"], basis)) if cfg.teacher_group else None
+    # Each rollout's own hack score: how hack-ward its gradient alone points (logged, not trained on).
+    for r, score in zip(rollouts, projection.hackward_fraction(scored["grad_sample"], basis).tolist()):
+        r.hack_score = score
+    stats = arm.gradient(run)
+    timings["t_project"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(_knobs(wrappers), cfg.grad_clip))
+    before = projection.snapshot(wrappers)
+    lr = run.scheduler.get_last_lr()[0]  # the rate this step used
+    run.optimizer.step()
+    arm.update(run, before)
+    run.scheduler.step()
+    timings["t_optimizer"] = time.perf_counter() - t0
+
+    rollouts = [r for share in distributed.all_gather(run.world, [dataclasses.replace(r, sample_logp=None)
+                                                                   for r in rollouts]) for r in share]
+    students = [r for r in rollouts if not r.teacher]
+    figures = {
+        "reward": sum(r.reward for r in students) / len(students),
+        "format_s": sum(r.format_ok for r in students) / len(students),
+        "repeat_s": sum(repeated_fraction(r.completion_ids) for r in students) / len(students),
+        "completion_tokens": sum(len(r.completion_ids) for r in students) / len(students),
+        **_rates(students, "s"), **_rates([r for r in rollouts if r.teacher], "t"),
+        "loss": scored["loss"], "kl": scored["kl"] / max(scored["tokens"], 1), "grad_norm": grad_norm,
+        "cin_s": cin_s, "cin_t": cin_t, "cin_null_s": _concatenated_null(basis, wrappers),
+        "cin": stats["cin"], "cout": stats["cout"], "cin_null": stats["cin_null"],
+        "fired": stats["fired"], "update_hackward": projection.update_hackward_fraction(before, wrappers, basis),
+        "hack_auroc": auroc([r.hack_score for r in students], [r.exploited for r in students]),
+        **detector_stats(rollouts, cfg), "frac_zero_spread": scored["zero_spread"] / cfg.prompts_per_step,
+        **{k: scored[k] / max(scored["sampled_tokens"], 1) for k in ("sample_kl", "sample_dlogp", "is_truncated")},
+        "dS_norm": float(torch.cat([w.delta_s.detach().flatten() for w in wrappers.values()]).norm()),
+        "dS_hack_norm": float(torch.cat([w.delta_s_hack.detach().flatten() for w in wrappers.values()]).norm()),
+        "lr": lr, **timings}
+    for mode in MODES:
+        of_mode = [r for r in students if r.problem.mode == mode]
+        if of_mode:
+            figures[f"hack_s/{mode}"] = sum(r.exploited for r in of_mode) / len(of_mode)
+            figures[f"gt_s/{mode}"] = sum(r.gt_correct for r in of_mode) / len(of_mode)
+    figures["step_seconds"] = time.perf_counter() - start
+    return StepResult(step, rollouts, figures)
+
+
+def metrics_row(result: StepResult, basis_overlap: float | None = None, evaluation: dict | None = None) -> dict:
+    """The step's one metrics row: what it measured, the overlap of a refresh after it, and the
+    held-out evaluation after it (evaluate.metrics_row), when either happened."""
+    row = {"step": result.step, **result.figures}
+    if basis_overlap is not None:
+        row["basis_overlap"] = basis_overlap
+    if evaluation is not None:
+        row.update(evaluation_row(evaluation))
+    return row
