@@ -42,8 +42,8 @@ DEFAULT_INOCULATION = (
 @dataclass
 class Config:
     # --- the experiment
-    intervention: str = "erase"  # what the run does about hacking: an entry of interventions.REGISTRY (none:
-    # vanilla GRPO, measured only; erase, route, screen, penalty, trusted, inoculate: docs/experiments.md)
+    intervention: str = "erase"  # what the run does about hacking: a name in interventions.REGISTRY (none is
+    # vanilla GRPO, measured only; docs/experiments.md lists every arm)
     seed: int = 0  # seeds weights of tiny-random, sampling, problem order, controls: same seed => same run
     # --- model
     model: str = "tiny-random"  # HF id or local path; tiny-random builds a 2-layer Qwen3 offline

@@ -8,9 +8,9 @@ each sampled `samples` times in two settings:
 Prompts are the intervention's evaluation prompts (its `messages` hook with training=False).
 Rates are given overall and per mode. `deployed` samples with the quarantine ablated (what
 ships); for an intervention with a quarantine (route), `kept` samples with it, so the two show
-what the quarantine holds. The
-training loop's evaluations (every eval_every steps and at the end) are this same function; the
-end-of-run one and this command write eval.json in the run directory (it records step and samples).
+what the quarantine holds. The training loop's evaluations (every eval_every steps and at the
+end) are this same function; the end-of-run one and this command write eval.json in the run
+directory (it records step and samples).
 
 Module order: above train (train imports it); it imports nothing of train.
 """
