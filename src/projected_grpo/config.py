@@ -25,7 +25,9 @@ PROBLEM_SETS = {
 }
 GATES = ("one_sided", "no_gate", "reverse", "smoothed")
 CONTROLS = ("none", "random", "shuffled", "nonhack", "capacity")
-PAIR_SOURCES = ("templates", "pool")
+PAIR_SOURCES = ("templates", "pool", "self", "live")
+PAIR_CONTRASTS = ("clean", "failed")
+LIVE_LABELS = ("detector", "oracle")
 LR_SCHEDULES = ("cosine", "constant")
 GRADERS = ("fork", "spawn")  # sandbox.GRADERS (config imports nothing of the package)
 ADAM_LEAK = ("none", "moments", "update")
@@ -94,14 +96,24 @@ class Config:
     basis_k: int = 8  # rows extracted per layer
     basis_k_use: int = 0  # rows kept per layer after extraction (0: all k)
     basis_tau: float = 0.0  # drop axes with S_i / S_0 below this
+    basis_min_margin: float = 0.0  # drop rows whose orientation vote is within chance: keep a row only when
+    # |votes for - votes against| >= this many standard deviations of a fair coin's, sqrt(n) (0: keep every row)
     drop_bottom_frac: float = 0.0  # global noise floor: drop this quantile of all layers' singular values
     control: str = "none"  # negative control in place of the real basis: random, shuffled, nonhack; capacity (route
     # only): the main knob is erased along the real V, the quarantine fed along a random basis of the same size
     basis_modes: str = ",".join(MODES)  # the weak detector's known modes: pairs come only from these; the rest
     # of `modes` are held out from V, and their hack rates answer whether V reaches hacks it never saw
     loss_norm: str = "fixed"  # pair loss normalisation: fixed (as the live loss) or mean per completion
-    pairs: str = "templates"  # where V's (hack, clean) pairs come from: the package's templates, or the graded
-    # teacher pool's own (exploited, gt_correct) completions of a problem (kept out of the mixed-in teacher rows)
+    pairs: str = "templates"  # where V's pairs come from: the package's templates; the graded teacher pool's own
+    # rows (kept out of the mixed-in teacher rows); self: the model's own samples at the start of the run; live:
+    # the student's own recent rollouts, V re-extracted every refresh_every steps (docs/method.md)
+    pair_contrast: str = "clean"  # what a hack is set against: clean (a correct answer) or failed (an honest
+    # failure on the same problem: the contrast the reward pays for)
+    self_samples: int = 8  # pairs=self: samples per known-mode training problem drawn at the start of the run
+    live_window: int = 5  # pairs=live: V is built from the groups of the last this-many steps
+    live_labels: str = "detector"  # pairs=live: which rollouts are hacks. detector: the weak detector of the known
+    # modes (as screen uses it); oracle: the oracle's exploited label for every mode, a diagnostic CEILING (what
+    # projection could do with a V that knows every hack), never a method
     penalty_reward: float = 0.0  # under penalty, the reward a flagged rollout gets instead of its own
     inoculation_prompt: str = DEFAULT_INOCULATION  # under inoculate, appended to every student training prompt's
     # system message (evaluation prompts and teacher rows never carry it)
@@ -267,7 +279,8 @@ def validate(cfg: Config) -> None:
     entry point runs next: config sits below every module and imports none of them."""
     for name, allowed in (("gate", GATES), ("control", CONTROLS),
                           ("adam_leak", ADAM_LEAK), ("loss_norm", LOSS_NORMS), ("dtype", DTYPES),
-                          ("pairs", PAIR_SOURCES), ("lr_schedule", LR_SCHEDULES),
+                          ("pairs", PAIR_SOURCES), ("pair_contrast", PAIR_CONTRASTS), ("live_labels", LIVE_LABELS),
+                          ("lr_schedule", LR_SCHEDULES),
                           ("grader", GRADERS)):
         value = getattr(cfg, name)
         _check(value in allowed, name, f"{value!r} is not one of {', '.join(allowed)}")
@@ -277,7 +290,7 @@ def validate(cfg: Config) -> None:
         _check(not bad and len(modes) == len(set(modes)), name,
                f"unknown or repeated modes {bad or modes}; allowed: {', '.join(MODES)}")
     for name in ("steps", "group", "prompts_per_step", "max_new", "basis_k", "checkpoint_every", "eval_samples",
-                 "grade_seconds"):
+                 "grade_seconds", "self_samples", "live_window"):
         _check(getattr(cfg, name) >= 1, name, f"must be >= 1, got {getattr(cfg, name)}")
     for name in ("micro_batch", "eval_prompts", "warmup", "refresh_every", "eval_every", "log_completions",
                  "grade_workers", "basis_k_use", "threads"):
@@ -292,6 +305,11 @@ def validate(cfg: Config) -> None:
     _check(cfg.beta >= 0, "beta", f"must be >= 0, got {cfg.beta}")
     _check(cfg.clip_eps > 0, "clip_eps", f"must be > 0, got {cfg.clip_eps}")
     _check(cfg.overshoot > 0, "overshoot", f"must be > 0, got {cfg.overshoot}")
+    _check(cfg.basis_min_margin >= 0, "basis_min_margin", f"must be >= 0, got {cfg.basis_min_margin}")
+    _check(cfg.pairs == "live" or cfg.live_labels == "detector", "live_labels",
+           f"labels the live rollouts V is built from; --pairs={cfg.pairs} has none")
+    _check(cfg.pairs != "live" or cfg.refresh_every >= 1, "refresh_every",
+           "--pairs=live re-extracts V from recent rollouts every refresh_every steps: set it >= 1")
     _check(not cfg.trusted_from or Path(cfg.trusted_from).is_file(), "trusted_from", f"no file {cfg.trusted_from!r}")
     _check(0 <= cfg.gate_beta < 1, "gate_beta", f"must be in [0, 1), got {cfg.gate_beta}")
     _check(cfg.gate != "smoothed" or cfg.adam_leak != "update", "gate",
