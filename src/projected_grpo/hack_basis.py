@@ -9,6 +9,10 @@ GRPO loss gradient on the pair is their difference, so per layer
     D = P diag(S) Q               (SVD)
     V = top-k rows of Q, each oriented so most pairs have D_i . v > 0
 
+Every completion is scored to its end, never cut at max_new: a cut would silently drop the
+end of a labelled text. The basis metadata records the texts' lengths, and a text that
+cannot be scored whole is an error naming its pair.
+
 A live gradient g with V g > 0 is hack-ward (projection.py). Controls of the same
 shape tell hack removal apart from generic regularisation: `random` (random
 orthonormal rows), `shuffled` (each real row's coordinates permuted, then
@@ -27,6 +31,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -41,8 +46,6 @@ from .problems import ContrastPair, default_pairs
 
 log = logging.getLogger(__name__)
 
-
-
 REEXTRACT_HINT = "hack_basis CLI: --reextract; train: --reextract_basis=true"
 
 
@@ -52,6 +55,10 @@ class BasisCacheMismatch(InputError):
 
 class BasisFileError(InputError):
     """A basis file that cannot be read (truncated, not safetensors, not a basis)."""
+
+
+class TextTooLong(InputError):
+    """A completion that cannot be scored to its end: with its prompt it exceeds the model's context."""
 
 
 @dataclasses.dataclass
@@ -66,14 +73,27 @@ class HackBasis:
     def rows(self) -> dict[str, int]:
         return {name: v.shape[0] for name, v in self.V.items()}
 
+    def margins(self) -> dict[str, list[tuple[int, int]]]:
+        """Per layer, each row's orientation vote: (pairs for hack-ward, pairs against)."""
+        return {name: [(int(v), self.n_pairs - int(v)) for v in votes.tolist()] for name, votes in self.votes.items()}
+
     def summary(self) -> str:
-        lines = [f"{len(self.V)} layers, {sum(self.rows().values())} rows from {self.n_pairs} pairs"]
+        lines = [f"{len(self.V)} layers, {sum(self.rows().values())} rows from {self.n_pairs} pairs; votes per row "
+                 f"for:against (|for - against| in sds of a fair coin's)"]
+        margins = self.margins()
         for name, v in self.V.items():
             spec = self.spectrum[name]
             ratio = ", ".join(f"{x:.2f}" for x in (spec / spec[0].clamp_min(1e-30))[:6].tolist())
-            votes = "/".join(str(int(x)) for x in self.votes[name].tolist())
-            lines.append(f"  {name}: k={v.shape[0]} S/S0=[{ratio}] hack-ward votes={votes} of {self.n_pairs}")
+            sds = margin_sds(self.votes[name], self.n_pairs).tolist()
+            votes = " ".join(f"{a}:{b} ({z:.1f})" for (a, b), z in zip(margins[name], sds))
+            lines.append(f"  {name}: k={v.shape[0]} S/S0=[{ratio}] votes {votes}")
         return "\n".join(lines)
+
+
+def margin_sds(votes: torch.Tensor, n_pairs: int) -> torch.Tensor:
+    """|for - against| of each row's vote in standard deviations of a fair coin's: the sign test's
+    normal approximation (under chance, for - against has mean 0 and sd sqrt(n_pairs))."""
+    return (2 * votes.double() - n_pairs).abs() / math.sqrt(n_pairs)
 
 
 # ----------------------------------------------------------------------------- gradients
@@ -84,15 +104,29 @@ def completion_grads(model, tokenizer, wrappers, messages: list, completions: li
                      names: list[str] | None = None) -> dict[str, torch.Tensor]:
     """Per-completion knob gradients of the completion loss: layer -> (n, r), fp32.
 
-    loss_i = -sum_t log p(token_t) / max_new ("fixed", the live GRPO normalisation, so
-    long completions are not down-weighted) or / n_tokens_i ("mean"). One backward
-    per micro-batch; per-sequence gradients come from the adapter's autograd path.
+    Each completion is scored to its end (EOS included), however long: max_new only
+    normalises. loss_i = -sum_t log p(token_t) / max_new ("fixed", the live GRPO
+    normalisation, so long completions are not down-weighted; a text of n > max_new tokens
+    then weighs n / max_new of a full-length rollout) or / n_tokens_i ("mean"). One
+    backward per micro-batch; per-sequence gradients come from the adapter's autograd path.
+    A completion that does not fit the model's context with its prompt is a TextTooLong
+    naming it (names[i], else its index).
     """
     if loss_norm not in LOSS_NORMS:
         raise ValueError(f"loss_norm must be one of {LOSS_NORMS}, got {loss_norm!r}")
     device = next(model.parameters()).device
+
+    def label(i: int) -> str:
+        return names[i] if names else f"completion {i}"
+
     prompts = [encode_prompt(tokenizer, m) for m in messages]
-    outs = [encode_completion(tokenizer, c, max_new) for c in completions]
+    outs = [encode_completion(tokenizer, c, None) for c in completions]
+    context = model.config.get_text_config().max_position_embeddings
+    for i, (prompt, out) in enumerate(zip(prompts, outs)):
+        if len(prompt) + len(out) > context:
+            raise TextTooLong(f"{label(i)}: prompt and completion are {len(prompt)} + {len(out)} tokens, over the "
+                              f"model's context of {context}; a text is scored to its end, never cut: shorten it, "
+                              f"leave it out or use a model with a longer context")
     # Similar lengths share a micro-batch, so little of each batch is padding.
     order = sorted(range(len(outs)), key=lambda i: len(prompts[i]) + len(outs[i]))
     adapter.clear_grad_samples(wrappers)
@@ -109,8 +143,7 @@ def completion_grads(model, tokenizer, wrappers, messages: list, completions: li
             if bad:
                 j = min(bad, key=lambda j: batch[j])
                 i = batch[j]
-                raise FloatingPointError(f"non-finite completion loss ({losses[j].item()}) for "
-                                         f"{names[i] if names else f'completion {i}'}")
+                raise FloatingPointError(f"non-finite completion loss ({losses[j].item()}) for {label(i)}")
             losses.sum().backward()
     inverse = torch.empty(len(order), dtype=torch.long)
     inverse[torch.tensor(order)] = torch.arange(len(order))
@@ -133,7 +166,21 @@ def _pair_differences(model, tokenizer, wrappers, pairs, first, second, max_new,
     return {name: (g[0::2] - g[1::2]).cpu() for name, g in grads.items()}
 
 
-def _basis_from_differences(D: dict[str, torch.Tensor], k: int, tau: float) -> HackBasis:
+def _length_meta(tokenizer, sides: dict[str, list[str]], max_new: int) -> dict[str, str]:
+    """Basis metadata: per side (hack, clean, ...) the scored lengths of its texts in tokens, EOS included:
+    min / mean / max, and how many exceed max_new (no live rollout could be that long)."""
+    meta = {}
+    for side, texts in sides.items():
+        n = [len(encode_completion(tokenizer, text, None)) for text in texts]
+        meta[f"tokens_{side}"] = json.dumps({"min": min(n), "mean": round(sum(n) / len(n), 1), "max": max(n),
+                                             "over_max_new": sum(x > max_new for x in n)})
+    return meta
+
+
+def basis_from_differences(D: dict[str, torch.Tensor], k: int, tau: float) -> HackBasis:
+    """V from difference vectors (layer -> n x r, each row a hack-ward minus a clean gradient):
+    per layer the top-k right singular vectors of D, less those with S_i / S_0 < tau, each
+    oriented the way most rows of D point (`votes` counts them)."""
     V, S, spectrum, votes = {}, {}, {}, {}
     n_pairs = next(iter(D.values())).shape[0]
     for name, d in D.items():
@@ -155,16 +202,15 @@ def _basis_from_differences(D: dict[str, torch.Tensor], k: int, tau: float) -> H
 
 
 def _like(control: HackBasis, real: HackBasis) -> HackBasis:
-    """Cut a control to the real basis's per-layer rows and give it the real S values,
+    """Cut a control to the real basis's per-layer rows and give it the real S values and votes,
     so that postprocess() keeps exactly the same rows of both."""
-    V, votes = {}, {}
+    V = {}
     for name, rows in real.rows().items():
         have = control.V.get(name, torch.zeros(0, 1)).shape[0]
         if have < rows:
             raise ValueError(f"control basis has {have} rows in {name}, the real basis {rows}")
         V[name] = control.V[name][:rows]
-        votes[name] = control.votes[name][:rows]
-    return HackBasis(V=V, S=dict(real.S), spectrum=control.spectrum, votes=votes, n_pairs=control.n_pairs)
+    return dataclasses.replace(real, V=V, spectrum=control.spectrum)
 
 
 def extract_basis(model, tokenizer, wrappers, pairs: list[ContrastPair], k: int, tau: float = 0.0,
@@ -172,8 +218,9 @@ def extract_basis(model, tokenizer, wrappers, pairs: list[ContrastPair], k: int,
                   batch_size: int = 8, progress: bool = False) -> HackBasis:
     """V from labelled pairs at the model's current knob values (see the module docstring).
 
-    A control has the real basis's per-layer row counts and singular values, so the
-    same postprocess() keeps the same rows of each.
+    A control has the real basis's per-layer row counts, singular values and votes, so the
+    same postprocess() keeps the same rows of each. The metadata holds the texts' lengths
+    (`_length_meta`).
     """
     if control not in CONTROLS:
         raise ValueError(f"control must be one of {CONTROLS}, got {control!r}")
@@ -182,19 +229,19 @@ def extract_basis(model, tokenizer, wrappers, pairs: list[ContrastPair], k: int,
     if k < 1 or not 0 <= tau <= 1:
         raise ValueError(f"need k >= 1 and 0 <= tau <= 1, got k={k}, tau={tau}")
     args = (max_new, loss_norm, batch_size, progress)
-    D = _pair_differences(model, tokenizer, wrappers, pairs, [p.hack for p in pairs], [p.clean for p in pairs], *args)
-    real = _basis_from_differences(D, k, tau)
-    if control == "none":
-        return real
-    if control == "nonhack":
-        D_clean = _pair_differences(model, tokenizer, wrappers, pairs, [p.clean for p in pairs],
-                                    [p.clean_alt for p in pairs], *args)
-        return _like(_basis_from_differences(D_clean, k, 0.0), real)
-    if control == "capacity":
-        return real  # the main knob is erased along the real V; the quarantine's basis is random_like(V)
-    V = random_like(real.V, seed) if control == "random" else _shuffled_like(real.V, seed)
-    votes = {n: ((D[n].double() @ v.T.double()) > 0).sum(0) for n, v in V.items()}  # diagnostic only: not oriented
-    return HackBasis(V=V, S=dict(real.S), spectrum=real.spectrum, votes=votes, n_pairs=real.n_pairs)
+    sides = {"hack": [p.hack for p in pairs], "clean": [p.clean for p in pairs]}
+    D = _pair_differences(model, tokenizer, wrappers, pairs, sides["hack"], sides["clean"], *args)
+    real = basis_from_differences(D, k, tau)
+    if control in ("none", "capacity"):
+        basis = real  # capacity: the main knob is erased along the real V, the quarantine fed along random_like(V)
+    elif control == "nonhack":
+        sides["clean_alt"] = [p.clean_alt for p in pairs]
+        D_clean = _pair_differences(model, tokenizer, wrappers, pairs, sides["clean"], sides["clean_alt"], *args)
+        basis = _like(basis_from_differences(D_clean, k, 0.0), real)
+    else:
+        basis = dataclasses.replace(real, V=random_like(real.V, seed) if control == "random"
+                                    else _shuffled_like(real.V, seed))
+    return dataclasses.replace(basis, meta=_length_meta(tokenizer, sides, max_new))
 
 
 def _orthonormal_rows(raw: torch.Tensor) -> torch.Tensor:
@@ -239,12 +286,19 @@ def trusted_basis(model, tokenizer, wrappers, messages: list, completions: list[
     return T, w
 
 
-def postprocess(basis: HackBasis, k_use: int | None = None, drop_bottom_frac: float = 0.0) -> HackBasis:
-    """Keep the first k_use rows per layer, then apply a global noise floor: pool every
-    kept singular value across layers and drop rows below the drop_bottom_frac quantile.
+def postprocess(basis: HackBasis, k_use: int | None = None, drop_bottom_frac: float = 0.0,
+                min_margin: float = 0.0) -> HackBasis:
+    """Of the first k_use rows per layer, keep those that pass both filters, each judged on
+    those rows alone (so neither changes what the other keeps):
+    - the global noise floor: pool their singular values across layers and drop rows below
+      the drop_bottom_frac quantile;
+    - the sign test: drop rows whose orientation vote is within chance,
+      margin_sds(votes) < min_margin (0 keeps every row).
     Layers left with no row are dropped (projection skips them)."""
     if not 0 <= drop_bottom_frac < 1:
         raise ValueError(f"drop_bottom_frac must be in [0, 1), got {drop_bottom_frac}")
+    if min_margin < 0:
+        raise ValueError(f"min_margin must be >= 0, got {min_margin}")
     cut = {n: (k_use if k_use is not None else v.shape[0]) for n, v in basis.V.items()}
     floor = -1.0
     if drop_bottom_frac > 0:
@@ -252,7 +306,8 @@ def postprocess(basis: HackBasis, k_use: int | None = None, drop_bottom_frac: fl
         floor = torch.quantile(pooled.double(), drop_bottom_frac).item()
     out = HackBasis(V={}, S={}, spectrum=basis.spectrum, votes={}, n_pairs=basis.n_pairs, meta=dict(basis.meta))
     for name, v in basis.V.items():
-        keep = basis.S[name][:cut[name]] >= floor
+        keep = (basis.S[name][:cut[name]] >= floor) & (margin_sds(basis.votes[name][:cut[name]],
+                                                                  basis.n_pairs) >= min_margin)
         if keep.any():
             out.V[name] = v[:cut[name]][keep].contiguous()
             out.S[name] = basis.S[name][:cut[name]][keep]
@@ -305,18 +360,22 @@ def load_basis(path: str | Path) -> HackBasis:
 
 def basis_request(model_id: str, pairs: list[ContrastPair], modes, k: int, tau: float, loss_norm: str,
                   control: str, max_new: int, seed: int) -> dict[str, str]:
-    """The metadata a cached basis must match to be reused."""
+    """The metadata a cached basis must match to be reused. `texts: whole` says the pair texts are
+    scored to their end: a file extracted from texts cut at max_new (it has no such field)
+    mismatches instead of being reused."""
     return {"model": model_id, "pairs": pair_set_hash(pairs), "modes": ",".join(modes), "k": str(k),
             "tau": repr(float(tau)), "loss_norm": loss_norm, "control": control, "max_new": str(max_new),
-            "seed": str(seed) if control in ("random", "shuffled") else "-", "version": __version__}
+            "seed": str(seed) if control in ("random", "shuffled") else "-", "texts": "whole",
+            "version": __version__}
 
 
 def resolve_basis(path: str | Path, request: dict[str, str], extract, reextract: bool = False) -> HackBasis:
     """Load the cached basis at `path` if it matches `request` (a hit), else extract it.
 
     `extract()` returns a fresh HackBasis (a miss: it is saved atomically with the
-    request as metadata). A file made for a different request is an error that
-    names the differing fields; `reextract=True` replaces it.
+    request as metadata, beside what extraction measured, such as the texts' lengths).
+    A file made for a different request is an error that names the differing request
+    fields (only those are compared); `reextract=True` replaces it.
     """
     path = Path(path)
     if path.exists() and not reextract:
@@ -331,7 +390,7 @@ def resolve_basis(path: str | Path, request: dict[str, str], extract, reextract:
         return basis
     log.info("hack basis cache %s: %s", "refresh" if path.exists() else "miss", path)
     basis = extract()
-    basis.meta = dict(request)
+    basis.meta = {**basis.meta, **request}
     save_basis(basis, path)
     return basis
 

@@ -167,8 +167,8 @@ def encode_prompt(tokenizer, messages) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def encode_completion(tokenizer, text: str, max_new: int) -> list[int]:
-    """Completion ids ending in EOS, cut to max_new tokens as generation would cut them."""
+def encode_completion(tokenizer, text: str, max_new: int | None) -> list[int]:
+    """Completion ids ending in EOS, cut to max_new tokens as generation would cut them (None: whole)."""
     return (tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])[:max_new]
 
 
