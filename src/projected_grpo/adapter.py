@@ -229,6 +229,12 @@ def clear_grad_samples(wrappers: dict[str, AdapterLayer]) -> None:
         layer._grad_samples = []
 
 
+def pop_grad_samples(wrappers: dict[str, AdapterLayer]) -> dict[str, torch.Tensor]:
+    """The per-sequence gradients the last backward captured, taken out of the layers (earlier
+    backward calls' stay): a second backward through the same graph keeps its own apart."""
+    return {name: layer._grad_samples.pop() for name, layer in wrappers.items()}
+
+
 @contextlib.contextmanager
 def merged(wrappers: dict[str, AdapterLayer]):
     """Fold the knobs into merged weights W' = W + U diag(s) Vh for the block.

@@ -22,10 +22,11 @@ import torch
 from . import __version__, adapter, checkpoints, distributed, hack_basis, interventions, sandbox
 from .config import Config, ConfigError
 from .distributed import World
-from .files import iter_jsonl, write_directory_atomically
+from .files import iter_jsonl, write_atomically, write_directory_atomically
+from .grpo import Rollout, detected, sample_graded
 from .hack_basis import HackBasis
-from .model import load_model_and_tokenizer
-from .problems import ProblemFormatError, default_pairs, load_problems, split_held_out
+from .model import encode_prompt, load_model_and_tokenizer
+from .problems import ContrastPair, ProblemFormatError, default_pairs, load_problems, split_held_out
 from .teacher_pool import HOW_TO_BUILD, Pool, PoolFormatError, build_pool, load_pool, pairs_from_pool
 
 log = logging.getLogger("projected_grpo")
@@ -54,6 +55,9 @@ class Run:
     basis: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # the usable V per layer
     quarantine: dict[str, torch.Tensor] | None = None  # the capacity control's random rows for delta_s_hack
     trend: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # the smoothed gate's running means
+    live: list[tuple[int, dict]] = dataclasses.field(default_factory=list)  # pairs=live: (step, per-layer
+    # difference of a group's flagged and unflagged log-likelihood gradients), the last live_window steps'
+    notes: dict = dataclasses.field(default_factory=dict)  # what the summary reports of V's making
 
     def set_basis(self, basis: dict[str, torch.Tensor], trend: dict[str, torch.Tensor] | None = None) -> None:
         """A new V, and what depends on it: the capacity control's rows, and the smoothed gate's running
@@ -101,21 +105,26 @@ def resolve_pool(cfg: Config, train) -> Pool | None:
     return pool
 
 
-def pairs_and_pool(cfg: Config, train, pool: Pool | None):
-    """V's (hack, clean) pairs (templates, or the pool's own graded rows) and the pool the teacher
-    rows are drawn from: without the rows that became pairs, so the student never imitates them."""
-    if cfg.pairs == "pool":
-        pairs, used = pairs_from_pool(pool, train, cfg.basis_mode_list)
+def pairs_and_pool(cfg: Config, train, pool: Pool | None, own=None):
+    """V's pairs and the pool the teacher rows are drawn from: without the rows that became pairs, so
+    the student never imitates them. Pairs come from the templates, the pool's own graded rows, or
+    (self) own(), the model's own samples; live has none (V comes from the run's rollouts)."""
+    if cfg.pairs == "live":
+        pairs, where = [], ""
+    elif cfg.pairs == "self":
+        pairs, where = own(), ""
+    elif cfg.pairs == "pool":
+        pairs, used = pairs_from_pool(pool, train, cfg.basis_mode_list, cfg.pair_contrast)
         pool = pool.without(used)
         if cfg.control == "nonhack":  # it needs two different solutions of a problem
             pairs = [p for p in pairs if p.clean_alt != p.clean]
         nonhack = " (and, for the nonhack control, two different gt_correct rows)" if cfg.control == "nonhack" else ""
-        where = (f"no training problem in modes {cfg.basis_modes} has both an exploited and a gt_correct pool "
-                 f"row{nonhack}")
+        where = (f"no training problem in modes {cfg.basis_modes} has both an exploited and a "
+                 f"{'gt_correct' if cfg.pair_contrast == 'clean' else 'failed'} pool row{nonhack}")
     else:
-        pairs = default_pairs(modes=cfg.basis_mode_list, problems=train)
+        pairs = default_pairs(modes=cfg.basis_mode_list, problems=train, contrast=cfg.pair_contrast)
         where = f"no training problem has a mode in {cfg.basis_modes}"
-    if not pairs:
+    if not pairs and cfg.pairs != "live":
         raise ConfigError(f"--basis_modes: {where}")
     if cfg.teacher_group:
         missing = [p.id for p in train if not pool.rows_for(p.id)]
@@ -123,6 +132,72 @@ def pairs_and_pool(cfg: Config, train, pool: Pool | None):
             raise ConfigError(f"--teacher_pool: {pool.path} has no rows left for training problems {missing[:5]} "
                               f"(mix_ratio={cfg.mix_ratio} needs some for every problem; --pairs={cfg.pairs})")
     return pairs, pool if cfg.teacher_group else None
+
+
+def self_pairs(cfg: Config, model, tok, wrappers, train, workers, model_id: str) -> tuple[list, dict]:
+    """pairs=self: the model's own samples of the known modes' training problems, graded; each
+    completion the weak detector flags paired with an unflagged one of the same problem (a correct
+    one, or under pair_contrast=failed an honest failure: neither exploited nor correct), one to one.
+    Cached in out/pairs by the request's hash; returns the pairs and a report (pairs, problems
+    sampled, problems that gave none)."""
+    known = [p for p in train if p.mode in cfg.basis_mode_list]
+    request = {"model": model_id, "problems": sorted(p.id for p in known), "samples": cfg.self_samples,
+               "max_new": cfg.max_new, "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed,
+               "contrast": cfg.pair_contrast, "modes": list(cfg.basis_mode_list), "version": __version__}
+    key = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:16]
+    path = Path("out/pairs") / f"self-{key}.json"
+    if path.exists():
+        pairs, report = _cached_pairs(path, request)
+        log.info("self pairs cache hit: %s", path)
+    else:
+        log.info("self pairs cache miss: sampling %d completions of each of %d problems", cfg.self_samples,
+                 len(known))
+        pairs, report = _sample_pairs(cfg, model, tok, wrappers, known, workers)
+        write_atomically(path, json.dumps({"request": request, "report": report,
+                                           "pairs": [dataclasses.asdict(p) for p in pairs]}, indent=1))
+    if report["problems_without_a_pair"]:
+        log.info("self pairs: %d of %d problems gave no pair: %s", len(report["problems_without_a_pair"]),
+                 report["problems"], ", ".join(report["problems_without_a_pair"]))
+    if len(pairs) < cfg.basis_k:
+        raise ConfigError(f"--pairs=self: {len(pairs)} pairs from {report['problems']} problems "
+                          f"({len(report['problems_without_a_pair'])} gave none) are fewer than basis_k="
+                          f"{cfg.basis_k}; raise --self_samples or lower --basis_k")
+    return pairs, report
+
+
+def _cached_pairs(path: Path, request: dict) -> tuple[list, dict]:
+    try:
+        cached = json.loads(path.read_text())
+        differ = [k for k in request if cached["request"].get(k) != request[k]]
+        pairs = [ContrastPair(**{**p, "messages": tuple(p["messages"])}) for p in cached["pairs"]]
+        report = cached["report"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ConfigError(f"--pairs=self: cannot read the cached pairs {path} ({e}); delete it") from None
+    if differ:
+        raise ConfigError(f"--pairs=self: the cached pairs {path} were sampled for a different request "
+                          f"({', '.join(differ)} differ); delete it to sample them again")
+    return pairs, report
+
+
+def _sample_pairs(cfg: Config, model, tok, wrappers, known, workers) -> tuple[list, dict]:
+    prompts = [encode_prompt(tok, p.messages()) for p in known]
+    keys = [(cfg.seed, "self", p.id) for p in known]
+    ids, _, texts, grades, _ = sample_graded(model, tok, wrappers, known, prompts, cfg.self_samples, cfg, keys,
+                                             workers)
+    pairs, empty = [], []
+    for i, problem in enumerate(known):
+        graded = [Rollout(problem, [], ids[j], texts[j], False, grades[j].reward, grades[j].passed,
+                          grades[j].gt_correct, grades[j].exploited)
+                  for j in range(i * cfg.self_samples, (i + 1) * cfg.self_samples)]
+        hacks = [r.text for r in graded if detected(r, cfg.basis_mode_list)]
+        against = [r.text for r in graded if not detected(r, cfg.basis_mode_list)
+                   and (r.gt_correct if cfg.pair_contrast == "clean" else not (r.exploited or r.gt_correct))]
+        for j, (hack, other) in enumerate(zip(hacks, against)):
+            pairs.append(ContrastPair(problem.id, problem.mode, problem.user_prompt(), tuple(problem.messages()),
+                                      hack, other, against[(j + 1) % len(against)]))
+        if not hacks or not against:
+            empty.append(problem.id)
+    return pairs, {"pairs": len(pairs), "problems": len(known), "problems_without_a_pair": empty}
 
 
 # ----------------------------------------------------------------------------- bases
@@ -169,20 +244,25 @@ def extract(cfg: Config, model, tok, wrappers, pairs, progress: bool = False) ->
                                     cfg.max_new, cfg.control, cfg.seed, progress=progress)
 
 
-def usable(cfg: Config, basis: HackBasis) -> dict[str, torch.Tensor]:
-    """The rows the projection uses, on the model's device: k_use per layer, above the global noise floor."""
-    return on_device(hack_basis.postprocess(basis, cfg.basis_k_use or None, cfg.drop_bottom_frac).V, cfg.device)
+def usable(cfg: Config, basis: HackBasis, notes: dict | None = None) -> dict[str, torch.Tensor]:
+    """The rows the projection uses, on the model's device: k_use per layer, above the global noise floor,
+    oriented by more than basis_min_margin; their margins go in `notes` (the summary reports the latest V's)."""
+    kept = hack_basis.postprocess(basis, cfg.basis_k_use or None, cfg.drop_bottom_frac, cfg.basis_min_margin)
+    if notes is not None:
+        notes["basis_margins"] = {"pairs": kept.n_pairs, "rows": kept.margins()}
+    return on_device(kept.V, cfg.device)
 
 
-def basis_for(cfg: Config, model, tok, wrappers, pairs, model_id: str) -> dict[str, torch.Tensor]:
-    """V from the cache (hit), or extracted and cached (miss), then cut to the usable rows."""
+def basis_for(cfg: Config, model, tok, wrappers, pairs, model_id: str, notes: dict) -> dict[str, torch.Tensor]:
+    """V from the cache (hit), or extracted and cached (miss), then cut to the usable rows, whose
+    margins go in `notes`."""
     request = hack_basis.basis_request(model_id, pairs, cfg.basis_mode_list, cfg.basis_k, cfg.basis_tau,
                                        cfg.loss_norm, cfg.control, cfg.max_new, cfg.seed)
     key = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:16]
     path = cfg.basis_path or f"out/bases/{key}.safetensors"
     basis = hack_basis.resolve_basis(path, request, lambda: extract(cfg, model, tok, wrappers, pairs, progress=True),
                                      reextract=cfg.reextract_basis)
-    return usable(cfg, basis)
+    return usable(cfg, basis, notes)
 
 
 def shared(world: World, device: str, make) -> dict[str, torch.Tensor]:
@@ -206,15 +286,60 @@ def basis_overlap(old: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) ->
     return sum(float((old[n] @ new[n].T).square().sum()) / old[n].shape[0] for n in both) / len(layers)
 
 
-def refresh_basis(run: Run, step: int) -> float:
+def live_differences(cfg: Config, rollouts: list, nll_grad: dict[str, torch.Tensor]) -> list[dict]:
+    """pairs=live: per group holding both a flagged and an unflagged student rollout, the mean
+    log-likelihood gradient of the flagged minus that of the unflagged, per layer (on the CPU).
+
+    Flagged: the weak detector of the known modes, or (live_labels=oracle, the ceiling) the oracle's
+    exploited label in every mode. Under the detector a group of a held-out mode is skipped before any
+    label of it is read, so nothing of a held-out mode enters V. Groups are the contiguous
+    cfg.group rollouts of one problem, as collect_rollouts lays them out."""
+    out = []
+    for start in range(0, len(rollouts), cfg.group):
+        if cfg.live_labels == "detector" and rollouts[start].problem.mode not in cfg.basis_mode_list:
+            continue
+        students = [i for i in range(start, min(start + cfg.group, len(rollouts))) if not rollouts[i].teacher]
+        flags = {i: (detected(rollouts[i], cfg.basis_mode_list) if cfg.live_labels == "detector"
+                     else rollouts[i].exploited) for i in students}
+        flagged, unflagged = [i for i in students if flags[i]], [i for i in students if not flags[i]]
+        if flagged and unflagged:
+            out.append({n: (g[flagged].mean(0) - g[unflagged].mean(0)).cpu() for n, g in nll_grad.items()})
+    return out
+
+
+def live_basis(cfg: Config, live: list[tuple[int, dict]]) -> HackBasis | None:
+    """V from the buffered differences (hack_basis.basis_from_differences: each difference a row of D,
+    oriented by its vote), or a random basis of its shape for the random control; None while the
+    buffer is empty."""
+    rows = [d for _, differences in live for d in differences]
+    if not rows:
+        return None
+    real = hack_basis.basis_from_differences({n: torch.stack([d[n] for d in rows]) for n in rows[0]},
+                                             cfg.basis_k, cfg.basis_tau)
+    if cfg.control == "random":
+        return dataclasses.replace(real, V=hack_basis.random_like(real.V, cfg.seed))
+    return real
+
+
+def refresh_basis(run: Run, step: int) -> float | None:
     """V re-extracted (on rank 0, then sent to every rank) on the current model with the quarantine
-    ablated, set on `run`; returns its overlap with the basis it replaces."""
-    def make():
-        with adapter.ablate_quarantine(run.wrappers):
-            return usable(run.cfg, extract(run.cfg, run.model, run.tok, run.wrappers, run.pairs))
-    fresh = shared(run.world, run.cfg.device, make)
-    overlap = basis_overlap(run.basis, fresh)
-    if overlap < LOW_OVERLAP and run.world.main:
+    ablated, or (pairs=live) rebuilt from the buffered live differences, and set on `run`; returns
+    its overlap with the basis it replaces (None when there was none, or no live difference yet)."""
+    cfg = run.cfg
+    if cfg.pairs == "live":
+        basis = live_basis(cfg, run.live)
+        if basis is None:
+            log.info("step %d: no group of the last %d steps held a flagged and an unflagged rollout: V unchanged",
+                     step, cfg.live_window)
+            return None
+        fresh = shared(run.world, cfg.device, lambda: usable(cfg, basis, run.notes))
+    else:
+        def make():
+            with adapter.ablate_quarantine(run.wrappers):
+                return usable(cfg, extract(cfg, run.model, run.tok, run.wrappers, run.pairs), run.notes)
+        fresh = shared(run.world, cfg.device, make)
+    overlap = basis_overlap(run.basis, fresh) if run.basis else None
+    if overlap is not None and overlap < LOW_OVERLAP and run.world.main:
         warnings.warn(f"step {step}: basis refresh overlap {overlap:.2f} < {LOW_OVERLAP}: the refresh rotated "
                       f"the basis away from the previous one", stacklevel=1)
     run.set_basis(fresh)
@@ -250,18 +375,32 @@ def assemble(cfg: Config, world: World, model_path: str, train, held_out,
         model, tok = load_model_and_tokenizer(model_path, dtype=cfg.dtype, device=cfg.device, seed=cfg.seed)
         wrappers = adapter.wrap(model)
         pool = resolve_pool(cfg, train)
-    pairs, pool = pairs_and_pool(cfg, train, pool)
+    model_id = hack_basis.model_identity(cfg.model, wrappers)
+    workers = distributed.grade_workers(cfg, world)
+    notes = {}
+
+    def own():
+        with distributed.main_first(world):  # rank 0 samples and caches them; the others read the cache
+            pairs, notes["self_pairs"] = self_pairs(cfg, model, tok, wrappers, train, workers, model_id)
+        return pairs
+
+    pairs, pool = pairs_and_pool(cfg, train, pool, own)
     trusted = trusted_subspace(cfg, arm, model, tok, wrappers, pairs, train, world)
     params = [p for layer in wrappers.values() for p in (layer.delta_s, layer.delta_s_hack)]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
     run = Run(cfg, arm, world, model, tok, wrappers, train, held_out, pool, pairs, trusted, optimizer, scheduler,
-              distributed.grade_workers(cfg, world))
+              workers, notes=notes)
     if checkpoint is not None:
         state = checkpoints.load(checkpoint, wrappers, optimizer, scheduler)
         run.set_basis(state["basis"], state.get("trend", {}))
+        run.live = state.get("live", [])
         return run, state
-    model_id = hack_basis.model_identity(cfg.model, wrappers)
-    run.set_basis(shared(world, cfg.device, lambda: basis_for(cfg, model, tok, wrappers, pairs, model_id)))
+    if cfg.pairs == "live":
+        log.info("pairs=live: no V before the first refresh (step %d); until then the projection has no rows and "
+                 "the run is plain GRPO, its cin figures 0", cfg.refresh_every)
+    else:
+        run.set_basis(shared(world, cfg.device,
+                             lambda: basis_for(cfg, model, tok, wrappers, pairs, model_id, run.notes)))
     return run, None

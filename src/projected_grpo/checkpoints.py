@@ -44,13 +44,13 @@ def _rng_state() -> tuple:
     return torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
 
 
-def training_state(wrappers, optimizer, scheduler, basis: dict, trend: dict) -> dict:
-    """A copy of everything a checkpoint holds, taken now: knobs, optimizer, scheduler, RNG, basis and
-    the smoothed gate's trend. Knobs and their Adam moments are small (r per layer), so taking one
-    before every step is cheap."""
+def training_state(wrappers, optimizer, scheduler, basis: dict, trend: dict, live: list) -> dict:
+    """A copy of everything a checkpoint holds, taken now: knobs, optimizer, scheduler, RNG, basis, the
+    smoothed gate's trend and (pairs=live) the buffered differences V is rebuilt from. Knobs and their
+    Adam moments are small (r per layer), so taking one before every step is cheap."""
     return {"knobs": adapter.knob_state(wrappers), "optimizer": copy.deepcopy(optimizer.state_dict()),
             "scheduler": copy.deepcopy(scheduler.state_dict()), "rng": _rng_state(), "basis": basis,
-            "trend": {n: t.clone() for n, t in trend.items()}}
+            "trend": {n: t.clone() for n, t in trend.items()}, "live": list(live)}
 
 
 def save(run_dir: Path, step: int, state: dict, rows: list[dict]) -> Path:
@@ -64,7 +64,7 @@ def save(run_dir: Path, step: int, state: dict, rows: list[dict]) -> Path:
     adapter.save_tensors(state["knobs"], tmp / "knobs.safetensors")
     torch.save({"step": step, "optimizer": state["optimizer"], "scheduler": state["scheduler"],
                 "torch_rng": cpu_rng, "cuda_rng": cuda_rng, "basis": {n: v.cpu() for n, v in state["basis"].items()},
-                "trend": {n: t.cpu() for n, t in state["trend"].items()},
+                "trend": {n: t.cpu() for n, t in state["trend"].items()}, "live": state["live"],
                 "rows": [r for r in rows if r["step"] <= step]}, tmp / "state.pt")
     for path in tmp.iterdir():
         with open(path, "rb") as f:
@@ -79,7 +79,7 @@ def save(run_dir: Path, step: int, state: dict, rows: list[dict]) -> Path:
 
 def load(checkpoint: Path, wrappers, optimizer, scheduler) -> dict:
     """Knobs, optimizer, scheduler and the RNG from a checkpoint; returns its state (step, rows, basis,
-    trend)."""
+    trend, live)."""
     try:
         adapter.load_knobs(wrappers, checkpoint / "knobs.safetensors")
         state = torch.load(checkpoint / "state.pt", weights_only=False, map_location="cpu")

@@ -239,15 +239,18 @@ def make_config(preset: str, overrides: dict[str, str] | None = None) -> Config:
             raise ConfigError(f"unknown field --{name}{hint}")
         values[name] = _parse_value(by_name[name], raw)
     cfg = Config(**values)
-    cfg.run_name = cfg.run_name or run_name(preset, cfg.intervention, cfg.control, cfg.seed)
+    cfg.run_name = cfg.run_name or run_name(preset, cfg.intervention, cfg.control, cfg.seed,
+                                            ceiling=cfg.live_labels == "oracle")
     validate(cfg)
     return cfg
 
 
-def run_name(preset: str, intervention: str, control: str, seed: int, left_out: str | None = None) -> str:
-    """A run's default name, `<preset>-<intervention>[-<control>]-s<seed>[-lomo-<mode>]` (the mode a
-    leave-one-mode-out run holds out)."""
-    name = f"{preset}-{intervention}" + (f"-{control}" if control != "none" else "") + f"-s{seed}"
+def run_name(preset: str, intervention: str, control: str, seed: int, left_out: str | None = None,
+             ceiling: bool = False) -> str:
+    """A run's default name, `<preset>-<intervention>[-<control>][-ceiling]-s<seed>[-lomo-<mode>]` (ceiling:
+    its V knows the oracle's labels; left_out: the mode a leave-one-mode-out run holds out)."""
+    name = f"{preset}-{intervention}" + (f"-{control}" if control != "none" else "") + \
+        ("-ceiling" if ceiling else "") + f"-s{seed}"
     return name + (f"-lomo-{left_out}" if left_out else "")
 
 
@@ -308,12 +311,12 @@ def validate(cfg: Config) -> None:
     _check(cfg.basis_min_margin >= 0, "basis_min_margin", f"must be >= 0, got {cfg.basis_min_margin}")
     _check(cfg.pairs == "live" or cfg.live_labels == "detector", "live_labels",
            f"labels the live rollouts V is built from; --pairs={cfg.pairs} has none")
+    _check(cfg.pairs != "live" or cfg.control in ("none", "random", "capacity"), "control",
+           f"{cfg.control} needs pair texts; --pairs=live has only the rollouts' gradients (none, random, capacity)")
     _check(cfg.pairs != "live" or cfg.refresh_every >= 1, "refresh_every",
            "--pairs=live re-extracts V from recent rollouts every refresh_every steps: set it >= 1")
     _check(not cfg.trusted_from or Path(cfg.trusted_from).is_file(), "trusted_from", f"no file {cfg.trusted_from!r}")
     _check(0 <= cfg.gate_beta < 1, "gate_beta", f"must be in [0, 1), got {cfg.gate_beta}")
-    _check(cfg.gate != "smoothed" or cfg.adam_leak != "update", "gate",
-           "smoothed decides from the gradient's running mean; --adam_leak=update gates the step instead")
     _check(cfg.is_cap >= 1, "is_cap", f"must be >= 1 (a cap below 1 down-weights agreeing tokens), got {cfg.is_cap}")
     _check(cfg.temperature > 0 and 0 < cfg.top_p <= 1, "temperature",
            f"temperature must be > 0 and top_p in (0, 1], got {cfg.temperature}, {cfg.top_p}")

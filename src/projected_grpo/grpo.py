@@ -221,7 +221,10 @@ def _sampling_logprobs(chunk: list[Rollout], completion_mask: torch.Tensor) -> t
 def backward_rollouts(model, tokenizer, wrappers, rollouts: list[Rollout], cfg: Config) -> dict:
     """Score every rollout, backpropagate the loss, and keep per-rollout knob gradients.
 
-    Returns the loss, per-layer grad_sample (n_rollouts x r, rollout order), and sums with their
+    Returns the loss, per-layer grad_sample (n_rollouts x r, rollout order: each rollout's share of
+    the loss gradient, advantage-weighted, KL included), per-layer nll_grad (the same shape: each
+    rollout's own log-likelihood gradient, d(-sum log p / max_new), which no advantage and no KL
+    term touch: what the hack score and a live V read), and sums with their
     token counts (so ranks can add them before dividing): `kl` (K3 to the reference, over
     `tokens` completion tokens) and the sampler/scorer mismatch over `sampled_tokens` student
     tokens: with delta = log p_score - log p_sample, `sample_kl` = sum(exp(delta) - 1 - delta)
@@ -230,6 +233,8 @@ def backward_rollouts(model, tokenizer, wrappers, rollouts: list[Rollout], cfg: 
     weighted by min(exp(delta), is_cap), detached. delta_s.grad holds g_s + g_t afterwards.
     """
     device = next(model.parameters()).device
+    knobs = [layer.delta_s for layer in wrappers.values()]
+    nll_grads = {name: [] for name in wrappers}
     size = cfg.micro_batch or len(rollouts)
     total_loss, kl_sum, tokens = 0.0, 0.0, 0
     mismatch = {"sample_kl": 0.0, "sample_dlogp": 0.0, "is_truncated": 0.0}
@@ -258,10 +263,16 @@ def backward_rollouts(model, tokenizer, wrappers, rollouts: list[Rollout], cfg: 
             loss = policy_loss(logp, logp.detach(), ref, advantages, comp.float(), cfg, is_weight)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {loss.item()} in rollouts {start}..{start + len(chunk) - 1}")
+            # A second backward through the same graph, w.r.t. the knobs only (it leaves .grad alone): the
+            # adapter captures each rollout's log-likelihood gradient on the way, which is then set aside.
+            nll = -(logp * comp).sum() / cfg.max_new
+            torch.autograd.grad(nll, knobs, retain_graph=True)
+            for name, g in adapter.pop_grad_samples(wrappers).items():
+                nll_grads[name].append(g)
             loss.backward()
             total_loss += loss.item()
             tokens += int(comp.sum())
     grads = {name: layer.grad_sample for name, layer in wrappers.items()}
     adapter.clear_grad_samples(wrappers)
-    return {"loss": total_loss, "grad_sample": grads, "kl": kl_sum, "tokens": tokens, **mismatch,
-            "sampled_tokens": sampled_tokens}
+    return {"loss": total_loss, "grad_sample": grads, "nll_grad": {n: torch.cat(g) for n, g in nll_grads.items()},
+            "kl": kl_sum, "tokens": tokens, **mismatch, "sampled_tokens": sampled_tokens}

@@ -84,6 +84,9 @@ def check(cfg: Config) -> Intervention:
     if cfg.control != "none" and not arm.uses_basis:
         raise ConfigError(f"--control: {cfg.intervention} does not use the hack basis to train, so a control basis "
                           f"would change only its logging")
+    if arm.trusted_subspace and not cfg.trusted_from and (cfg.pairs == "live" or cfg.pair_contrast != "clean"):
+        raise ConfigError(f"--pairs: {cfg.intervention} keeps the subspace of the pairs' clean completions; "
+                          f"--pairs={cfg.pairs} --pair_contrast={cfg.pair_contrast} has none (give --trusted_from)")
     return arm
 
 
@@ -116,7 +119,7 @@ class Erase(Intervention):
 
     def update(self, run, before: dict) -> None:
         if run.cfg.adam_leak == "update":
-            projection.project_update(before, run.wrappers, run.basis, run.cfg.gate, run.cfg.overshoot)
+            projection.project_update(before, run.wrappers, run.basis, run.cfg.gate, run.cfg.overshoot, run.trend)
 
 
 class Route(Erase):

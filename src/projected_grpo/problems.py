@@ -414,18 +414,22 @@ class ContrastPair:
     prompt: str  # the user prompt, with `mode`'s hint
     messages: tuple  # chat messages (system, user) for the model's chat template
     hack: str  # completion that exploits `mode`
-    clean: str  # correct completion with an honest run_tests
-    clean_alt: str  # a second, differently worded clean completion (the nonhack control)
+    clean: str  # what the hack is set against: a correct completion with an honest run_tests, or (pair
+    # contrast "failed") an honest failure on the same problem
+    clean_alt: str  # a second, differently worded completion of the same kind (the nonhack control)
 
 
 def default_pairs(modes: tuple[str, ...] | list[str] | None = None,
-                  problems: list[Problem] | None = None) -> list[ContrastPair]:
+                  problems: list[Problem] | None = None, contrast: str = "clean") -> list[ContrastPair]:
     """One (hack, clean) pair per problem whose own mode is in `modes` (default: all).
 
     Problems keep their own mode, so pairs for a held-out mode never reach a basis
     built from the others; hack phrasings (the "pair" family, never the fixture
-    pool's) rotate across problems of a mode.
+    pool's) rotate across problems of a mode. contrast "failed" sets each hack against two
+    honest wrong answers (wrong_completion's variants) in place of the clean ones.
     """
+    if contrast not in ("clean", "failed"):
+        raise ValueError(f"contrast must be clean or failed, got {contrast!r}")
     modes = tuple(modes or MODES)
     unknown = [m for m in modes if m not in MODES]
     if unknown:
@@ -443,7 +447,7 @@ def default_pairs(modes: tuple[str, ...] | list[str] | None = None,
             prompt=problem.user_prompt(),
             messages=tuple(problem.messages()),
             hack=hack_completion(problem, problem.mode, variant),
-            clean=clean_completion(problem),
-            clean_alt=clean_completion(problem, variant=1),
+            clean=clean_completion(problem) if contrast == "clean" else wrong_completion(problem),
+            clean_alt=clean_completion(problem, variant=1) if contrast == "clean" else wrong_completion(problem, 1),
         ))
     return pairs

@@ -60,9 +60,7 @@ def project(g: torch.Tensor, V: torch.Tensor, gate: str = "one_sided", overshoot
     if gate == "smoothed" and trend is None:
         raise ValueError("the smoothed gate needs the coordinates' running mean (trend)")
     g = g.to(V.dtype)
-    c = _coords(g, V)
-    c_gate = {"one_sided": torch.relu, "no_gate": lambda c: c, "reverse": lambda c: 2 * c,
-              "smoothed": lambda c: c * (trend > 0)}[gate](c)
+    c_gate = _gated(_coords(g, V), gate, trend)
     removed = overshoot * torch.einsum("...k,...kr->...r", c_gate, V)
     g_proj = g - removed
     if preserve_magnitude:
@@ -72,6 +70,12 @@ def project(g: torch.Tensor, V: torch.Tensor, gate: str = "one_sided", overshoot
         removed_entirely = norm_proj <= PRESERVE_MAGNITUDE_RTOL * norm
         g_proj = torch.where(removed_entirely, torch.zeros_like(g_proj), g_proj * norm / norm_proj)
     return g_proj, removed, _cin(g, V), _cin(g_proj, V)
+
+
+def _gated(c: torch.Tensor, gate: str, trend: torch.Tensor | None) -> torch.Tensor:
+    """The coordinates the gate lets act: c_gate of the module docstring."""
+    return {"one_sided": torch.relu, "no_gate": lambda c: c, "reverse": lambda c: 2 * c,
+            "smoothed": lambda c: c * (trend > 0)}[gate](c)
 
 
 def null_cin(k: int, r: int) -> float:
@@ -103,7 +107,8 @@ def project_all(wrappers: dict, basis: dict[str, torch.Tensor], erase: bool = Fa
 
     Returns means over the layers acted on: `cin`, `cout` (of the gradient the optimizer will see,
     so cout == cin when only measured), `fired` (fraction of layers where the gate removed something;
-    0 when only measured), `cin_null` (the null baseline over the same layers) and the count `layers`.
+    0 when only measured), `gated_frac` (fraction of all rows whose gated coordinate acted; 0 when
+    only measured), `cin_null` (the null baseline over the same layers) and the count `layers`.
     """
     erase = erase or route
     if gate == "smoothed" and trend is None:
@@ -112,6 +117,7 @@ def project_all(wrappers: dict, basis: dict[str, torch.Tensor], erase: bool = Fa
         if not route or name not in basis:
             layer.delta_s_hack.grad = None
     cins, couts, fired, nulls = [], [], [], []
+    acting = rows_total = 0
 
     def gated(g, rows, names, tag=""):
         """project() along `rows`, keeping the smoothed gate's trend of their coordinates under name + tag."""
@@ -119,18 +125,20 @@ def project_all(wrappers: dict, basis: dict[str, torch.Tensor], erase: bool = Fa
         if gate == "smoothed":
             running = torch.stack([trend.get(n + tag, rows.new_zeros(rows.shape[1])).to(rows.device) for n in names])
         out = project(g, rows, gate, overshoot, preserve_magnitude and not tag, running)
+        c = _coords(g.to(rows.dtype), rows)
         if running is not None:
-            c = _coords(g.to(rows.dtype), rows)
             for i, n in enumerate(names):
                 trend[n + tag] = trend_beta * running[i] + (1 - trend_beta) * c[i]
-        return out
+        return (*out, int(_gated(c, gate, running).ne(0).sum()))
 
     # Layers of one shape are projected together: a few batched ops, not a dozen per layer.
     for names, V in _stacked(basis, [n for n in basis if n in wrappers and wrappers[n].delta_s.grad is not None]):
         grads = [wrappers[n].delta_s.grad for n in names]
         g = torch.stack(grads)
         V = V.to(grads[0].device)
-        g_proj, removed, cin, cout = gated(g, V, names)
+        g_proj, removed, cin, cout, gated_rows = gated(g, V, names)
+        acting += gated_rows * erase
+        rows_total += V.shape[0] * V.shape[1]
         to_quarantine = removed
         if route and quarantine is not None:
             to_quarantine = gated(g, torch.stack([quarantine[n] for n in names]).to(V.device), names, "#quarantine")[1]
@@ -148,7 +156,7 @@ def project_all(wrappers: dict, basis: dict[str, torch.Tensor], erase: bool = Fa
         return sum(xs) / len(xs) if xs else 0.0
 
     return {"cin": mean(cins), "cout": mean(couts), "fired": mean(fired), "cin_null": mean(nulls),
-            "layers": len(cins)}
+            "gated_frac": acting / rows_total if rows_total else 0.0, "layers": len(cins)}
 
 
 @torch.no_grad()
@@ -182,7 +190,7 @@ def hackward_fraction(grads: dict[str, torch.Tensor], basis: dict[str, torch.Ten
     Per-layer grads of shape (r,) give a 0-dim tensor; shape (n, r) (one row per rollout) gives
     each rollout's hack score, shape (n,). No layer in the basis gives 0.
     """
-    hack_sq = total_sq = torch.zeros(())
+    hack_sq = total_sq = torch.zeros(next(iter(grads.values())).shape[:-1] if grads else ())
     for names, V in _stacked(basis, [n for n in grads if n in basis]):
         g = torch.stack([grads[n] for n in names])  # (layers, [n,] r)
         V = V.to(g.device)
@@ -241,16 +249,21 @@ def update_hackward_fraction(before: dict[str, torch.Tensor], wrappers: dict,
 
 @torch.no_grad()
 def project_update(before: dict[str, torch.Tensor], wrappers: dict, basis: dict[str, torch.Tensor],
-                   gate: str = "one_sided", overshoot: float = 1.0):
+                   gate: str = "one_sided", overshoot: float = 1.0, trend: dict[str, torch.Tensor] | None = None):
     """Call after `optimizer.step()`: gate the step itself, delta_s = before - project(before - after).
 
     Exact whatever the optimizer did (moments, preconditioner, weight decay), at the price of a step
-    whose size Adam did not choose.
+    whose size Adam did not choose. Under the smoothed gate the decision is the raw gradient's, not
+    the step's: a row acts on the step while `trend` (project_all's running mean of the raw
+    gradient's coordinates, this step's included) is hack-ward; a layer without one acts nowhere.
     """
     steps = _descent(before, wrappers)
     for name, V in basis.items():
         if name not in steps:
             continue
         delta_s = wrappers[name].delta_s
-        step_proj = project(steps[name], V.to(delta_s.device), gate, overshoot)[0]
+        running = None
+        if gate == "smoothed":
+            running = trend.get(name, V.new_zeros(V.shape[0])).to(delta_s.device)
+        step_proj = project(steps[name], V.to(delta_s.device), gate, overshoot, trend=running)[0]
         delta_s.copy_(before[name] - step_proj.to(delta_s.dtype))

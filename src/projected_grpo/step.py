@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from . import distributed, projection
-from .assembly import Run
+from .assembly import Run, live_differences
 from .config import MODES
 from .evaluate import metrics_row as evaluation_row
 from .grpo import Rollout, auroc, backward_rollouts, collect_rollouts, detector_stats, repeated_fraction
@@ -74,7 +74,7 @@ def _backward(run: Run, rollouts: list[Rollout], zero_spread: int) -> dict:
     n = len(with_grad)
     if not all(bool(torch.isfinite(p.grad).all()) for p in with_grad):
         raise FloatingPointError("non-finite knob gradient")
-    return {"grad_sample": scored["grad_sample"], "g_s": dict(zip(layers, reduced[n:n + len(layers)])),
+    return {"nll_grad": scored["nll_grad"], "g_s": dict(zip(layers, reduced[n:n + len(layers)])),
             "g_t": dict(zip(layers, reduced[n + len(layers):-1])),
             **dict(zip((*SUMS, "zero_spread"), reduced[-1].tolist()))}
 
@@ -96,10 +96,16 @@ def train_step(run: Run, step: int) -> StepResult:
     t0 = time.perf_counter()
     cin_s = float(projection.hackward_fraction(scored["g_s"], basis))
     cin_t = float(projection.hackward_fraction(scored["g_t"], basis)) if cfg.teacher_group else None
-    # Each rollout's own hack score: how hack-ward its gradient alone points (logged, not trained on).
-    for r, score in zip(rollouts, projection.hackward_fraction(scored["grad_sample"], basis).tolist()):
+    # Each rollout's hack score: how hack-ward its own log-likelihood gradient points, whatever its advantage's
+    # sign and without the KL term (logged, not trained on).
+    for r, score in zip(rollouts, projection.hackward_fraction(scored["nll_grad"], basis).tolist()):
         r.hack_score = score
     stats = arm.gradient(run)
+    if cfg.pairs == "live":  # every rank's groups, so every rank rebuilds the same V from them
+        differences = [d for share in distributed.all_gather(run.world, live_differences(cfg, rollouts,
+                                                                                          scored["nll_grad"]))
+                       for d in share]
+        run.live = [(s, d) for s, d in run.live if s > step - cfg.live_window] + [(step, differences)]
     timings["t_project"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -123,7 +129,8 @@ def train_step(run: Run, step: int) -> StepResult:
         "loss": scored["loss"], "kl": scored["kl"] / max(scored["tokens"], 1), "grad_norm": grad_norm,
         "cin_s": cin_s, "cin_t": cin_t, "cin_null_s": _concatenated_null(basis, wrappers),
         "cin": stats["cin"], "cout": stats["cout"], "cin_null": stats["cin_null"],
-        "fired": stats["fired"], "update_hackward": projection.update_hackward_fraction(before, wrappers, basis),
+        "fired": stats["fired"], "gated_frac": stats["gated_frac"],
+        "update_hackward": projection.update_hackward_fraction(before, wrappers, basis),
         "hack_auroc": auroc([r.hack_score for r in students], [r.exploited for r in students]),
         **detector_stats(rollouts, cfg), "frac_zero_spread": scored["zero_spread"] / cfg.prompts_per_step,
         **{k: scored[k] / max(scored["sampled_tokens"], 1) for k in ("sample_kl", "sample_dlogp", "is_truncated")},

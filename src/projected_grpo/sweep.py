@@ -99,7 +99,8 @@ def expand_grid(preset: str, arms: list[tuple[str, str]], seeds: list[int], lomo
     for left_out in lomo_modes or [None]:
         for seed in seeds:
             for intervention, control in arms:
-                name = run_name(preset, intervention, control, seed, left_out)
+                name = run_name(preset, intervention, control, seed, left_out,
+                                ceiling=overrides.get("live_labels") == "oracle")
                 run_fields = {**overrides, "seed": str(seed), "intervention": intervention, "control": control,
                               "run_name": name, "out_dir": str(sweep_dir)}
                 if left_out:

@@ -143,19 +143,22 @@ class Pool:
         return "\n".join(lines)
 
 
-def pairs_from_pool(pool: Pool, problems: list[Problem], modes) -> tuple[list[ContrastPair], list[TeacherRow]]:
-    """(exploited, gt_correct) completions of one problem, from the pool's own graded rows, as pairs.
+def pairs_from_pool(pool: Pool, problems: list[Problem], modes,
+                    contrast: str = "clean") -> tuple[list[ContrastPair], list[TeacherRow]]:
+    """(exploited, gt_correct) completions of one problem, from the pool's own graded rows, as pairs;
+    contrast "failed": (exploited, neither exploited nor gt_correct), an honest failure.
 
-    Per problem of a mode in `modes` with at least one exploited and one gt_correct row: the
-    first of each (the second gt_correct row, if any, is the nonhack control's clean_alt; else
-    the same clean row, a zero difference). Returns the pairs and every row they used, which
+    Per problem of a mode in `modes` with at least one exploited and one contrast row: the
+    first of each (the second contrast row, if any, is the nonhack control's clean_alt; else
+    the same row, a zero difference). Returns the pairs and every row they used, which
     the caller keeps out of the mixed-in teacher rows so the student never imitates V's texts.
     """
     pairs, used = [], []
     for problem in problems:
         rows = pool.rows_for(problem.id)
         hacks = [r for r in rows if r.exploited]
-        cleans = [r for r in rows if r.gt_correct]
+        cleans = [r for r in rows if r.gt_correct] if contrast == "clean" else \
+            [r for r in rows if not r.exploited and not r.gt_correct]
         if problem.mode not in modes or not hacks or not cleans:
             continue
         clean_alt = cleans[1] if len(cleans) > 1 else cleans[0]

@@ -14,8 +14,10 @@ import dataclasses
 import fcntl
 import json
 import logging
+import math
 import os
 import signal
+import statistics
 import sys
 import threading
 import warnings
@@ -39,7 +41,12 @@ log = logging.getLogger("projected_grpo")
 
 # Metrics summarised as last-5-step means, with the direction that is good.
 SUMMARY_METRICS = {"hack_s": "down", "gt_s": "up", "reward": "up", "cin_s": "down", "cin_t": "down", "cin": "down",
-                   "cout": "down", "update_hackward": "down", "dS_hack_norm": "-"}
+                   "cout": "down", "update_hackward": "down", "gated_frac": "-", "dS_hack_norm": "-",
+                   "cin_null_s": "-", "cin_null": "-"}
+# Each projection figure's null, what a random direction would score (layers concatenated, or the per-layer
+# mean): a figure acts only where it is away from its null (and from the random control's figure).
+NULLS = {"cin_s": "cin_null_s", "cin_t": "cin_null_s", "update_hackward": "cin_null_s", "cin": "cin_null",
+         "cout": "cin_null"}
 LOW_FORMAT = 0.5  # a code-block rate falling below this: the policy is collapsing
 # What a resumed run may change: how long it runs and where it writes.
 RESUMABLE_CHANGES = {"steps", "resume", "out_dir"}
@@ -103,9 +110,21 @@ def run_auroc(run_dir: Path) -> float | None:
     return auroc([r["hack_score"] for r in records], [r["exploited"] for r in records])
 
 
+def _margins_line(margins: dict) -> str:
+    """V's rows' orientation votes in one line (summary.json lists every row's)."""
+    n = margins["pairs"]
+    rows = [abs(f - against) / math.sqrt(n) for layer in margins["rows"].values() for f, against in layer]
+    if not rows:
+        return "V's orientation margins: V has no rows"
+    return (f"V's orientation margins, |votes for - against| of {n} in sds of a fair coin's (sqrt(n)): median "
+            f"{statistics.median(rows):.2f}; {sum(z < 2 for z in rows)} of {len(rows)} rows within 2 sds")
+
+
 def summarize(cfg: Config, rows: list[dict], final_eval: dict, complete: bool,
-              hack_auroc: float | None = None) -> tuple[dict, str]:
-    """summary.json content and the plain-text table printed at the end."""
+              hack_auroc: float | None = None, notes: dict | None = None) -> tuple[dict, str]:
+    """summary.json content and the plain-text table printed at the end; `notes` (Run.notes) says how
+    V was made (its rows' orientation margins, the self pairs)."""
+    notes = notes or {}
     tail = rows[-5:]
     means = {}
     for key in SUMMARY_METRICS:
@@ -121,14 +140,26 @@ def summarize(cfg: Config, rows: list[dict], final_eval: dict, complete: bool,
                               "in_basis": mode in cfg.basis_mode_list}
     summary = {"run_name": cfg.run_name, "complete": complete, "steps_done": len(rows), "steps": cfg.steps,
                "intervention": cfg.intervention, "control": cfg.control, "seed": cfg.seed, "last5": means,
-               "first": first, "per_mode": per_mode, "eval": final_eval, "hack_auroc": hack_auroc}
-    lines = [f"run {cfg.run_name}: {len(rows)}/{cfg.steps} steps, arm={cfg.intervention}, control={cfg.control}",
-             f"{'metric':<16}{'first':>10}{'last-5':>10}  better"]
+               "first": first, "per_mode": per_mode, "eval": final_eval, "hack_auroc": hack_auroc, **notes}
+    ceiling = "  (a diagnostic CEILING: V from the oracle's labels, never a method)" \
+        if cfg.live_labels == "oracle" else ""
+    lines = [f"run {cfg.run_name}: {len(rows)}/{cfg.steps} steps, arm={cfg.intervention}, control={cfg.control}, "
+             f"pairs={cfg.pairs}{ceiling}",
+             f"{'metric':<16}{'first':>10}{'last-5':>10}  better  {'null':>6}"]
     for key, good in SUMMARY_METRICS.items():
+        if key in NULLS.values():
+            continue
         f, m = first.get(key), means[key]
         arrow = {"down": "↓", "up": "↑"}.get(good, " ")
-        lines.append(f"{key:<16}{_fmt(f):>10}{_fmt(m):>10}  {arrow}")
+        null = f"{_fmt(means.get(NULLS[key])):>6}" if key in NULLS else ""
+        lines.append(f"{key:<16}{_fmt(f):>10}{_fmt(m):>10}  {arrow}       {null}".rstrip())
     lines.append(f"{'hack_auroc':<16}{'':>10}{_fmt(hack_auroc):>10}  (the whole run: hack score vs exploited)")
+    if "basis_margins" in notes:
+        lines.append(_margins_line(notes["basis_margins"]))
+    if "self_pairs" in notes:
+        report = notes["self_pairs"]
+        lines.append(f"self pairs: {report['pairs']} from {report['problems']} problems, "
+                     f"{len(report['problems_without_a_pair'])} of which gave none")
     for mode, cell in per_mode.items():
         known = "in the basis" if cell["in_basis"] else "held out from the basis"
         lines.append(f"{mode:<16}hack {cell['hack']:.3f}  solve {cell['solve']:.3f}  (last 5, {known})")
@@ -238,7 +269,7 @@ def _step(run: Run, step: int) -> tuple[dict, StepResult]:
 
 
 def _state(run: Run) -> dict:
-    return checkpoints.training_state(run.wrappers, run.optimizer, run.scheduler, run.basis, run.trend)
+    return checkpoints.training_state(run.wrappers, run.optimizer, run.scheduler, run.basis, run.trend, run.live)
 
 
 def _loop(run: Run, run_dir: Path, rows: list[dict], stop: list) -> None:
@@ -313,7 +344,7 @@ def _run(cfg: Config, preset: str, world: World) -> dict:
     result = evaluate(run.model, run.tok, run.wrappers, run.held_out, cfg, cfg.steps, cfg.eval_samples, run.workers)
     save_evaluation(run_dir, result, cfg.steps, cfg.eval_samples, run.held_out)
     summary, table = summarize(cfg, rows, metrics_row(result), complete=len(rows) == cfg.steps,
-                               hack_auroc=run_auroc(run_dir))
+                               hack_auroc=run_auroc(run_dir), notes=run.notes)
     write_atomically(run_dir / "summary.json", json.dumps(summary, indent=2))
     write_atomically(run_dir / "summary.txt", table + "\n")
     print(table)

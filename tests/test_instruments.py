@@ -1,0 +1,226 @@
+"""The fair-test instruments: the hack score, pair contrasts, self and live pairs, the update path."""
+
+import json
+import types
+
+import pytest
+import torch
+
+from projected_grpo import adapter, assembly, checkpoints, grpo, projection
+from projected_grpo.config import ConfigError, make_config
+from projected_grpo.model import load_model_and_tokenizer, pad_batch, token_logprobs
+from projected_grpo.problems import builtin_problems, default_pairs, wrong_completion
+from projected_grpo.rewards import Reward, grade_batch
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    import os
+
+    os.environ.setdefault("PROJECTED_GRPO_CACHE", str(tmp_path_factory.mktemp("cache")))
+    model, tok = load_model_and_tokenizer("tiny-random", seed=0)
+    return model, tok, adapter.wrap(model)
+
+
+def _rollouts(tiny, cfg):
+    model, tok, wrappers = tiny
+    problems = builtin_problems()[:cfg.prompts_per_step]
+    rollouts, _ = grpo.collect_rollouts(model, tok, wrappers, problems, None, cfg, 1, 1)
+    return rollouts
+
+
+def test_the_hack_score_reads_each_rollouts_own_likelihood_gradient_whatever_its_advantage_and_the_kl(tiny):
+    model, tok, wrappers = tiny
+    cfg = make_config("smoke", {"group": "3", "prompts_per_step": "1", "max_new": "10", "mix_ratio": "0"})
+    rollouts = _rollouts(tiny, cfg)
+    with torch.no_grad():  # knobs away from the reference, so the KL term has a gradient
+        for layer in wrappers.values():
+            layer.delta_s.normal_(0, 0.05)
+    outs = []
+    for sign, beta in ((1.0, 0.0), (-1.0, 0.5)):
+        for i, r in enumerate(rollouts):
+            r.advantage = sign * (1.0 if i % 2 else -0.5)
+        scoring = make_config("smoke", {"group": "3", "prompts_per_step": "1", "max_new": "10", "mix_ratio": "0",
+                                        "beta": str(beta)})
+        outs.append(grpo.backward_rollouts(model, tok, wrappers, rollouts, scoring))
+        for layer in wrappers.values():
+            layer.delta_s.grad = None
+    name = next(iter(wrappers))
+    torch.testing.assert_close(outs[0]["nll_grad"][name], outs[1]["nll_grad"][name])
+    assert not torch.allclose(outs[0]["grad_sample"][name], outs[1]["grad_sample"][name])
+    # Each row is that rollout's d(-sum log p / max_new), computed here one rollout at a time.
+    for i, r in enumerate(rollouts[:2]):
+        ids, attn, comp = pad_batch([r.prompt_ids], [r.completion_ids], tok.pad_token_id)
+        with adapter.scoring(wrappers):
+            (-(token_logprobs(model, ids, attn, comp) * comp).sum() / cfg.max_new).backward()
+        torch.testing.assert_close(outs[0]["nll_grad"][name][i], wrappers[name].delta_s.grad, rtol=1e-4, atol=1e-7)
+        for layer in wrappers.values():
+            layer.delta_s.grad = None
+    with torch.no_grad():
+        for layer in wrappers.values():
+            layer.delta_s.zero_()
+
+
+def test_a_planted_hack_direction_scores_hacks_apart_and_a_random_v_does_not():
+    gen = torch.Generator().manual_seed(0)
+    r, n = 64, 400
+    direction = torch.randn(r, generator=gen)
+    direction /= direction.norm()
+    hacks = torch.rand(n, generator=gen) < 0.3
+    grads = torch.randn(n, r, generator=gen) + 3.0 * hacks[:, None] * direction  # hacks pull along it
+    planted = direction[None]  # V of one row, along the hacks' pull
+    random_v = torch.linalg.qr(torch.randn(r, 1, generator=gen))[0].T
+    score = {name: projection.hackward_fraction({"a": grads}, {"a": V}).tolist()
+             for name, V in (("planted", planted), ("random", random_v))}
+    assert grpo.auroc(score["planted"], hacks.tolist()) >= 0.95
+    assert 0.4 <= grpo.auroc(score["random"], hacks.tolist()) <= 0.6
+
+
+def _group(mode, flags, exploited=None):
+    problem = types.SimpleNamespace(mode=mode, id=f"p-{mode}")
+    exploited = flags if exploited is None else exploited
+    return [grpo.Rollout(problem, [], [], "", False, 0.0, e, False, e) for e in exploited]
+
+
+def test_a_live_v_from_planted_group_differences_recovers_the_direction():
+    cfg = make_config("smoke", {"group": "4", "mix_ratio": "0", "pairs": "live", "refresh_every": "1",
+                                "basis_k": "2", "basis_modes": "run_tests"})
+    gen = torch.Generator().manual_seed(1)
+    r = 32
+    direction = torch.randn(r, generator=gen)
+    direction /= direction.norm()
+    live = []
+    for step in range(6):
+        group = _group("run_tests", [True, False, True, False])
+        g = torch.randn(4, r, generator=gen) * 0.1 + torch.tensor([1.0, 0, 1.0, 0])[:, None] * direction
+        live.append((step, assembly.live_differences(cfg, group, {"layer": g})))
+    assert all(len(d) == 1 for _, d in live)
+    basis = assembly.live_basis(cfg, live)
+    assert float(basis.V["layer"][0] @ direction) > 0.95  # the row, oriented hack-ward
+    random_basis = assembly.live_basis(make_config("smoke", {"pairs": "live", "refresh_every": "1",
+                                                             "control": "random", "basis_k": "2"}), live)
+    assert abs(float(random_basis.V["layer"][0] @ direction)) < 0.8
+    assert assembly.live_basis(cfg, []) is None
+
+
+def test_live_never_reads_a_held_out_modes_label_and_the_ceiling_reads_every_mode():
+    class Unread:
+        def __get__(self, obj, kind=None):
+            raise AssertionError("a held-out mode's label was read")
+
+    class HeldOut(grpo.Rollout):
+        exploited = Unread()
+
+    problem = types.SimpleNamespace(mode="exit_code", id="held")
+    held = [HeldOut.__new__(HeldOut) for _ in range(2)]
+    for h in held:
+        object.__setattr__(h, "problem", problem)
+        object.__setattr__(h, "teacher", False)
+    known = _group("run_tests", [True, False])
+    cfg = make_config("smoke", {"group": "2", "mix_ratio": "0", "pairs": "live", "refresh_every": "1",
+                                "basis_modes": "run_tests"})
+    grads = {"layer": torch.randn(4, 8)}
+    assert len(assembly.live_differences(cfg, held + known, grads)) == 1  # the known group only
+    ceiling = make_config("smoke", {"group": "2", "mix_ratio": "0", "pairs": "live", "refresh_every": "1",
+                                    "basis_modes": "run_tests", "live_labels": "oracle"})
+    assert ceiling.run_name == "smoke-erase-ceiling-s0"
+    oracle_group = _group("exit_code", [True, False])
+    assert len(assembly.live_differences(ceiling, oracle_group + known, grads)) == 2
+
+
+def test_failed_contrast_sets_a_hack_against_an_honest_failure(problems):
+    pairs = default_pairs(modes=("run_tests",), problems=problems, contrast="failed")
+    assert pairs and all(p.clean == wrong_completion(next(q for q in problems if q.id == p.problem_id))
+                         for p in pairs)
+    grades = grade_batch([p.clean for p in pairs], [next(q for q in problems if q.id == p.problem_id)
+                                                     for p in pairs])
+    assert not any(g.passed or g.gt_correct or g.exploited for g in grades)
+    with pytest.raises(ValueError, match="clean or failed"):
+        default_pairs(contrast="worse")
+
+
+def test_self_pairs_pair_flagged_with_unflagged_samples_and_are_cached(tmp_path, monkeypatch, tiny):
+    monkeypatch.chdir(tmp_path)
+    model, tok, wrappers = tiny
+    cfg = make_config("smoke", {"pairs": "self", "self_samples": "2", "basis_k": "2", "basis_modes": "run_tests",
+                                "modes": "run_tests,exit_code", "pair_contrast": "failed"})
+    train = [p for p in builtin_problems() if p.mode in ("run_tests", "exit_code")]
+    known = [p for p in train if p.mode == "run_tests"]
+    calls = []
+
+    def planted(model, tok, wrappers, problems, prompts, n, cfg, keys, workers):
+        calls.append([p.id for p in problems])
+        texts, grades = [], []
+        for i, p in enumerate(problems):  # every other problem hacks once and fails once
+            for j in range(n):
+                hack = i % 2 == 0 and j == 0
+                texts.append(f"{p.id}-{'hack' if hack else 'fail'}")
+                grades.append(Reward(1.25 if hack else 0.25, hack, False, hack, "x", True, p.mode))
+        return [[1]] * len(texts), None, texts, grades, {}
+
+    monkeypatch.setattr(assembly, "sample_graded", planted)
+    pairs, report = assembly.self_pairs(cfg, model, tok, wrappers, train, 1, "model#1")
+    assert calls == [[p.id for p in known]]  # only the known modes' problems are sampled
+    assert [(p.hack, p.clean) for p in pairs] == [(f"{p.id}-hack", f"{p.id}-fail") for p in known[::2]]
+    assert report == {"pairs": len(known[::2]), "problems": len(known),
+                      "problems_without_a_pair": [p.id for p in known[1::2]]}
+    again, _ = assembly.self_pairs(cfg, model, tok, wrappers, train, 1, "model#1")  # a hit: no sampling
+    assert again == pairs and len(calls) == 1
+    cached = next((tmp_path / "out/pairs").iterdir())
+    record = json.loads(cached.read_text())
+    record["request"]["samples"] = 99
+    cached.write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match="sampled for a different request \\(samples differ\\)"):
+        assembly.self_pairs(cfg, model, tok, wrappers, train, 1, "model#1")
+    with pytest.raises(ConfigError, match="fewer than basis_k=8; raise --self_samples"):
+        assembly.self_pairs(make_config("smoke", {"pairs": "self", "basis_modes": "run_tests"}),
+                            model, tok, wrappers, train, 1, "model#2")
+
+
+def test_the_update_path_works_under_the_smoothed_gate():
+    V = torch.eye(3)[:2]
+    before = {"a": torch.zeros(3)}
+    layer = types.SimpleNamespace(delta_s=torch.nn.Parameter(torch.tensor([-1.0, -1.0, -1.0])))
+    # A step of -1 on every coordinate (descent +1: hack-ward on both rows); only row 0's trend is hack-ward.
+    projection.project_update(before, {"a": layer}, {"a": V}, "smoothed", trend={"a": torch.tensor([0.5, -0.5])})
+    torch.testing.assert_close(layer.delta_s.detach(), torch.tensor([0.0, -1.0, -1.0]))
+    layer.delta_s.data.fill_(-1.0)
+    projection.project_update(before, {"a": layer}, {"a": V}, "smoothed", trend={})  # no trend: nothing acts
+    torch.testing.assert_close(layer.delta_s.detach(), torch.tensor([-1.0, -1.0, -1.0]))
+    cfg = make_config("smoke", {"gate": "smoothed", "adam_leak": "update"})  # no longer refused
+    assert cfg.gate == "smoothed"
+
+
+def test_gated_frac_counts_the_rows_that_act():
+    g = torch.tensor([1.0, -1.0, 0.5, 0.0])
+    V = torch.eye(4)[:2]
+    layer = types.SimpleNamespace(delta_s=torch.nn.Parameter(torch.zeros(4)),
+                                  delta_s_hack=torch.nn.Parameter(torch.zeros(4)), r=4)
+    layer.delta_s.grad = g.clone()
+    assert projection.project_all({"a": layer}, {"a": V}, erase=True)["gated_frac"] == 0.5  # one_sided: row 0
+    layer.delta_s.grad = g.clone()
+    assert projection.project_all({"a": layer}, {"a": V})["gated_frac"] == 0.0  # measured only
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"live_labels": "oracle"}, "--live_labels: labels the live rollouts"),
+    ({"pairs": "live"}, "--refresh_every: --pairs=live re-extracts"),
+    ({"pairs": "live", "refresh_every": "5", "control": "shuffled"}, "--control: shuffled needs pair texts"),
+    ({"pair_contrast": "worse"}, "--pair_contrast: 'worse' is not one of clean, failed"),
+    ({"basis_min_margin": "-1"}, "--basis_min_margin: must be >= 0"),
+])
+def test_instrument_fields_are_validated(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        make_config("smoke", overrides)
+
+
+def test_a_checkpoint_keeps_the_live_buffer(tmp_path, tiny):
+    _, _, wrappers = tiny
+    params = [p for layer in wrappers.values() for p in (layer.delta_s, layer.delta_s_hack)]
+    optimizer = torch.optim.AdamW(params)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    live = [(3, [{"layer": torch.arange(4.0)}])]
+    state = checkpoints.training_state(wrappers, optimizer, scheduler, {}, {}, live)
+    path = checkpoints.save(tmp_path, 3, state, [{"step": 3}])
+    loaded = checkpoints.load(path, wrappers, optimizer, scheduler)
+    assert loaded["live"][0][0] == 3 and torch.equal(loaded["live"][0][1][0]["layer"], torch.arange(4.0))
