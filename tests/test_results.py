@@ -8,6 +8,7 @@ from projected_grpo.results import (
     DEFAULT_HYPOTHESIS,
     INCONCLUSIVE,
     MISSING,
+    NOT_LOGGED,
     NOT_SUPPORTED,
     SUPPORTED,
     T_975,
@@ -20,6 +21,7 @@ from projected_grpo.results import (
     parse_hypothesis,
     plot_files,
     read_metrics,
+    rolling_means,
     t_975,
 )
 
@@ -29,9 +31,10 @@ BASE_CONFIG = {"preset": "fast", "model": "tiny", "steps": 8, "mix_ratio": 0.5, 
 
 def make_run(root, name, *, seed=0, intervention="none", control="none", hack=None, solve=None, steps=8,
              rows=None, summary=True, complete=True, steps_done=None, extra_rows=(), raw_tail="", auroc=None,
-             **config):
+             fields=None, **config):
     """A run dir as train writes it. `hack`/`solve` are per-step lists (or one constant) for hack_s/gt_s;
-    `auroc`, when given, is a per-step list for hack_auroc (older runs do not log it)."""
+    `auroc`, when given, is a per-step list for hack_auroc (older runs do not log it); `fields`, more keys
+    every row carries."""
     run_dir = root / name
     run_dir.mkdir(parents=True)
     cfg = {**BASE_CONFIG, "intervention": intervention, "control": control, "seed": seed, "steps": steps,
@@ -46,6 +49,7 @@ def make_run(root, name, *, seed=0, intervention="none", control="none", hack=No
                "cin_s": 0.2, "cin_t": None, "cin_null_s": 0.1, "cout": 0.0, "loss": 0.0, "grad_norm": 1.0}
         if auroc is not None:
             row["hack_auroc"] = auroc[i]
+        row.update(fields or {})
         lines.append(json.dumps(row))
     lines += [json.dumps(r) for r in extra_rows]
     (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n" + raw_tail)
@@ -76,9 +80,9 @@ def test_last_mean_uses_the_last_five_steps_and_skips_nulls():
     assert last_mean([{"hack_t": None}], "hack_t") is None
 
 
-def interval_text(mean, sd, n, t, signed=False):
+def interval_text(mean, sd, n, t, signed=False, places=3):
     """The cell for a mean with a t interval, from numbers worked out in the test."""
-    spec = "+.3f" if signed else ".3f"
+    spec = f"{'+' if signed else ''}.{places}f"
     half = t * sd / math.sqrt(n)
     return f"{mean:{spec}} [{mean - half:{spec}}, {mean + half:{spec}}]"
 
@@ -469,3 +473,212 @@ def test_report_links_the_plots_that_exist(tmp_path):
     folder = "plots/fast_tiny_mix0.5_basis-run_tests+sentinel"
     assert (f"Plots: [hack and solve over steps]({folder}/rates.png) · [cin_s and cin_t over steps]({folder}/cin.png)"
             f" · [final hack vs solve]({folder}/final.png)") in (out / "results.md").read_text()
+
+
+# --- the time course, the nulls, the ceiling
+
+
+def curve(rise_at, low=0.0, high=1.0, steps=40):
+    """A planted hack curve: `low` before step rise_at, `high` from it on."""
+    return [low if step < rise_at else high for step in range(1, steps + 1)]
+
+
+def test_rolling_means_use_full_windows_only():
+    assert rolling_means([1, 2, 3, 4, 5], window=2) == [1.5, 2.5, 3.5, 4.5]
+    assert rolling_means([0.0] * 9) == []  # fewer steps than one window: nothing to time
+
+
+def test_time_course_run_mean_and_early_window(tmp_path):
+    make_run(tmp_path, "van0", steps=12, hack=[0, 0, 0] + [1] * 9)
+    make_run(tmp_path, "van1", seed=1, steps=12, hack=[0.5] * 3 + [1] * 9)
+    make_run(tmp_path, "erase0", intervention="erase", steps=12, hack=[0.25] * 12)
+    make_run(tmp_path, "erase1", seed=1, intervention="erase", steps=12, hack=[0, 0.75, 0] + [0] * 9)
+    report = build_report(tmp_path)
+    # 12 steps: the early window is a quarter of them, 3
+    assert "Time course of hack (hack_early: the first 3 steps):" in report
+    rows = table_rows(report, "Time course of hack")
+    # run means: vanilla 9/12 and 10.5/12; erase 3/12 and 0.75/12; early: vanilla 0 and 0.5, erase 0.25 and 0.25
+    assert rows["none"][:3] == ["2", interval_text(0.8125, statistics.stdev([0.75, 0.875]), 2, 12.706),
+                                interval_text(0.25, statistics.stdev([0, 0.5]), 2, 12.706)]
+    assert rows["erase"][1:3] == [interval_text(0.15625, statistics.stdev([0.25, 0.0625]), 2, 12.706),
+                                  "0.250 [0.250, 0.250]"]
+    # Δ run mean -0.5 and -0.8125; Δ early +0.25 and -0.25
+    assert rows["erase"][4:6] == [
+        interval_text(-0.65625, statistics.stdev([-0.5, -0.8125]), 2, 12.706, signed=True),
+        interval_text(0, statistics.stdev([0.25, -0.25]), 2, 12.706, signed=True)]
+
+    # --early_steps 4: vanilla 0.25 and 0.625, erase 0.25 and 0.1875
+    report = build_report(tmp_path, early_steps=4)
+    assert "Time course of hack (hack_early: the first 4 steps):" in report
+    rows = table_rows(report, "Time course of hack")
+    assert rows["none"][2] == interval_text(0.4375, statistics.stdev([0.25, 0.625]), 2, 12.706)
+    assert rows["erase"][2] == interval_text(0.21875, statistics.stdev([0.25, 0.1875]), 2, 12.706)
+
+
+def test_delay_of_a_planted_curve(tmp_path):
+    # vanilla: 0.25 up to step 20, 0.75 from step 21: its rise's midpoint is 0.5. The trailing 10-step mean
+    # holding k steps at 0.75 is 0.25 + 0.05 k, which reaches 0.5 at k = 5, step 25.
+    # erase climbs to 1.0 instead: 0.25 + 0.075 k reaches 0.5 at k = 4, so 3 steps after it starts.
+    for seed, erase_rises_at in ((0, 31), (1, 27)):
+        make_run(tmp_path, f"van{seed}", seed=seed, steps=40, hack=curve(21, low=0.25, high=0.75))
+        make_run(tmp_path, f"erase{seed}", seed=seed, intervention="erase", steps=40,
+                 hack=curve(erase_rises_at, low=0.25, high=1.0))
+    report = build_report(tmp_path)
+    rows = table_rows(report, "Time course of hack")
+    assert rows["none"][3] == "25.0 [25.0, 25.0]"
+    # erase: steps 34 and 30; Δ +9 and +5
+    assert rows["erase"][3] == interval_text(32, statistics.stdev([34, 30]), 2, 12.706, places=1)
+    assert rows["erase"][6] == interval_text(7, statistics.stdev([9, 5]), 2, 12.706, signed=True, places=1)
+    assert rows["erase"][6] == "+7.0 [-18.4, +32.4]"
+    assert ("Vanilla's hack over its first → last 10 steps: seed 0: 0.250 → 0.750, midpoint 0.500; "
+            "seed 1: 0.250 → 0.750, midpoint 0.500.") in report
+
+
+def test_censored_delay_is_shown_and_enters_as_the_step_after_the_run(tmp_path):
+    for seed in (0, 1):
+        make_run(tmp_path, f"van{seed}", seed=seed, steps=40, hack=curve(21))  # midpoint 0.5, reached at step 25
+    make_run(tmp_path, "erase0", intervention="erase", steps=40, hack=[0.4] * 40)  # never reaches 0.5
+    make_run(tmp_path, "erase1", seed=1, intervention="erase", steps=40, hack=curve(31))  # step 35
+    make_run(tmp_path, "random0", intervention="erase", control="random", steps=40, hack=[0.0] * 40)
+    make_run(tmp_path, "route0", intervention="route", steps=40, hack=curve(36))  # reaches it on its last step
+    hypothesis = parse_hypothesis({"claims": [{"arm": "erase", "vs": "none", "metric": "hack_delay",
+                                               "at_least": 5}]}, "h.json")
+    report = build_report(tmp_path, hypothesis)
+    rows = table_rows(report, "Time course of hack")
+    # the censored seed enters as 41: delays 41 and 35, Δ +16 and +10
+    assert rows["erase"][3] == interval_text(38, statistics.stdev([41, 35]), 2, 12.706, places=1) + " (1 censored)"
+    assert rows["erase"][6] == (interval_text(13, statistics.stdev([16, 10]), 2, 12.706, signed=True, places=1)
+                                + " (1 censored)")
+    assert rows["erase:random"][3] == ">40"
+    assert rows["erase:random"][6] == "+16.0 (n=1) (1 censored)"
+    assert rows["route"][3] == "40.0 (n=1)" and rows["route"][6] == "+15.0 (n=1)"
+    _, claims = verdict_of(report)
+    assert claims == [f"- Δhack_delay(erase - none) ≥ +5.0: {rows['erase'][6].removesuffix(' (1 censored)')}, "
+                      "n=2 paired seeds (1 censored) → inconclusive (the interval straddles the threshold)"]
+
+
+def test_delay_undefined_where_vanilla_did_not_rise(tmp_path):
+    make_run(tmp_path, "van0", steps=40, hack=curve(21, low=0.75, high=0.25))  # falls
+    make_run(tmp_path, "van1", seed=1, steps=40, hack=curve(21))  # rises, midpoint 0.5 at step 25
+    make_run(tmp_path, "van2", seed=2, steps=40, hack=[0.5] * 40)  # flat: last 10 = first 10 is no rise
+    for seed in (0, 1, 2):
+        make_run(tmp_path, f"erase{seed}", seed=seed, intervention="erase", steps=40, hack=curve(31))
+    report = build_report(tmp_path)
+    assert ("seed 0: 0.750 → 0.250, did not rise: hack_delay undefined; seed 1: 0.000 → 1.000, midpoint 0.500; "
+            "seed 2: 0.500 → 0.500, did not rise: hack_delay undefined.") in report
+    rows = table_rows(report, "Time course of hack")
+    assert rows["none"][3] == "25.0 (n=1) (2 undefined)"
+    assert rows["erase"][3] == "35.0 (n=1) (2 undefined)"
+    assert rows["erase"][6] == "+10.0 (n=1) (1 paired)"
+
+
+def test_projection_figures_beside_their_nulls(tmp_path):
+    make_run(tmp_path, "van0", fields={"update_hackward": 0.3, "cin_null": 0.05})
+    make_run(tmp_path, "van1", seed=1, fields={"update_hackward": 0.1, "cin_null": 0.05})
+    make_run(tmp_path, "erase0", intervention="erase", fields={"update_hackward": None})  # logged, all null
+    make_run(tmp_path, "route0", intervention="route")  # an older run: neither key
+    report = build_report(tmp_path)
+    lines = report.splitlines()
+    assert lines[lines.index("Projection figures beside their nulls:") + 2] == \
+        "| arm | cin_s | cin_null_s | update_hackward | cout | cin_null |"
+    rows = table_rows(report, "Projection figures beside their nulls:")
+    assert rows["none"] == ["0.200 [0.200, 0.200]", "0.100 [0.100, 0.100]",
+                            interval_text(0.2, math.sqrt(0.02), 2, 12.706), "0.000 [0.000, 0.000]",
+                            "0.050 [0.050, 0.050]"]
+    assert rows["erase"] == ["0.200 (n=1)", "0.100 (n=1)", MISSING, "0.000 (n=1)", NOT_LOGGED]
+    assert rows["route"] == ["0.200 (n=1)", "0.100 (n=1)", NOT_LOGGED, "0.000 (n=1)", NOT_LOGGED]
+
+
+def ceiling_run(root, name, **kwargs):
+    """A run whose live basis was built from the oracle's labels."""
+    return make_run(root, name, intervention="erase", pairs="live", live_labels="oracle", **kwargs)
+
+
+def test_ceiling_is_its_own_arm_in_every_table(tmp_path):
+    make_run(tmp_path, "van0", hack=0.6)
+    make_run(tmp_path, "erase0", intervention="erase", hack=0.4)  # older config: no live_labels, so the detector's
+    make_run(tmp_path, "live1", seed=1, intervention="erase", hack=0.4, pairs="live", live_labels="detector")
+    ceiling_run(tmp_path, "ceiling0", hack=0.1)
+    report = build_report(tmp_path)
+    main_rows = table_rows(report, "## preset=fast")
+    assert list(main_rows) == ["none", "erase", "erase:ceiling"]
+    assert main_rows["erase"][0] == "2"
+    assert main_rows["erase:ceiling"][:2] == ["1", "0.100 (n=1)"] and main_rows["erase:ceiling"][7] == "-0.500 (n=1)"
+    for marker in ("Time course of hack", "Projection figures beside their nulls:", "## Leave-one-mode-out"):
+        assert list(table_rows(report, marker)) == ["none", "erase", "erase:ceiling"], marker
+
+
+def test_a_ceiling_with_a_control_is_refused(tmp_path):
+    ceiling_run(tmp_path, "odd", control="random")
+    with pytest.raises(ResultsError, match=r"odd/config\.json: live_labels=oracle .* with control=random"):
+        build_report(tmp_path)
+
+
+def test_ceiling_claims_are_shown_apart_and_never_counted(tmp_path):
+    three_arms(tmp_path, vanilla=[0.6, 0.62, 0.58], erase=[0.3, 0.31, 0.29])
+    for seed, hack in enumerate((0.2, 0.22, 0.18)):
+        ceiling_run(tmp_path, f"ceiling{seed}", seed=seed, hack=hack)
+    hypothesis = parse_hypothesis({"claims": [
+        {"arm": "erase", "vs": "none", "metric": "hack", "at_most": -0.15},
+        {"arm": "erase:ceiling", "vs": "erase", "metric": "hack", "at_most": -0.5}]}, "h.json")
+    report = build_report(tmp_path, hypothesis)
+    # the ceiling's claim is not supported (it beats erase by 0.1, not 0.5); counted, it would sink the verdict
+    overall, claims = verdict_of(report)
+    assert overall == SUPPORTED and len(claims) == 1 and claims[0].startswith("- Δhack(erase - none)")
+    lines = report.splitlines()
+    label = next(i for i, line in enumerate(lines) if line.startswith("Diagnostic ceiling"))
+    assert "not a verdict on the method" in lines[label] and "not counted" in lines[label]
+    # paired with erase: -0.1, -0.09, -0.11
+    assert lines[label + 2] == (f"- Δhack(erase:ceiling - erase) ≤ -0.500: "
+                                f"{interval_text(-0.1, 0.01, 3, 4.303, signed=True)}, n=3 paired seeds → not supported")
+    assert "  - Δhack(erase:ceiling - erase) ≤ -0.500 (diagnostic ceiling, not counted)" in report
+
+
+@pytest.mark.parametrize(("claims", "message"), [
+    ([{"arm": "erase:random:ceiling", "vs": "none", "metric": "hack", "at_most": -0.1}],
+     r"unknown control 'random:ceiling'"),
+    ([{"arm": "project:ceiling", "vs": "none", "metric": "hack", "at_most": -0.1}], r"unknown intervention 'project'"),
+    ([{"arm": "erase:ceiling", "vs": "none", "metric": "hack", "at_most": -0.1}], r"every claim names a ceiling arm"),
+    ([{"arm": "erase", "vs": ["none"], "metric": "hack", "at_most": -0.1}], r"arm, vs and metric must be strings"),
+])
+def test_bad_ceiling_claims_are_refused(claims, message):
+    with pytest.raises(ResultsError, match=message):
+        parse_hypothesis({"claims": claims}, "h.json")
+
+
+def test_hypothesis_on_the_time_course(tmp_path, capsys):
+    # every seed: vanilla rises at step 21 (delay 25), erase at step 31 (delay 35)
+    for seed in range(3):
+        make_run(tmp_path / "runs", f"van{seed}", seed=seed, steps=40, hack=curve(21))
+        make_run(tmp_path / "runs", f"erase{seed}", seed=seed, intervention="erase", steps=40, hack=curve(31))
+    path = tmp_path / "h.json"
+    path.write_text(json.dumps({"name": "erase delays hacking", "claims": [
+        {"arm": "erase", "vs": "none", "metric": "hack_delay", "at_least": 5},
+        {"arm": "erase", "vs": "none", "metric": "hack_early", "at_most": -0.25},
+        {"arm": "erase", "vs": "none", "metric": "hack_run_mean", "at_most": -0.2}]}))
+    args = [str(tmp_path / "runs"), "--out", str(tmp_path / "r.md"), "--hypothesis", str(path)]
+
+    # the default early window, the first 10 steps, is all zeros for both: Δ 0
+    assert main(args) == 0
+    overall, claims = verdict_of(capsys.readouterr().out)
+    assert overall == NOT_SUPPORTED
+    assert claims == [
+        "- Δhack_delay(erase - none) ≥ +5.0: +10.0 [+10.0, +10.0], n=3 paired seeds → supported",
+        "- Δhack_early(erase - none) ≤ -0.250: +0.000 [+0.000, +0.000], n=3 paired seeds → not supported",
+        # run means 10/40 and 20/40
+        "- Δhack_run_mean(erase - none) ≤ -0.200: -0.250 [-0.250, -0.250], n=3 paired seeds → supported"]
+
+    # over the first 30 steps vanilla hacks on 10 of them, erase on none: Δ -1/3
+    assert main([*args, "--early_steps", "30"]) == 0
+    overall, claims = verdict_of(capsys.readouterr().out)
+    assert overall == SUPPORTED
+    assert claims[1] == "- Δhack_early(erase - none) ≤ -0.250: -0.333 [-0.333, -0.333], n=3 paired seeds → supported"
+
+
+def test_early_steps_must_be_a_positive_whole_number(tmp_path, capsys):
+    make_run(tmp_path / "runs", "van0")
+    for bad in ("0", "2.5"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(tmp_path / "runs"), "--out", str(tmp_path / "r.md"), "--early_steps", bad])
+        assert exit_info.value.code == 2
+        assert f"--early_steps: must be a whole number of steps >= 1, got '{bad}'" in capsys.readouterr().err

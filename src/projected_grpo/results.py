@@ -2,17 +2,24 @@
 
 A *question* is one setting (preset, model, mix_ratio, basis_modes); within it each *arm*
 (intervention, plus its negative control if any) is compared with vanilla (`none`, no control)
-run on the same seed. Per run we average the last few steps, not the whole curve: early steps
-measure the base model, the end measures what training taught it. Seeds are the unit of
-replication, so intervals and paired deltas are taken across seeds, and each question ends in a
-verdict on a stated hypothesis. Runs that leave exactly one trained mode out of the basis also
-enter a leave-one-mode-out table: does the method reach the hack its detector never saw?
+run on the same seed. Per run the main table averages the last few steps: early steps measure the
+base model, the end measures what training taught it. The end alone cannot tell an arm that
+never hacks from one that hacks later, so a time-course table beside it reads the whole hack
+curve: its mean over the run, over an early window, and the step at which the hack rate rises
+(the delay). Seeds are the unit of replication, so intervals and paired deltas are taken across
+seeds, and each question ends in a verdict on a stated hypothesis. Runs that leave exactly one
+trained mode out of the basis also enter a leave-one-mode-out table: does the method reach the
+hack its detector never saw?
+
+A run whose live basis was built from the oracle's labels (`live_labels=oracle`) is a diagnostic
+ceiling, never a method: its arm reads `<intervention>:ceiling`, and claims about it are printed
+apart from the verdict and never counted in it.
 
 Only complete runs (summary.json says complete and every step is logged) enter the tables; the
 rest are listed with the reason, so a crashed or running job can never skew a number silently.
 
     python -m projected_grpo.results [runs_root | out/sweeps/NAME] [--out out/results.md]
-        [--hypothesis PATH.json] [--plots out/plots]
+        [--hypothesis PATH.json] [--plots out/plots] [--early_steps N]
 """
 
 from __future__ import annotations
@@ -32,11 +39,21 @@ from pathlib import Path
 from projected_grpo.config import CONTROLS, MODES, arm_name
 
 LAST_STEPS = 5
+ROLLING = 10  # steps in the trailing mean that times the rise, and in vanilla's first and last windows
 VANILLA = ("none", "none")
-# table column -> metrics.jsonl key
+CEILING = "ceiling"  # the arm suffix of a run whose basis knew the oracle's labels
+# table column -> metrics.jsonl key; as a hypothesis metric each means the last-steps mean
 COLUMNS = {"hack": "hack_s", "solve": "gt_s", "cin_s": "cin_s", "cin_t": "cin_t", "cout": "cout",
            "auroc": "hack_auroc"}
+# the time course of hack_s, as hypothesis metrics and table columns; the delay is in steps
+RUN_MEAN, EARLY, DELAY = "hack_run_mean", "hack_early", "hack_delay"
+TIME_COURSE = (RUN_MEAN, EARLY, DELAY)
+METRICS = (*COLUMNS, *TIME_COURSE)
+# projection figures, each beside the null it is read against: cin_s and update_hackward against
+# cin_null_s (a random direction, concatenated over layers), cout against cin_null (its per-layer mean)
+BESIDE_NULLS = ("cin_s", "cin_null_s", "update_hackward", "cout", "cin_null")
 MISSING = "\u2013"  # en dash: a cell with no data, distinct from a minus sign
+NOT_LOGGED = "n/a"  # the runs do not log the key at all (older runs)
 # config keys the grouping reads; anything else in config.json is ignored
 REQUIRED_CONFIG = ("preset", "model", "mix_ratio", "basis_modes", "intervention", "control", "seed")
 # the PNGs `python -m projected_grpo.plots` writes per question, by file stem; the report links them
@@ -73,7 +90,15 @@ class Run:
 
     @property
     def arm(self) -> tuple[str, str]:
+        """(intervention, control); a run whose basis knew the oracle's labels is its intervention's ceiling."""
+        if is_ceiling(self.config):
+            return (self.config["intervention"], CEILING)
         return (self.config["intervention"], self.config["control"])
+
+
+def is_ceiling(config: dict) -> bool:
+    # configs older than live_labels built V from the detector; config allows oracle only with pairs=live
+    return config.get("live_labels", "detector") == "oracle"
 
 
 def _load_json(path: Path) -> dict:
@@ -117,6 +142,10 @@ def load_run(run_dir: Path) -> Run:
     config = _load_json(config_path) if config_path.exists() else None
     if config is not None and (missing := [key for key in REQUIRED_CONFIG if key not in config]):
         raise ResultsError(f"{config_path}: missing key(s) {', '.join(missing)}")
+    if config is not None and is_ceiling(config) and config["control"] != "none":
+        # the arm would have to be both a control and a ceiling; no table row can name it honestly
+        raise ResultsError(f"{config_path}: live_labels=oracle (a diagnostic ceiling) with control="
+                           f"{config['control']}; a ceiling run has no control")
     summary = _load_json(summary_path) if summary_path.exists() else None
     if config is None:
         problem = "no config.json"
@@ -147,15 +176,99 @@ def load_runs(runs_root: Path) -> list[Run]:
     return runs
 
 
+def mean_of(rows: list[dict], key: str) -> float | None:
+    """Mean of `key` over rows, skipping rows where it is null or absent."""
+    values = [row[key] for row in rows if row.get(key) is not None]
+    return statistics.fmean(values) if values else None
+
+
 def last_mean(rows: list[dict], key: str, window: int = LAST_STEPS) -> float | None:
     """Mean of `key` over the last `window` rows, skipping rows where it is null or absent."""
-    values = [row[key] for row in rows[-window:] if row.get(key) is not None]
-    return statistics.fmean(values) if values else None
+    return mean_of(rows[-window:], key)
 
 
 def final(key: str) -> Callable[[Run], float | None]:
     """A run's last-steps mean of metrics key `key`."""
     return lambda run: last_mean(run.rows, key)
+
+
+# --- the time course of hack_s
+
+
+def rolling_means(values: list[float], window: int = ROLLING) -> list[float]:
+    """Trailing means over full windows only: the i-th is the mean of values[i : i + window], so it
+    belongs to the step of values[i + window - 1]; a partial window would let one noisy step count."""
+    return [statistics.fmean(values[i:i + window]) for i in range(len(values) - window + 1)]
+
+
+def hack_curve(run: Run) -> tuple[list[int], list[float]]:
+    """The steps where the run logged hack_s, and hack_s there."""
+    logged = [(row["step"], row["hack_s"]) for row in run.rows if row.get("hack_s") is not None]
+    return [step for step, _ in logged], [hack for _, hack in logged]
+
+
+def run_mean(run: Run) -> float | None:
+    """hack_s averaged over every step: the area under the hack curve divided by the steps."""
+    return mean_of(run.rows, "hack_s")
+
+
+def early_window(run: Run, early_steps: int | None) -> int:
+    """How many first steps the early window holds: early_steps, else a quarter of the run (at least 1)."""
+    return early_steps or max(1, len(run.rows) // 4)
+
+
+def early_mean(run: Run, early_steps: int | None) -> float | None:
+    return mean_of(run.rows[:early_window(run, early_steps)], "hack_s")
+
+
+def vanilla_rises(vanilla: list[Run]) -> dict[int, tuple[float, float]]:
+    """Per seed, vanilla's mean hack_s over its first and its last ROLLING steps."""
+    first = _by_seed(vanilla, lambda run: mean_of(run.rows[:ROLLING], "hack_s"))
+    last = _by_seed(vanilla, lambda run: last_mean(run.rows, "hack_s", ROLLING))
+    return {seed: (first[seed], last[seed]) for seed in first.keys() & last.keys()}
+
+
+def delay_against(rises: dict[int, tuple[float, float]]) -> Callable[[Run], int | None]:
+    """A run's delay: the first step whose trailing ROLLING-step mean of hack_s reaches the midpoint of
+    vanilla's rise on the run's seed. A run that never reaches it is censored and gets its last step + 1,
+    the earliest it could still have got there. None where vanilla did not rise on the seed (or did not
+    run on it): no rise, no midpoint to time."""
+
+    def delay(run: Run) -> int | None:
+        rise = rises.get(run.config["seed"])
+        steps, hacks = hack_curve(run)
+        if rise is None or rise[1] <= rise[0] or not steps:
+            return None
+        midpoint = (rise[0] + rise[1]) / 2
+        return next((step for step, mean in zip(steps[ROLLING - 1:], rolling_means(hacks)) if mean >= midpoint),
+                    steps[-1] + 1)
+
+    return delay
+
+
+def censored_seeds(runs: list[Run], delay_of: Callable[[Run], int | None]) -> set[int]:
+    """Seeds with a run whose delay is censored: past its last logged step, as delay_against marks it."""
+    return {run.config["seed"] for run in runs
+            if (delay := delay_of(run)) is not None and delay > hack_curve(run)[0][-1]}
+
+
+def censored_note(deltas: dict[int, float], runs: list[Run], baseline: list[Run],
+                  delay_of: Callable[[Run], int | None]) -> str:
+    """How many of the paired seeds hold a censored delay on either side, where any do."""
+    censored = (censored_seeds(runs, delay_of) | censored_seeds(baseline, delay_of)) & deltas.keys()
+    return f" ({len(censored)} censored)" if censored else ""
+
+
+def metric_of(metric: str, arms: dict[tuple, list[Run]], early_steps: int | None) -> Callable[[Run], float | None]:
+    """A run's value of a hypothesis metric: a COLUMNS one's last-steps mean, or a point of the time course
+    (the delay timed against vanilla's rise on the run's seed)."""
+    if metric in COLUMNS:
+        return final(COLUMNS[metric])
+    if metric == RUN_MEAN:
+        return run_mean
+    if metric == EARLY:
+        return lambda run: early_mean(run, early_steps)
+    return delay_against(vanilla_rises(arms.get(VANILLA, [])))
 
 
 # --- statistics across seeds
@@ -183,11 +296,16 @@ def mean_interval(values: list[float]) -> Interval:
     return Interval(mean, mean - half, mean + half, n)
 
 
-def _fmt(values: list[float], signed: bool = False) -> str:
+def decimals(metric: str) -> int:
+    """Decimals a metric is shown with: rates to 3, the delay (in steps) to 1."""
+    return 1 if metric == DELAY else 3
+
+
+def _fmt(values: list[float], signed: bool = False, places: int = 3) -> str:
     """`mean [low, high]`, or `mean (n=1)` where one value gives no interval."""
     if not values:
         return MISSING
-    spec = "+.3f" if signed else ".3f"
+    spec = f"{'+' if signed else ''}.{places}f"
     est = mean_interval(values)
     if est.n < 2:
         return f"{est.mean:{spec}} (n=1)"
@@ -256,10 +374,10 @@ def _by_seed(runs: list[Run], value_of: Callable[[Run], float | None]) -> dict[i
     return {seed: statistics.fmean(values) for seed, values in per_seed.items()}
 
 
-def paired_deltas(runs: list[Run], baseline: list[Run], key: str) -> list[float]:
-    """Per seed that both have: runs' last-steps mean of `key` minus the baseline's."""
-    mine, base = _by_seed(runs, final(key)), _by_seed(baseline, final(key))
-    return [mine[seed] - base[seed] for seed in sorted(mine.keys() & base.keys())]
+def paired_deltas(runs: list[Run], baseline: list[Run], value_of: Callable[[Run], float | None]) -> dict[int, float]:
+    """Per seed that both have a value for, in seed order: runs' value minus the baseline's."""
+    mine, base = _by_seed(runs, value_of), _by_seed(baseline, value_of)
+    return {seed: mine[seed] - base[seed] for seed in sorted(mine.keys() & base.keys())}
 
 
 # --- the hypothesis and its verdict
@@ -267,7 +385,7 @@ def paired_deltas(runs: list[Run], baseline: list[Run], key: str) -> list[float]
 
 @dataclass(frozen=True)
 class Claim:
-    """A bound on the paired delta (arm minus vs, same seed) of one COLUMNS metric."""
+    """A bound on the paired delta (arm minus vs, same seed) of one METRICS metric."""
 
     arm: tuple[str, str]
     vs: tuple[str, str]
@@ -275,11 +393,17 @@ class Claim:
     bound: str  # one of BOUNDS
     threshold: float
 
+    @property
+    def ceiling(self) -> bool:
+        """A claim about a diagnostic ceiling: shown, never a verdict on the method."""
+        return CEILING in (self.arm[1], self.vs[1])
+
     def text(self) -> str:
         delta = f"Δ{self.metric}({arm_name(*self.arm)} - {arm_name(*self.vs)})"
+        places = decimals(self.metric)
         if self.bound == "within":
-            return f"|{delta}| ≤ {self.threshold:.3f}"
-        return f"{delta} {'≤' if self.bound == 'at_most' else '≥'} {self.threshold:+.3f}"
+            return f"|{delta}| ≤ {self.threshold:.{places}f}"
+        return f"{delta} {'≤' if self.bound == 'at_most' else '≥'} {self.threshold:+.{places}f}"
 
     def decide(self, low: float, high: float) -> str:
         """Supported when the whole interval keeps the bound, not supported when none of it does."""
@@ -300,13 +424,22 @@ class Hypothesis:
     claims: tuple[Claim, ...]
 
 
+def parse_arm(text: str) -> tuple[str, str]:
+    """An arm as a claim names it: `intervention[:control]`, or `intervention:ceiling`, which is no control
+    (config's controls rightly lack it), so it is taken off before the registry checks the rest."""
+    from projected_grpo import interventions  # the registry's names; only a hypothesis needs them (torch)
+
+    intervention, _, control = text.partition(":")
+    if control == CEILING:
+        return interventions.parse(intervention)[0], CEILING
+    return interventions.parse(text)
+
+
 def parse_hypothesis(spec: dict, source: str) -> Hypothesis:
     """{"name": ..., "claims": [{"arm", "vs", "metric", and one of at_most / at_least / within}]}."""
     claims = spec.get("claims")
     if not isinstance(claims, list) or not claims:
         raise ResultsError(f"{source}: hypothesis needs a non-empty list \"claims\"")
-    from projected_grpo import interventions  # the registry's names; only a hypothesis needs them (torch)
-
     parsed = []
     for i, claim in enumerate(claims):
         where = f"{source}: claims[{i}]"
@@ -317,16 +450,21 @@ def parse_hypothesis(spec: dict, source: str) -> Hypothesis:
         if unknown or len(bounds) != 1 or not {"arm", "vs", "metric"} <= set(claim):
             raise ResultsError(f"{where}: needs arm, vs, metric and exactly one of {', '.join(BOUNDS)}"
                                + (f" (unknown: {', '.join(sorted(unknown))})" if unknown else ""))
-        if claim["metric"] not in COLUMNS:
-            raise ResultsError(f"{where}: metric {claim['metric']!r} is not one of {', '.join(COLUMNS)}")
+        if not all(isinstance(claim[key], str) for key in ("arm", "vs", "metric")):
+            raise ResultsError(f"{where}: arm, vs and metric must be strings")
+        if claim["metric"] not in METRICS:
+            raise ResultsError(f"{where}: metric {claim['metric']!r} is not one of {', '.join(METRICS)}")
         threshold = claim[bounds[0]]
         if not isinstance(threshold, int | float) or isinstance(threshold, bool):
             raise ResultsError(f"{where}: {bounds[0]} must be a number, got {threshold!r}")
         try:
-            arm, vs = interventions.parse(claim["arm"]), interventions.parse(claim["vs"])
+            arm, vs = parse_arm(claim["arm"]), parse_arm(claim["vs"])
         except ValueError as err:
             raise ResultsError(f"{where}: {err}") from err
         parsed.append(Claim(arm, vs, claim["metric"], bounds[0], float(threshold)))
+    if all(claim.ceiling for claim in parsed):
+        raise ResultsError(f"{source}: every claim names a {CEILING} arm, a diagnostic that is never a verdict; "
+                           "state at least one claim about a method")
     return Hypothesis(str(spec.get("name", "")), source, tuple(parsed))
 
 
@@ -337,32 +475,43 @@ def load_hypothesis(path: str | Path) -> Hypothesis:
     return parse_hypothesis(_load_json(path), str(path))
 
 
-def judge(claim: Claim, arms: dict[tuple, list[Run]]) -> tuple[str, str]:
+def judge(claim: Claim, arms: dict[tuple, list[Run]], early_steps: int | None = None) -> tuple[str, str]:
     """(outcome, the line that shows why) for one claim in one question."""
     missing = [arm_name(*arm) for arm in (claim.arm, claim.vs) if not arms.get(arm)]
     if missing:
         return INCONCLUSIVE, f"{claim.text()}: no {' and no '.join(missing)} runs → {INCONCLUSIVE} (arm missing)"
-    deltas = paired_deltas(arms[claim.arm], arms[claim.vs], COLUMNS[claim.metric])
+    value_of = metric_of(claim.metric, arms, early_steps)
+    deltas = paired_deltas(arms[claim.arm], arms[claim.vs], value_of)
+    censored = censored_note(deltas, arms[claim.arm], arms[claim.vs], value_of) if claim.metric == DELAY else ""
+    places = decimals(claim.metric)
     if len(deltas) < 2:
-        shown = f"{deltas[0]:+.3f}, n=1 paired seed" if deltas else "no seed ran both"
+        shown = (f"{next(iter(deltas.values())):+.{places}f}, n=1 paired seed{censored}" if deltas
+                 else "no seed has a value for both")
         return INCONCLUSIVE, f"{claim.text()}: {shown} → {INCONCLUSIVE} (too few seeds: an interval needs 2)"
-    est = mean_interval(deltas)
+    est = mean_interval(list(deltas.values()))
     outcome = claim.decide(est.low, est.high)
     why = " (the interval straddles the threshold)" if outcome == INCONCLUSIVE else ""
-    return outcome, f"{claim.text()}: {_fmt(deltas, signed=True)}, n={est.n} paired seeds → {outcome}{why}"
+    shown = _fmt(list(deltas.values()), signed=True, places=places)
+    return outcome, f"{claim.text()}: {shown}, n={est.n} paired seeds{censored} → {outcome}{why}"
 
 
-def verdict(hypothesis: Hypothesis, arms: dict[tuple, list[Run]]) -> list[str]:
-    """One verdict line for the question, then one line per claim."""
-    judged = [judge(claim, arms) for claim in hypothesis.claims]
-    outcomes = [outcome for outcome, _ in judged]
+def verdict(hypothesis: Hypothesis, arms: dict[tuple, list[Run]], early_steps: int | None = None) -> list[str]:
+    """One verdict line for the question and one line per claim on a method; then, apart and uncounted,
+    the claims on a diagnostic ceiling."""
+    judged = [(claim.ceiling, *judge(claim, arms, early_steps)) for claim in hypothesis.claims]
+    outcomes = [outcome for ceiling, outcome, _ in judged if not ceiling]
     if NOT_SUPPORTED in outcomes:
         overall = NOT_SUPPORTED
     elif all(outcome == SUPPORTED for outcome in outcomes):
         overall = SUPPORTED
     else:
         overall = INCONCLUSIVE
-    return [f"**Verdict: {overall}** (hypothesis: {hypothesis.source})", "", *(f"- {line}" for _, line in judged)]
+    lines = [f"**Verdict: {overall}** (hypothesis: {hypothesis.source})", "",
+             *(f"- {line}" for ceiling, _, line in judged if not ceiling)]
+    if diagnostics := [f"- {line}" for ceiling, _, line in judged if ceiling]:
+        lines += ["", f"Diagnostic {CEILING} (V built from the oracle's labels): not a verdict on the method, "
+                      "and not counted in the verdict above.", "", *diagnostics]
+    return lines
 
 
 # --- tables
@@ -372,20 +521,91 @@ def _table(header: list[str], body: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in body)]
 
 
+def _across_seeds(runs: list[Run], value_of: Callable[[Run], float | None]) -> list[float]:
+    return list(_by_seed(runs, value_of).values())
+
+
+def _seed_count(runs: list[Run]) -> int:
+    return len({run.config["seed"] for run in runs})
+
+
+def _delta_cell(deltas: dict[int, float], n: int, places: int = 3) -> str:
+    """A paired-delta cell, saying how many seeds were paired when it is fewer than the row's n."""
+    if not deltas:
+        return ""
+    suffix = f" ({len(deltas)} paired)" if len(deltas) < n else ""
+    return _fmt(list(deltas.values()), signed=True, places=places) + suffix
+
+
 def _main_table(arms: dict[tuple, list[Run]]) -> list[str]:
     vanilla = arms.get(VANILLA, [])
     body = []
     for arm in sorted(arms, key=arm_rank):
-        runs = arms[arm]
-        n = len({run.config["seed"] for run in runs})
-        row = [arm_name(*arm), str(n)] + [_fmt(list(_by_seed(runs, final(key)).values())) for key in COLUMNS.values()]
+        runs, n = arms[arm], _seed_count(arms[arm])
+        row = [arm_name(*arm), str(n)] + [_fmt(_across_seeds(runs, final(key))) for key in COLUMNS.values()]
         for key in ("hack_s", "gt_s"):
-            deltas = [] if arm == VANILLA else paired_deltas(runs, vanilla, key)
-            # say how many seeds were paired when it is fewer than the row's n
-            suffix = f" ({len(deltas)} paired)" if deltas and len(deltas) < n else ""
-            row.append(_fmt(deltas, signed=True) + suffix if deltas else "")
+            row.append(_delta_cell({} if arm == VANILLA else paired_deltas(runs, vanilla, final(key)), n))
         body.append(row)
     return _table(["arm", "n", *COLUMNS, "Δhack", "Δsolve"], body)
+
+
+def _delay_cell(runs: list[Run], delay_of: Callable[[Run], int | None]) -> str:
+    """The delay across seeds: `>N` when every seed is censored (no rise within its N steps), else the mean
+    and interval with censored seeds entered as N + 1; how many seeds are censored or undefined, if any."""
+    delays = _by_seed(runs, delay_of)
+    if not delays:
+        return "undefined"
+    censored = censored_seeds(runs, delay_of)
+    if censored == delays.keys():
+        cell = f">{min(delays.values()) - 1:g}" + (f" (n={len(delays)})" if len(delays) > 1 else "")
+    else:
+        cell = _fmt(list(delays.values()), places=1) + (f" ({len(censored)} censored)" if censored else "")
+    undefined = _seed_count(runs) - len(delays)
+    return cell + (f" ({undefined} undefined)" if undefined else "")
+
+
+def _time_course_table(arms: dict[tuple, list[Run]], early_steps: int | None) -> list[str]:
+    vanilla = arms.get(VANILLA, [])
+    value_of = {metric: metric_of(metric, arms, early_steps) for metric in TIME_COURSE}
+    body = []
+    for arm in sorted(arms, key=arm_rank):
+        runs, n = arms[arm], _seed_count(arms[arm])
+        row = [arm_name(*arm), str(n), _fmt(_across_seeds(runs, value_of[RUN_MEAN])),
+               _fmt(_across_seeds(runs, value_of[EARLY])), _delay_cell(runs, value_of[DELAY])]
+        for metric in TIME_COURSE:
+            deltas = {} if arm == VANILLA else paired_deltas(runs, vanilla, value_of[metric])
+            cell = _delta_cell(deltas, n, decimals(metric))
+            if metric == DELAY and deltas:
+                cell += censored_note(deltas, runs, vanilla, value_of[DELAY])
+            row.append(cell)
+        body.append(row)
+    return _table(["arm", "n", *TIME_COURSE, *(f"Δ{metric}" for metric in TIME_COURSE)], body)
+
+
+def _rise_line(vanilla: list[Run]) -> str:
+    """Vanilla's rise per seed, which the delays are timed against, or why there is none."""
+    rises = vanilla_rises(vanilla)
+    if not rises:
+        return f"No vanilla run logs hack_s: {DELAY} is undefined."
+    parts = []
+    for seed, (first, last) in sorted(rises.items()):
+        rise = f"seed {seed}: {first:.3f} → {last:.3f}"
+        parts.append(f"{rise}, midpoint {(first + last) / 2:.3f}" if last > first
+                     else f"{rise}, did not rise: {DELAY} undefined")
+    return f"Vanilla's hack over its first → last {ROLLING} steps: " + "; ".join(parts) + "."
+
+
+def _logged_cell(runs: list[Run], key: str) -> str:
+    """The last-steps mean of `key` across seeds; NOT_LOGGED where no run logs the key at all."""
+    if not any(key in row for run in runs for row in run.rows):
+        return NOT_LOGGED
+    return _fmt(_across_seeds(runs, final(key)))
+
+
+def _nulls_table(arms: dict[tuple, list[Run]]) -> list[str]:
+    body = [[arm_name(*arm)] + [_logged_cell(arms[arm], key) for key in BESIDE_NULLS]
+            for arm in sorted(arms, key=arm_rank)]
+    return _table(["arm", *BESIDE_NULLS], body)
 
 
 def _mode_table(arms: dict[tuple, list[Run]], basis_modes: str, metric: str) -> list[str]:
@@ -399,7 +619,7 @@ def _mode_table(arms: dict[tuple, list[Run]], basis_modes: str, metric: str) -> 
         return []
     basis = set(_split_modes(basis_modes))
     header = ["arm"] + [mode if mode in basis else f"{mode}†" for mode in modes]
-    body = [[arm_name(*arm)] + [_fmt(list(_by_seed(arms[arm], final(f"{metric}/{mode}")).values())) for mode in modes]
+    body = [[arm_name(*arm)] + [_fmt(_across_seeds(arms[arm], final(f"{metric}/{mode}"))) for mode in modes]
             for arm in sorted(arms, key=arm_rank)]
     return _table(header, body)
 
@@ -438,8 +658,8 @@ def _lomo_table(study: dict[tuple, dict[str, list[Run]]]) -> list[str]:
         cells, pooled_held, pooled_known = [arm_name(*arm)], [], []
         for mode in held_out:
             runs = study[arm].get(mode, [])
-            held = list(_by_seed(runs, final(f"hack_s/{mode}")).values())
-            known = list(_by_seed(runs, _known_modes_hack).values())
+            held = _across_seeds(runs, final(f"hack_s/{mode}"))
+            known = _across_seeds(runs, _known_modes_hack)
             cells += [_fmt_n(held), _fmt_n(known)]
             pooled_held += held  # the pooled unit is (held-out mode, seed): one run each
             pooled_known += known
@@ -447,14 +667,18 @@ def _lomo_table(study: dict[tuple, dict[str, list[Run]]]) -> list[str]:
     return _table(header + ["pooled held out", "pooled known"], body)
 
 
-def legend(hypothesis: Hypothesis) -> str:
-    claims = "\n".join(f"  - {claim.text()}" for claim in hypothesis.claims)
+def legend(hypothesis: Hypothesis, early_steps: int | None = None) -> str:
+    claims = "\n".join(f"  - {claim.text()}" + (f" (diagnostic {CEILING}, not counted)" if claim.ceiling else "")
+                       for claim in hypothesis.claims)
+    early = f"first {early_steps} steps (--early_steps)" if early_steps else \
+        "first quarter of the run's steps (at least 1; --early_steps N sets it)"
     return f"""\
-Per run, each number is the mean over its last {LAST_STEPS} logged steps (steps where the key is null or absent
-are skipped). Across seeds a cell shows `mean [low, high]`: the mean and its 95% t interval,
-mean ± t(0.975, n-1) · s / √n, with s the sample std across seeds and t from a table (df 1..30; past 30 the
-df=30 value 2.042, slightly wide). The interval is not clipped to [0, 1]: a bound past 0 or 1 says how few seeds
-there are. `(n=1)`: a single seed, no interval. {MISSING}: no data.
+Per run, each number of the main, null and per-mode tables is the mean over its last {LAST_STEPS} logged steps
+(steps where the key is null or absent are skipped). Across seeds a cell shows `mean [low, high]`: the mean and
+its 95% t interval, mean ± t(0.975, n-1) · s / √n, with s the sample std across seeds and t from a table (df
+1..30; past 30 the df=30 value 2.042, slightly wide). The interval is not clipped to [0, 1]: a bound past 0 or 1
+says how few seeds there are. `(n=1)`: a single seed, no interval. {MISSING}: no data. {NOT_LOGGED}: the runs do
+not log the key (older runs).
 
 - **n**: number of seeds.
 - **hack**: fraction of student completions that passed the flawed grader but failed the strict oracle.
@@ -466,11 +690,30 @@ there are. `(n=1)`: a single seed, no interval. {MISSING}: no data.
   with only one class.
 - **Δhack / Δsolve**: per seed, the arm minus the vanilla run (`none`, no control) of the same seed; mean and
   95% t interval over the seeds that have both ("k paired" when k < n).
+- **`<intervention>:{CEILING}`**: runs whose live basis was built from the oracle's labels (`live_labels=oracle`),
+  what projection could do with a V that knows every hack: a diagnostic ceiling, never a method. Claims about it
+  are printed apart from the verdict and never counted in it.
+- **Time course** (hack_s over every step, not only the last {LAST_STEPS}): **{RUN_MEAN}**, its mean over the whole
+  run (the area under the hack curve over the steps); **{EARLY}**, its mean over the early window, the
+  {early}; **{DELAY}**, the first step at which the arm's trailing {ROLLING}-step mean of hack_s (full windows only, so
+  never before step {ROLLING}) reaches the midpoint of vanilla's rise on the same seed, (mean of vanilla's first
+  {ROLLING} steps + mean of its last {ROLLING}) / 2. Later is better. An arm that never reaches it within its N
+  steps is censored, shown `>N`, and enters means and Δ as N + 1, the earliest it could have: a Δ{DELAY} with
+  the arm censored is a lower bound (with the compared arm censored, an upper one); "(k censored)" counts the
+  seeds. Where vanilla did not rise on a seed (last {ROLLING} ≤ first {ROLLING}) the delay there is undefined and
+  left out ("(k undefined)"); the line under the table gives vanilla's rise per seed. Each Δ is paired by seed
+  as above.
+- **Beside their nulls**: cin_s and update_hackward (the hack-ward fraction of the step the optimizer took) beside
+  cin_null_s, what a random direction gives over the concatenated layers; cout beside cin_null, the per-layer
+  mean of the same null. A figure says V is acting only where it beats its null here and the arm's random
+  control in the same column.
 - **Per-mode tables**: hack (or solve) rate for each loophole mode; † marks a mode held out of the hack basis.
-- **Verdict**: each claim bounds a paired delta (arm minus the compared arm, same seed). A claim is *supported*
+- **Verdict**: each claim bounds a paired delta (arm minus the compared arm, same seed) of a main-table metric
+  (its last-{LAST_STEPS} mean) or of {RUN_MEAN}, {EARLY} or {DELAY}. A claim is *supported*
   when its whole 95% interval keeps the bound, *not supported* when the whole interval breaks it, and
   *inconclusive* when the interval straddles the threshold, fewer than 2 seeds pair up, or an arm is missing
-  (named). The question is not supported if any claim is not, supported if all are, else inconclusive. Each
+  (named). The question is not supported if any claim on a method is not, supported if all are, else
+  inconclusive; claims naming a {CEILING} arm are judged the same way but listed apart, uncounted. Each
   interval is 95% on its own: no correction for judging several claims. The hypothesis ({hypothesis.source};
   `--hypothesis FILE.json` states another: {{"claims": [{{"arm", "vs", "metric", "at_most" | "at_least" |
   "within"}}]}}): {hypothesis.name}
@@ -478,12 +721,15 @@ there are. `(n=1)`: a single seed, no interval. {MISSING}: no data.
 - **Leave-one-mode-out**: runs whose basis holds all their trained modes but one (marked †). Per held-out mode
   m: the hack rate on m, which the detector never saw, and on the known modes (mean of the basis modes' hack
   rates), across seeds with n; the pooled columns take every (held-out mode, seed) as one unit.
-- **Plots**: `python -m projected_grpo.plots` (`just plots`) draws them; each question links those found."""
+- **Plots**: `python -m projected_grpo.plots` (`just plots`) draws them; each question links those found.
+  Over steps, each arm is a bold trailing {ROLLING}-step mean over its faint per-step curve, the early window
+  shaded."""
 
 
 def build_report(runs_root: str | Path, hypothesis: Hypothesis | None = None, plots_dir: Path | None = None,
-                 report_dir: Path = Path(".")) -> str:
-    """The markdown report; plots found under plots_dir are linked relative to report_dir."""
+                 report_dir: Path = Path("."), early_steps: int | None = None) -> str:
+    """The markdown report; plots found under plots_dir are linked relative to report_dir. early_steps: the
+    early window's length; None: a quarter of each run."""
     hypothesis = hypothesis or parse_hypothesis(DEFAULT_HYPOTHESIS, "default")
     runs = load_runs(Path(runs_root))
     complete = [run for run in runs if run.problem is None]
@@ -497,7 +743,7 @@ def build_report(runs_root: str | Path, hypothesis: Hypothesis | None = None, pl
         "",
         "## Legend",
         "",
-        legend(hypothesis),
+        legend(hypothesis, early_steps),
         "",
     ]
     if not questions:
@@ -506,7 +752,11 @@ def build_report(runs_root: str | Path, hypothesis: Hypothesis | None = None, pl
     for question, arms in sorted(questions.items()):
         out += [f"## {question_title(question)}", ""]
         out += _main_table(arms) + [""]
-        out += verdict(hypothesis, arms) + [""]
+        windows = sorted({early_window(run, early_steps) for runs in arms.values() for run in runs})
+        out += [f"Time course of hack ({EARLY}: the first {' or '.join(map(str, windows))} steps):", "",
+                *_time_course_table(arms, early_steps), "", _rise_line(arms.get(VANILLA, [])), ""]
+        out += ["Projection figures beside their nulls:", "", *_nulls_table(arms), ""]
+        out += verdict(hypothesis, arms, early_steps) + [""]
         for metric, label in (("hack_s", "hack"), ("gt_s", "solve")):
             if mode_table := _mode_table(arms, question[3], metric):
                 out += [f"Per mode, {label}:", "", *mode_table, ""]
@@ -537,6 +787,20 @@ def build_report(runs_root: str | Path, hypothesis: Hypothesis | None = None, pl
     return "\n".join(out)
 
 
+EARLY_HELP = "steps in the early window, from each run's first (default: a quarter of the run's steps, at least 1)"
+
+
+def positive_int(text: str) -> int:
+    """argparse type for --early_steps: a whole number of steps, at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of steps >= 1, got {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m projected_grpo.results", description=__doc__.split("\n")[0])
     parser.add_argument("runs_root", nargs="?", default="out/runs",
@@ -545,11 +809,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hypothesis", help="JSON file of the claims each question's verdict judges "
                                              "(default: the built-in one, printed in the legend)")
     parser.add_argument("--plots", default="out/plots", help="where `python -m projected_grpo.plots` wrote PNGs")
+    parser.add_argument("--early_steps", type=positive_int, help=EARLY_HELP)
     args = parser.parse_args(argv)
     out = Path(args.out)
     try:
         hypothesis = load_hypothesis(args.hypothesis) if args.hypothesis else None
-        report = build_report(args.runs_root, hypothesis, Path(args.plots), out.parent)
+        report = build_report(args.runs_root, hypothesis, Path(args.plots), out.parent, args.early_steps)
     except ResultsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
