@@ -102,9 +102,8 @@ def train_step(run: Run, step: int) -> StepResult:
         r.hack_score = score
     stats = arm.gradient(run)
     if cfg.pairs == "live":  # every rank's groups, so every rank rebuilds the same V from them
-        differences = [d for share in distributed.all_gather(run.world, live_differences(cfg, rollouts,
-                                                                                          scored["nll_grad"]))
-                       for d in share]
+        mine = live_differences(cfg, rollouts, scored["nll_grad"])
+        differences = [d for share in distributed.all_gather(run.world, mine) for d in share]
         run.live = [(s, d) for s, d in run.live if s > step - cfg.live_window] + [(step, differences)]
     timings["t_project"] = time.perf_counter() - t0
 
