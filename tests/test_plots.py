@@ -3,8 +3,9 @@ import sys
 import pytest
 from test_results import make_run
 
-from projected_grpo.plots import main, make_plots, step_series
-from projected_grpo.results import ResultsError, build_report, load_runs, plot_files
+from projected_grpo import plots
+from projected_grpo.plots import _over_steps, early_span, main, make_plots, step_series
+from projected_grpo.results import ResultsError, build_report, group_questions, load_runs, plot_files
 
 
 @pytest.fixture
@@ -58,3 +59,51 @@ def test_missing_matplotlib_names_the_extra(tmp_path, monkeypatch, capsys):
     assert main([str(tmp_path), "--out", str(tmp_path / "plots")]) == 1
     assert "pip install -e '.[plot]'" in capsys.readouterr().err
     assert "Legend" in build_report(tmp_path)  # the tables never need it
+
+
+def test_each_arm_is_a_trailing_mean_over_its_faint_curve_with_the_early_window_shaded(tmp_path, matplotlib):
+    make_run(tmp_path, "van0", steps=12, hack=[0] * 5 + [1] * 7)
+    make_run(tmp_path, "van1", seed=1, steps=12, hack=[0] * 12)
+    make_run(tmp_path, "ceiling0", steps=12, intervention="erase", pairs="live", live_labels="oracle", hack=0.1)
+    (arms,) = group_questions(load_runs(tmp_path)).values()
+    vanilla = {("none", "none"): arms[("none", "none")]}
+    plt = plots._pyplot()
+    assert early_span(vanilla[("none", "none")], None) == (1, 3)  # a quarter of 12 steps
+    fig = _over_steps(plt, vanilla, {arm: "C0" for arm in vanilla}, {"hack_s": "hack"}, "title", "caption",
+                      shaded=(1, 3))
+    (ax,) = fig.axes
+    faint, bold = ax.get_lines()
+    # per step the two vanilla runs average to 0 for 5 steps, then 0.5; the trailing 10-step mean of that
+    # starts at step 10 (five halves: 0.25) and adds a half each step
+    assert list(faint.get_xdata()) == list(range(1, 13)) and list(faint.get_ydata()) == [0] * 5 + [0.5] * 7
+    assert list(bold.get_xdata()) == [10, 11, 12] and list(bold.get_ydata()) == pytest.approx([0.25, 0.3, 0.35])
+    assert bold.get_label() == "none" and bold.get_linewidth() > faint.get_linewidth() and faint.get_alpha() < 1
+    (span,) = ax.patches
+    assert (span.get_x(), span.get_x() + span.get_width()) == (1, 3)
+    plt.close(fig)
+
+    fig = _over_steps(plt, arms, {arm: "C0" for arm in arms}, {"hack_s": "hack"}, "title", "caption")
+    assert sorted(fig.axes[0].get_legend_handles_labels()[1]) == ["erase:ceiling", "none"]
+    assert not fig.axes[0].patches  # nothing shaded unless asked
+    plt.close(fig)
+
+
+def test_early_span_follows_early_steps_and_the_longest_run(tmp_path, monkeypatch, capsys, matplotlib):
+    make_run(tmp_path / "runs", "van0", steps=12)
+    make_run(tmp_path / "runs", "van1", seed=1, steps=20)
+    runs = load_runs(tmp_path / "runs")
+    assert early_span(runs, None) == (1, 5)  # the 20-step run's quarter is the longer window
+    assert early_span(runs, 7) == (1, 7)
+
+    shaded = []
+
+    def spy(*args, **kwargs):
+        shaded.append(kwargs.get("shaded"))
+        return over_steps(*args, **kwargs)
+    over_steps = plots._over_steps
+    monkeypatch.setattr(plots, "_over_steps", spy)
+    assert main([str(tmp_path / "runs"), "--out", str(tmp_path / "plots"), "--early_steps", "7"]) == 0
+    assert shaded == [(1, 7), None]  # the rates figure is shaded, the cin one not
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "runs"), "--out", str(tmp_path / "plots"), "--early_steps", "0"])
+    assert "--early_steps: must be a whole number of steps >= 1" in capsys.readouterr().err

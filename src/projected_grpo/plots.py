@@ -2,13 +2,17 @@
 
 Per question (the grouping `results` uses), three figures:
 
-- rates: hack and solve rate over steps, one line per arm (mean across its runs) with a min-max band;
+- rates: hack and solve rate over steps, the early window `results` reads shaded;
 - cin: cin_s and cin_t over steps per arm, each arm's cin_null_s (a random direction) dashed;
 - final: each run's last-steps hack rate against its solve rate, one colour per arm.
 
+Over steps each arm is a bold trailing mean (the window `results` times the rise with) drawn over
+its faint per-step curve, the mean across its runs with a min-max band: the per-step curves of
+several arms overlap into one band, their trailing means stay apart.
+
 matplotlib is an optional extra (`pip install -e '.[plot]'`); the tables never need it.
 
-    python -m projected_grpo.plots [runs_root | out/sweeps/NAME] [--out out/plots]
+    python -m projected_grpo.plots [runs_root | out/sweeps/NAME] [--out out/plots] [--early_steps N]
 """
 
 from __future__ import annotations
@@ -22,18 +26,24 @@ from pathlib import Path
 
 from projected_grpo.config import arm_name
 from projected_grpo.results import (
+    EARLY_HELP,
     LAST_STEPS,
+    ROLLING,
     ResultsError,
     Run,
     arm_rank,
+    early_window,
     group_questions,
     last_mean,
     load_runs,
     plot_files,
+    positive_int,
     question_title,
+    rolling_means,
 )
 
-BAND = "line: mean across runs (seeds), band: min-max across them"
+BAND = (f"bold: trailing {ROLLING}-step mean of the mean across runs (seeds); faint: that mean per step, "
+        "band: min-max across runs")
 RATE_LIMITS = (-0.02, 1.02)  # rates share one scale, so figures compare at a glance
 
 
@@ -60,13 +70,24 @@ def step_series(runs: list[Run], key: str) -> tuple[list[int], list[float], list
             [max(by_step[s]) for s in steps])
 
 
-def _mean_and_band(ax, runs: list[Run], key: str, colour, label: str) -> bool:
-    """Draw the mean line and min-max band; False when no run logged `key`."""
+def _smoothed_over_raw(ax, runs: list[Run], key: str, colour, label: str) -> bool:
+    """Draw the faint per-step mean and min-max band, and over them their bold trailing mean (from the
+    first full window on); False when no run logged `key`."""
     steps, mean, low, high = step_series(runs, key)
     if steps:
-        ax.plot(steps, mean, color=colour, label=label)
-        ax.fill_between(steps, low, high, color=colour, alpha=0.2, linewidth=0)
+        ax.plot(steps, mean, color=colour, alpha=0.3, linewidth=0.8)
+        ax.fill_between(steps, low, high, color=colour, alpha=0.1, linewidth=0)
+        ax.plot(steps[ROLLING - 1:], rolling_means(mean), color=colour, linewidth=2, label=label)
     return bool(steps)
+
+
+def early_span(runs: list[Run], early_steps: int | None) -> tuple[int, int] | None:
+    """The steps the early window covers, first to last, over the runs (the longest window where they
+    differ); None when no run logged a step."""
+    windows = [run.rows[:early_window(run, early_steps)] for run in runs if run.rows]
+    if not windows:
+        return None
+    return min(window[0]["step"] for window in windows), max(window[-1]["step"] for window in windows)
 
 
 def _legend(ax) -> None:
@@ -78,18 +99,23 @@ def _legend(ax) -> None:
 
 def _finish(fig, title: str, caption: str):
     """The question as a wrapped title, the caption saying how to read the figure, under one layout."""
-    fig.suptitle(textwrap.fill(title, int(fig.get_figwidth() * 14)) + "\n" + caption, fontsize="small")
+    width = int(fig.get_figwidth() * 14)  # characters of small type a line holds
+    fig.suptitle(textwrap.fill(title, width) + "\n" + textwrap.fill(caption, width), fontsize="small")
     fig.tight_layout()
     return fig
 
 
 def _over_steps(plt, arms: dict, colours: dict, keys: dict[str, str], title: str, caption: str,
-                null_key: str | None = None, ylim: tuple[float, float] | None = None):
-    """One panel per metrics key, one mean line and band per arm; null_key dashed per arm when given."""
+                null_key: str | None = None, ylim: tuple[float, float] | None = None,
+                shaded: tuple[int, int] | None = None):
+    """One panel per metrics key, each arm smoothed over its raw curve; null_key dashed per arm and the
+    steps `shaded` (the early window) shaded, when given."""
     fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4), squeeze=False)
     for ax, (key, panel_title) in zip(axes[0], keys.items()):
+        if shaded:
+            ax.axvspan(*shaded, color="grey", alpha=0.15, linewidth=0)
         for arm, runs in arms.items():
-            if _mean_and_band(ax, runs, key, colours[arm], arm_name(*arm)) and null_key:
+            if _smoothed_over_raw(ax, runs, key, colours[arm], arm_name(*arm)) and null_key:
                 steps, null, _, _ = step_series(runs, null_key)
                 ax.plot(steps, null, color=colours[arm], linestyle="--", linewidth=1)
         ax.set(title=panel_title, xlabel="step", ylim=ylim)
@@ -109,8 +135,9 @@ def _final_scatter(plt, arms: dict, colours: dict, title: str):
     return _finish(fig, title, f"one point per run: its mean over the last {LAST_STEPS} steps")
 
 
-def make_plots(runs_root: str | Path, plots_dir: str | Path) -> list[Path]:
-    """Write every question's PNGs under plots_dir; returns their paths."""
+def make_plots(runs_root: str | Path, plots_dir: str | Path, early_steps: int | None = None) -> list[Path]:
+    """Write every question's PNGs under plots_dir; returns their paths. early_steps: the early window's
+    length, as `results` takes it (None: a quarter of each run)."""
     plt = _pyplot()
     written = []
     for question, arms in sorted(group_questions(load_runs(Path(runs_root))).items()):
@@ -118,9 +145,11 @@ def make_plots(runs_root: str | Path, plots_dir: str | Path) -> list[Path]:
         palette = plt.get_cmap("tab10" if len(arms) <= 10 else "tab20")  # distinct colours for up to 20 arms
         colours = {arm: palette(i % palette.N) for i, arm in enumerate(arms)}
         title = question_title(question)
+        early = early_span([run for runs in arms.values() for run in runs], early_steps)
+        shading = f"; shaded: the early window, steps {early[0]}-{early[1]}" if early else ""
         figures = {
             "rates": _over_steps(plt, arms, colours, {"hack_s": "hack rate (hack_s)", "gt_s": "solve rate (gt_s)"},
-                                 title, BAND, ylim=RATE_LIMITS),
+                                 title, BAND + shading, ylim=RATE_LIMITS, shaded=early),
             "cin": _over_steps(plt, arms, colours, {"cin_s": "cin_s (student)", "cin_t": "cin_t (teacher)"},
                                title, f"{BAND}; dashed: cin_null_s, a random direction", null_key="cin_null_s"),
             "final": _final_scatter(plt, arms, colours, title),
@@ -138,9 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs_root", nargs="?", default="out/runs",
                         help="directory holding one folder per run (out/runs, or a sweep's out/sweeps/NAME)")
     parser.add_argument("--out", default="out/plots", help="folder for the PNGs, one subfolder per question")
+    parser.add_argument("--early_steps", type=positive_int, help=EARLY_HELP)
     args = parser.parse_args(argv)
     try:
-        written = make_plots(args.runs_root, args.out)
+        written = make_plots(args.runs_root, args.out, args.early_steps)
     except ResultsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
