@@ -208,6 +208,8 @@ def test_gated_frac_counts_the_rows_that_act():
     ({"pairs": "live", "refresh_every": "5", "control": "shuffled"}, "--control: shuffled needs pair texts"),
     ({"pair_contrast": "worse"}, "--pair_contrast: 'worse' is not one of clean, failed"),
     ({"basis_min_margin": "-1"}, "--basis_min_margin: must be >= 0"),
+    ({"pairs": "live", "refresh_every": "5", "live_labels": "oracle", "control": "random"},
+     "--control: the oracle-labelled ceiling is a diagnostic"),
 ])
 def test_instrument_fields_are_validated(overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -311,6 +311,8 @@ def validate(cfg: Config) -> None:
     _check(cfg.basis_min_margin >= 0, "basis_min_margin", f"must be >= 0, got {cfg.basis_min_margin}")
     _check(cfg.pairs == "live" or cfg.live_labels == "detector", "live_labels",
            f"labels the live rollouts V is built from; --pairs={cfg.pairs} has none")
+    _check(cfg.live_labels == "detector" or cfg.control == "none", "control",
+           f"the oracle-labelled ceiling is a diagnostic of the real V; a {cfg.control} basis in its place is neither")
     _check(cfg.pairs != "live" or cfg.control in ("none", "random", "capacity"), "control",
            f"{cfg.control} needs pair texts; --pairs=live has only the rollouts' gradients (none, random, capacity)")
     _check(cfg.pairs != "live" or cfg.refresh_every >= 1, "refresh_every",
