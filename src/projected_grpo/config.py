@@ -129,6 +129,8 @@ class Config:
     grade_workers: int = 0  # parallel sandbox children; 0: one per core
     grade_seconds: int = 10  # CPU seconds a completion's code may run (the wall clock allows twice that): a
     # looping completion holds its step that long
+    require_netns: bool = False  # true: a machine whose kernel refuses graded code a private network namespace is
+    # an error before anything runs (false: grading goes on behind Landlock's TCP rules alone, with a warning)
     grader: str = "fork"  # fork: each job's supervisor forked by a pre-started fork server (no interpreter start
     # per completion); spawn: a fresh interpreter per completion (the fallback, and the comparison)
     run_name: str = ""  # empty: <preset>-<intervention>[-<control>]-s<seed>
