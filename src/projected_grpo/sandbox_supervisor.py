@@ -118,8 +118,8 @@ def enter_sandbox(libc, work, lim, stdlib_fds, code_payload_fd, ready_fd):
         os.setgid(uid)
         os.setuid(uid)
         libc.prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE, so /proc/self/fd (the stdlib's way in) is ours again
+    nproc = lim["processes"] + (0 if uid is not None else count_processes(os.getuid()))  # before Landlock hides /proc
     abi = landlock(libc, rules)
-    nproc = lim["processes"] + (0 if uid is not None else count_processes(os.getuid()))
     for res, value in ((resource.RLIMIT_CPU, lim["cpu_seconds"]),
                        (resource.RLIMIT_AS, lim["memory_bytes"]),
                        (resource.RLIMIT_FSIZE, lim["file_bytes"]),
