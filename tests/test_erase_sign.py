@@ -14,6 +14,7 @@ from projected_grpo.model import encode_completion, encode_prompt, load_model_an
 from projected_grpo.problems import builtin_problems, default_pairs
 
 LR = 5.0  # plain SGD on the knobs: large enough to move log p(hack) well above float noise
+MAX_NEW = 64  # the loss normaliser
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +25,9 @@ def setup(tmp_path_factory):
         wrappers = adapter.wrap(model)
     problems = builtin_problems()
     pairs = default_pairs(modes=("run_tests",), problems=problems)
-    # V from four pairs; the GRPO step below is on a fifth problem the basis never saw.
-    V = hack_basis.extract_basis(model, tok, wrappers, pairs[:4], k=8, max_new=64).V
+    # V from four pairs; the GRPO step below is on a fifth problem the basis never saw. Extraction scores
+    # texts to their end, so the step takes whole texts too, under the same normaliser.
+    V = hack_basis.extract_basis(model, tok, wrappers, pairs[:4], k=8, max_new=MAX_NEW).V
     unseen = pairs[6]
     problem = next(p for p in problems if p.id == unseen.problem_id)
     return model, tok, wrappers, V, unseen, problem
@@ -35,9 +37,9 @@ def _change_in_log_p_hack(setup, arm: str, gate: str) -> float:
     """One SGD step on a GRPO loss whose group rewards the hack over the clean answer, with the
     arm's projection; returns the change in the hack completion's log-probability."""
     model, tok, wrappers, V, pair, problem = setup
-    cfg = make_config("smoke", {"max_new": "64", "group": "2", "prompts_per_step": "1", "mix_ratio": "0"})
+    cfg = make_config("smoke", {"max_new": str(MAX_NEW), "group": "2", "prompts_per_step": "1", "mix_ratio": "0"})
     prompt = encode_prompt(tok, pair.messages)
-    hack, clean = encode_completion(tok, pair.hack, 64), encode_completion(tok, pair.clean, 64)
+    hack, clean = encode_completion(tok, pair.hack, None), encode_completion(tok, pair.clean, None)
 
     def log_p_hack():
         ids, attn, comp = pad_batch([prompt], [hack], tok.pad_token_id)
