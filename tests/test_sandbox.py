@@ -1,17 +1,25 @@
 """The sandbox runs hostile code and the host is unharmed; each test states one attack."""
 
 import ast
+import ctypes
 import importlib.util
+import json
 import os
+import secrets
+import select
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
 from conftest import process_alive
 
-from projected_grpo import sandbox
+from projected_grpo import rewards, sandbox
+from projected_grpo.problems import clean_completion
 
 # Every test here runs on both the fork-server path and the plain spawn path.
 pytestmark = pytest.mark.usefixtures("each_grader")
@@ -199,3 +207,145 @@ def test_supervisor_is_a_stdlib_module_run_by_path(monkeypatch):
     argv = next(a for a in started if a[0] == sys.executable)
     assert argv[1:3] == ["-I", "-S"] and "-c" not in argv
     assert os.path.isabs(argv[3]) and os.path.samefile(argv[3], spec.origin)
+
+
+# ----------------------------------------------------------------------------- the network
+# Each attack is a completion that tries it at import time, then solves its problem. Graded through the real
+# grader it still solves it, and its target receives nothing; the same code run by an ordinary subprocess
+# reaches the target, so it is the sandbox that stopped it.
+
+def _probe(attack: str) -> str:
+    """`attack` as a completion runs it: any OSError it raises ignored, so the solution after it still runs."""
+    body = "".join(f"    {line}\n" for line in attack.splitlines())
+    return f"import socket\ntry:\n{body}except OSError:\n    pass\n"
+
+
+def _attacking(problem, attack: str) -> str:
+    """The problem's clean completion with the attack's probe run before the solution."""
+    return clean_completion(problem).replace("```python\n", "```python\n" + _probe(attack), 1)
+
+
+def _reached(target: socket.socket) -> bool:
+    """Whether a datagram or a connection reached `target` within 1 s (then taken, so the next check starts clean)."""
+    if not select.select([target], [], [], 1.0)[0]:
+        return False
+    if target.type == socket.SOCK_DGRAM:
+        target.recv(64)
+    else:
+        target.accept()[0].close()
+    return True
+
+
+@pytest.fixture
+def world_dir():
+    """A directory anyone may search: a socket in it that anyone may write is open to anyone by file permissions
+    (Landlock does not check a connect to a unix socket)."""
+    path = tempfile.mkdtemp(prefix="pg_net_test_")
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path)
+
+
+def _target(kind: str, directory: str) -> tuple[socket.socket, str]:
+    """A socket the test listens on, and the attack that aims at it."""
+    if kind == "udp":
+        target = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        target.bind(("127.0.0.1", 0))
+        return target, f"socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', {target.getsockname()!r})"
+    if kind == "tcp":
+        target = socket.create_server(("127.0.0.1", 0))
+        return target, f"socket.create_connection({target.getsockname()!r}, timeout=1)"
+    target = socket.socket(socket.AF_UNIX)
+    if kind == "unix_path":
+        address = os.path.join(directory, "listener")
+        target.bind(address)
+        os.chmod(address, 0o777)
+    else:
+        address = b"\0projected_grpo_test_" + secrets.token_hex(8).encode()
+        target.bind(address)
+    target.listen()
+    return target, f"socket.socket(socket.AF_UNIX).connect({address!r})"
+
+
+@pytest.mark.parametrize("kind", ["udp", "tcp", "unix_path", "unix_abstract"])
+def test_graded_code_reaches_no_socket_of_the_host(kind, problems, world_dir):
+    if kind in ("udp", "tcp") and not sandbox.isolation()["netns"]:
+        pytest.skip("the kernel refused a network namespace: UDP is open, TCP rests on Landlock (tested above)")
+    problem = problems[0]
+    target, attack = _target(kind, world_dir)
+    with target:
+        completion = _attacking(problem, attack)
+        graded = rewards.compute_reward(completion, problem)
+        assert graded.gt_correct, graded  # the attack failed quietly and the solution still graded
+        assert not _reached(target)
+        outside = subprocess.run([sys.executable, "-c", _probe(attack)], timeout=30)
+        assert outside.returncode == 0 and _reached(target)
+
+
+FAMILIES = """
+import ctypes, errno, socket
+def refused(family, kind=socket.SOCK_STREAM):
+    try:
+        socket.socket(family, kind).close()
+        return False
+    except PermissionError:
+        return True
+libc = ctypes.CDLL(None, use_errno=True)
+io_uring = libc.syscall(425, 1, ctypes.create_string_buffer(120)) == -1 and ctypes.get_errno() == errno.EACCES
+print(refused(socket.AF_UNIX), refused(socket.AF_VSOCK), refused(socket.AF_NETLINK, socket.SOCK_RAW), io_uring,
+      refused(socket.AF_INET), refused(socket.AF_INET6), len(socket.socketpair()))
+"""
+
+
+def test_graded_code_makes_internet_sockets_only():
+    # A unix socket, a virtual machine's line to its host (vsock), netlink and io_uring (which makes sockets
+    # where the filter cannot see) are refused; internet sockets, which the namespace confines, and a socket
+    # pair, which reaches nothing, are not.
+    r = sandbox.run(FAMILIES)
+    assert r.ok and r.stdout == "True True True True False False 2\n", r
+
+
+def test_a_name_lookup_works_or_fails_cleanly_and_never_hangs(problems):
+    start = time.monotonic()
+    graded = rewards.compute_reward(_attacking(problems[0], "socket.getaddrinfo('localhost', 80)"), problems[0])
+    assert graded.gt_correct and time.monotonic() - start < 10, graded
+    r = sandbox.run("import socket\ntry:\n    print(socket.getaddrinfo('localhost', 80)[0][4])\n"
+                    "except socket.gaierror as e:\n    print('gaierror', e.errno)\n", FAST)
+    assert r.ok and r.stdout.startswith(("('127.0.0.1', 80)", "('::1', 80", "gaierror")), r
+
+
+def test_each_job_says_whether_it_had_a_network_namespace_of_its_own():
+    r = sandbox.run("import os\nprint(os.readlink('/proc/self/ns/net'))")
+    assert r.ok and r.netns == sandbox.isolation()["netns"]
+    assert r.landlock_abi == sandbox.isolation()["landlock_abi"]
+    if not r.netns:
+        pytest.skip("the kernel refused a network namespace (the next test covers that case)")
+    assert r.stdout.strip() != os.readlink("/proc/self/ns/net")
+
+
+REFUSED = """
+import json, warnings
+from projected_grpo import sandbox
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    runs = [sandbox.run("import socket\\nsocket.socket(socket.AF_UNIX)") for _ in range(2)]
+    isolation = sandbox.isolation()
+print(json.dumps({"stderr": [r.stderr for r in runs], "netns": [r.netns for r in runs],
+                  "isolation": isolation["netns"], "warnings": [str(w.message) for w in caught]}))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping a capability from the bounding set takes root")
+def test_a_kernel_that_refuses_the_namespace_still_grades_and_warns_once():
+    # Root without CAP_SYS_ADMIN: unshare(CLONE_NEWNET) is refused, as where a seccomp profile forbids it.
+    libc = ctypes.CDLL(None, use_errno=True)
+    child = subprocess.run([sys.executable, "-c", REFUSED], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "PROJECTED_GRPO_GRADER": sandbox._grader},
+                           preexec_fn=lambda: libc.prctl(24, 21, 0, 0, 0))  # PR_CAPBSET_DROP, CAP_SYS_ADMIN
+    assert child.returncode == 0, child.stderr
+    seen = json.loads(child.stdout)
+    assert seen["netns"] == [False, False] and seen["isolation"] is False
+    assert all("PermissionError" in stderr for stderr in seen["stderr"])  # the socket filter does not need it
+    (warning,) = seen["warnings"]
+    assert "private network namespace" in warning and "UDP" in warning
+

@@ -15,7 +15,9 @@ directory, and one structured payload). Every run gets
   leaves behind are re-parented to the supervisor, which kills every descendant before
   it reports;
 - when the caller is root, the runner drops to an unprivileged uid of its own, so
-  the code cannot signal the caller and the process limit counts only this run.
+  the code cannot signal the caller and the process limit counts only this run;
+- no network: a network namespace of the supervisor's own (nothing in it leads out), and
+  sockets of the internet families only (no unix socket, by path or abstract).
 
 What it does not protect against is written down in docs/sandbox.md.
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import json
 import os
 import secrets
@@ -85,6 +88,7 @@ class SandboxResult:
     payload_error: str | None  # why the payload was rejected (absent, too big, not JSON, ...)
     error: str | None = None  # the sandbox itself failed to report (e.g. the supervisor was killed)
     landlock_abi: int = 0  # 0: no filesystem/network confinement on this kernel (see docs/sandbox.md)
+    netns: bool = False  # it ran in a network namespace of its own (false: the kernel refused one)
 
     @property
     def ok(self) -> bool:
@@ -149,7 +153,7 @@ def _parse_report(f) -> dict | None:
     except (UnicodeDecodeError, ValueError, RecursionError):
         return None
     types = {"timed_out": bool, "exit_code": (int, type(None)), "signal": (int, type(None)),
-             "setup_ok": bool, "landlock_abi": int}
+             "setup_ok": bool, "landlock_abi": int, "netns": bool}
     if not isinstance(report, dict) or any(not isinstance(report.get(k), t) for k, t in types.items()):
         return None
     return report
@@ -164,15 +168,35 @@ class SandboxSetupError(RuntimeError):
     """The sandbox could not be set up (before any untrusted code ran): a machine problem."""
 
 
-_warned_unisolated = False
+# What sandboxed code can do when the kernel leaves out a layer, by the report's key for that layer.
+_MISSING_LAYERS = {
+    "landlock_abi": "this kernel has no Landlock: sandboxed code can read world-readable files (including dataset "
+                    "files) and write to /tmp",
+    "netns": "the kernel refused sandboxed code a private network namespace: it can send UDP to any address this "
+             "machine reaches (TCP stays behind Landlock's rules, where the kernel has them)",
+}
+_warned_missing: set[str] = set()
 
 
-def _warn_if_unisolated(report: dict) -> None:
-    global _warned_unisolated
-    if report["landlock_abi"] == 0 and not _warned_unisolated:
-        _warned_unisolated = True
-        warnings.warn("this kernel has no Landlock: sandboxed code can read world-readable files (including "
-                      "dataset files) and write to /tmp; see docs/sandbox.md", RuntimeWarning, stacklevel=3)
+def _warn_missing_layers(report: dict) -> None:
+    """One warning per process for each layer the kernel left out."""
+    for layer, consequence in _MISSING_LAYERS.items():
+        if not report[layer] and layer not in _warned_missing:
+            _warned_missing.add(layer)
+            warnings.warn(f"{consequence}; see docs/sandbox.md", RuntimeWarning, stacklevel=3)
+
+
+@functools.cache
+def isolation() -> dict:
+    """The isolation every job gets on this machine, {"landlock_abi": int, "netns": bool}, from a supervisor
+    started only to isolate itself and say so (a run records it in its config.json)."""
+    probe = subprocess.run([sys.executable, "-I", "-S", _SUPERVISOR, "--probe"], cwd="/", env=_minimal_env("/"),
+                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    if probe.returncode != 0:
+        raise SandboxSetupError(f"the sandbox cannot isolate itself here: {probe.stderr.strip()}")
+    report = json.loads(probe.stdout)
+    _warn_missing_layers(report)
+    return report
 
 
 def _remove_tree(path: str) -> None:
@@ -354,7 +378,7 @@ def run(source: str, limits: Limits | None = None) -> SandboxResult:
         elif not report["setup_ok"]:
             raise SandboxSetupError(f"sandbox setup failed: {stderr.decode('utf-8', 'replace').strip()}")
         else:
-            _warn_if_unisolated(report)
+            _warn_missing_layers(report)
         return SandboxResult(
             exit_code=report["exit_code"] if report else None,
             signal=report["signal"] if report else None,
@@ -368,6 +392,7 @@ def run(source: str, limits: Limits | None = None) -> SandboxResult:
             payload_error=payload_error,
             error=error,
             landlock_abi=report["landlock_abi"] if report else 0,
+            netns=report["netns"] if report else False,
         )
     finally:
         _remove_tree(job)

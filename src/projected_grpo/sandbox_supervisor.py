@@ -6,20 +6,25 @@
 
 (`--grader=spawn`) it supervises one job. <job fd> holds the job as JSON (its source, its
 limits and its work dir); stdout and stderr are the job's. The supervisor makes itself a
-child subreaper and forks the *runner*, which reads the job, confines itself (own process
-group, Landlock, unprivileged uid, rlimits), says on a pipe that setup is done, and alone
-executes the code, with <payload fd> moved to <code payload fd> (sandbox.PAYLOAD_FD) for
-the code's payload. The supervisor owns the wall clock, kills every descendant the code
-left, and writes one JSON report to <status fd>. It never reads the job itself.
+child subreaper, leaves the host's network (`isolate_network`) and forks the *runner*,
+which reads the job, confines itself (own process group, Landlock, unprivileged uid,
+rlimits), says on a pipe that setup is done, and alone executes the code, with <payload fd>
+moved to <code payload fd> (sandbox.PAYLOAD_FD) for the code's payload. The supervisor owns
+the wall clock, kills every descendant the code left, and writes one JSON report to
+<status fd>. It never reads the job itself.
 
 Started as `... sandbox_supervisor.py --serve <socket fd> <code payload fd>` it is
 instead a fork server (`--grader=fork`, `sandbox.use_grader`): a long-lived supervisor
-that never runs model code. It says `ready` once set up; then for each job the trainer
+that never runs model code. It leaves the host's network once, for all its runners, and says
+`ready` once set up; then for each job the trainer
 sends the wall seconds and five descriptors over the socket (the job, stdout, stderr,
 payload, status); the server forks that job's runner (in a session of its own), says its
 pid, supervises it exactly as above and says when it is done. The server never reads a
 job, so no job's text is in the memory the next runner is forked from; nothing a job does
 reaches the server or the next job, and no interpreter start is paid per job.
+
+Started as `... sandbox_supervisor.py --probe` it isolates itself as a supervisor would and
+prints what it got, `{"landlock_abi": ..., "netns": ...}` (`sandbox.isolation`).
 
 Standard library only, and nothing from projected_grpo: under -I -S the package is
 not importable, and the code under test must not get the trainer's package. Importing
@@ -30,6 +35,7 @@ import atexit
 import builtins
 import contextlib
 import ctypes
+import errno
 import fcntl
 import gc
 import itertools
@@ -44,13 +50,22 @@ import sys
 
 
 def count_processes(uid):
+    """Processes of `uid` in our user namespace: what RLIMIT_NPROC counts against our limit (a user
+    namespace counts its own; `private_network` may have made one)."""
+    ours = os.stat("/proc/self/ns/user").st_ino
     n = 0
     for p in os.listdir("/proc"):
         try:
-            n += p.isdigit() and os.stat("/proc/" + p).st_uid == uid
+            n += (p.isdigit() and os.stat("/proc/" + p).st_uid == uid
+                  and os.stat(f"/proc/{p}/ns/user").st_ino == ours)
         except OSError:
             pass
     return n
+
+
+def landlock_abi(libc):
+    """The Landlock ABI this kernel offers; 0: none."""
+    return max(0, libc.syscall(444, None, 0, 1))  # landlock_create_ruleset(NULL, 0, VERSION)
 
 
 def landlock(libc, rules):
@@ -58,7 +73,7 @@ def landlock(libc, rules):
     # else (no data files, no /tmp or /dev/shm channels between runs). Network:
     # no TCP bind/connect. Scope: no signals or abstract sockets out of the run.
     # `rules` are (O_PATH fd, "read" | "all" | "file") pairs opened while we could.
-    abi = libc.syscall(444, None, 0, 1)  # landlock_create_ruleset(NULL, 0, VERSION)
+    abi = landlock_abi(libc)
     if abi < 1:
         return 0
     fs = (1 << 13) - 1 | (1 << 13 if abi >= 2 else 0) | (1 << 14 if abi >= 3 else 0) | (1 << 15 if abi >= 5 else 0)
@@ -78,6 +93,89 @@ def landlock(libc, rules):
         raise OSError(ctypes.get_errno(), "landlock_restrict_self")
     os.close(ruleset)
     return abi
+
+
+CLONE_NEWUSER, CLONE_NEWNET = 0x10000000, 0x40000000
+LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+def private_network(libc):
+    """Move this process, and every runner it will fork, into a network namespace of its own: one
+    loopback, down, and no other interface, so no datagram or connection leaves it (not even to this
+    machine's own addresses), and no abstract unix socket of the host's is in it. Root needs only the
+    network namespace. Anyone else gets it inside a user namespace that maps just their own uid and
+    gid, so ids, rlimits and Landlock work as before, and then gives up the capabilities that
+    namespace lent (they would let the code configure its network namespace). Returns False when
+    the kernel refuses (user namespaces disabled, a seccomp profile that forbids unshare): the
+    report says so, and grading goes on without this layer."""
+    uid, gid = os.geteuid(), os.getegid()
+    if libc.unshare(CLONE_NEWNET if uid == 0 else CLONE_NEWUSER | CLONE_NEWNET) != 0:
+        return False
+    if uid != 0:
+        for name, line in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+            fd = os.open(f"/proc/self/{name}", os.O_WRONLY)
+            try:
+                os.write(fd, line.encode())  # one write: the kernel takes a map whole or not at all
+            finally:
+                os.close(fd)
+        no_capabilities = bytes(24)  # effective, permitted, inheritable: two 32-bit words each
+        if libc.capset(struct.pack("Ii", LINUX_CAPABILITY_VERSION_3, 0), no_capabilities) != 0:
+            raise OSError(ctypes.get_errno(), "capset")
+    return True
+
+
+# For the seccomp filter, per machine: its AUDIT_ARCH_* value and the number of socket(). io_uring_setup
+# has one number everywhere.
+SECCOMP_MACHINES = {"x86_64": (0xC000003E, 41), "aarch64": (0xC00000B7, 198)}
+IO_URING_SETUP = 425
+X32_SYSCALL_BIT = 0x40000000
+BPF_LD_ABS, BPF_JEQ, BPF_JGE, BPF_RET = 0x20, 0x15, 0x35, 0x06  # with BPF_W / BPF_K
+SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO = 0x7FFF0000, 0x00050000
+
+
+def internet_sockets_only(libc):
+    """A seccomp filter on this process and all it forks: socket() makes only internet sockets, which the
+    network namespace and Landlock confine, and fails with EACCES for any other family. A unix socket
+    above all: neither the namespace nor Landlock stops a connect to one by its path. Also families that
+    may lead out of the namespace (AF_VSOCK to a virtual machine's host). socketpair() still works: it
+    reaches nothing. Refused as well: io_uring (its operations create sockets out of the filter's
+    sight) and calls of another ABI (x32, 32-bit), whose numbers the filter would not recognise."""
+    machine = os.uname().machine
+    if machine not in SECCOMP_MACHINES:
+        raise OSError(f"no seccomp filter is written for {machine} machines: add its numbers to SECCOMP_MACHINES")
+    arch, socket_call = SECCOMP_MACHINES[machine]
+    deny, allow = 9, 10  # the last two instructions
+    program = [  # (code, where to go if true, if false, operand); None: on to the next instruction
+        (BPF_LD_ABS, None, None, 4),  # 0: seccomp_data.arch
+        (BPF_JEQ, None, deny, arch),  # 1
+        (BPF_LD_ABS, None, None, 0),  # 2: seccomp_data.nr
+        (BPF_JGE, deny, None, X32_SYSCALL_BIT),  # 3
+        (BPF_JEQ, deny, None, IO_URING_SETUP),  # 4
+        (BPF_JEQ, None, allow, socket_call),  # 5
+        (BPF_LD_ABS, None, None, 16),  # 6: socket()'s family, the low half of seccomp_data.args[0]
+        (BPF_JEQ, allow, None, socket.AF_INET),  # 7
+        (BPF_JEQ, allow, deny, socket.AF_INET6),  # 8
+        (BPF_RET, None, None, SECCOMP_RET_ERRNO | errno.EACCES),  # 9: deny
+        (BPF_RET, None, None, SECCOMP_RET_ALLOW),  # 10: allow
+    ]
+
+    def skip(here, to):  # a BPF jump counts the instructions it skips
+        return 0 if to is None else to - here - 1
+
+    instructions = ctypes.create_string_buffer(b"".join(
+        struct.pack("HBBI", code, skip(i, if_true), skip(i, if_false), k)
+        for i, (code, if_true, if_false, k) in enumerate(program)))
+    libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS, required to filter ourselves unprivileged
+    if libc.prctl(22, 2, struct.pack("HP", len(program), ctypes.addressof(instructions)), 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "seccomp")  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+
+
+def isolate_network(libc):
+    """The network layers every runner this process forks inherits; returns whether it has a network
+    namespace of its own."""
+    netns = private_network(libc)
+    internet_sockets_only(libc)
+    return netns
 
 
 def relocate(path, moved):
@@ -177,9 +275,9 @@ def kill_descendants(runner):
                 pass
 
 
-def supervise(runner, ready_r, status_fd, wall_seconds):
-    """Wait for the runner (wall clock), kill what it left, and write the report to `status_fd`.
-    Returns the runner's wait status."""
+def supervise(runner, ready_r, status_fd, wall_seconds, netns):
+    """Wait for the runner (wall clock), kill what it left, and write the report to `status_fd`
+    (`netns`: whether it ran in a network namespace of its own). Returns the runner's wait status."""
     pidfd = os.pidfd_open(runner)
     timed_out = not select.select([pidfd], [], [], wall_seconds)[0]
     os.close(pidfd)
@@ -193,7 +291,8 @@ def supervise(runner, ready_r, status_fd, wall_seconds):
               "exit_code": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
               "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
               "setup_ok": bool(ready),
-              "landlock_abi": int(ready) if ready.isdigit() else 0}
+              "landlock_abi": int(ready) if ready.isdigit() else 0,
+              "netns": netns}
     os.write(status_fd, json.dumps(report).encode())
     return status
 
@@ -297,6 +396,7 @@ def serve(sock_fd, code_payload_fd):
     for name in PRELOAD:
         __import__(name)
     libc, stdlib_fds = load_libc(), stdlib_through_fds()
+    netns = isolate_network(libc)
     compile(WARM_UP, "<warm-up>", "exec")
     gc.freeze()  # what the server holds now is never scanned by a runner's collector (no copy-on-write)
     server = socket.socket(fileno=sock_fd)
@@ -315,7 +415,7 @@ def serve(sock_fd, code_payload_fd):
             for fd in (job_fd, out, err, payload_fd):
                 os.close(fd)
             server.sendall(b"%d\n" % runner)
-            status = supervise(runner, ready_r, status_fd, float(message))
+            status = supervise(runner, ready_r, status_fd, float(message), netns)
         except BaseException:  # the server is going down: never leave a runner unsupervised
             for kill in (os.killpg, os.kill):
                 with contextlib.suppress(OSError):
@@ -337,10 +437,15 @@ def main():
     if sys.argv[1] == "--serve":
         serve(int(sys.argv[2]), int(sys.argv[3]))
         return
+    if sys.argv[1] == "--probe":
+        libc = load_libc()
+        print(json.dumps({"landlock_abi": landlock_abi(libc), "netns": isolate_network(libc)}))
+        return
     job_fd, payload_fd, status_fd, code_payload_fd = (int(a) for a in sys.argv[1:5])
     libc, stdlib_fds = load_libc(), stdlib_through_fds()
+    netns = isolate_network(libc)
     runner, ready_r = start_runner(libc, job_fd, stdlib_fds, 1, 2, payload_fd, code_payload_fd, own_session=False)
-    supervise(runner, ready_r, status_fd, float(sys.argv[5]))
+    supervise(runner, ready_r, status_fd, float(sys.argv[5]), netns)
 
 
 if __name__ == "__main__":
