@@ -349,3 +349,12 @@ def test_a_kernel_that_refuses_the_namespace_still_grades_and_warns_once():
     (warning,) = seen["warnings"]
     assert "private network namespace" in warning and "UDP" in warning
 
+
+def test_require_netns_stops_a_run_before_anything_where_the_kernel_refuses(monkeypatch, tmp_path, capsys):
+    from projected_grpo import train
+
+    monkeypatch.setattr(sandbox, "isolation", lambda: {"landlock_abi": 7, "netns": False})
+    assert train.main(["smoke", "--require_netns=true", f"--out_dir={tmp_path}"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: --require_netns: ") and "--require_netns=false" in line
+    assert not any(tmp_path.iterdir())  # not even the run's lock file

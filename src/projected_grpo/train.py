@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import checkpoints, distributed, interventions
+from . import checkpoints, distributed, interventions, sandbox
 from .assembly import Run, assemble, refresh_basis, split_problems
 from .config import MODES, Config, ConfigError, InputError, make_config, parse_overrides
 from .distributed import World
@@ -211,6 +211,10 @@ def run(cfg: Config, preset: str = "smoke") -> dict:
     config) is checked before the run directory is made, so a bad input leaves nothing half made.
     """
     interventions.check(cfg)
+    if cfg.require_netns and not sandbox.isolation()["netns"]:
+        raise ConfigError("--require_netns: this machine's kernel refuses graded code a private network namespace "
+                          "(user namespaces disabled, or a seccomp profile that forbids unshare; docs/sandbox.md); "
+                          "train where it allows one, or pass --require_netns=false to grade without that layer")
     world = distributed.init(cfg)
     try:
         with _sole_writer(Path(cfg.out_dir) / cfg.run_name) if world.main else contextlib.nullcontext():
@@ -240,6 +244,7 @@ def _start(cfg: Config, preset: str, world: World) -> tuple[Run, Path, list[dict
               "split": {"train": [p.id for p in train], "held_out": [p.id for p in held_out]}}
     if checkpoint is not None:
         _check_resume_config(run_dir, config)
+    config["sandbox"] = sandbox.isolation()  # this machine's, not a setting: a resume may find another
     cfg = dataclasses.replace(cfg, device=distributed.device_for(cfg, world))  # recorded as asked, run per rank
     run, state = assemble(cfg, world, model_path, train, held_out, checkpoint)
     rows = state["rows"] if state else []
