@@ -125,6 +125,8 @@ class Config:
     eval_every: int = 0  # evaluate held-out prompts (deployed, and kept for route) every N steps; 0: end only
     eval_samples: int = 1  # samples per held-out problem and prompt setting (hint, neutral) in each evaluation
     log_completions: int = 2  # student completions per step written to completions.jsonl
+    report_to: str = "none"  # where rows also go as the run goes: none, or a comma list of tensorboard, wandb
+    # (optional extras: pip install -e '.[tensorboard]' / '.[wandb]'); everything lands under the run directory
     checkpoint_every: int = 25  # plus one at the end, on Ctrl-C and before a NaN stop
     grade_workers: int = 0  # parallel sandbox children; 0: one per core
     grade_seconds: int = 10  # CPU seconds a completion's code may run (the wall clock allows twice that): a
