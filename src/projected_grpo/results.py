@@ -685,9 +685,9 @@ not log the key (older runs).
 - **solve**: fraction of student completions that pass the strict oracle.
 - **cin_s / cin_t**: hack-ward fraction of the student / teacher gradient, ||relu(V g)|| / ||g||, before projection.
 - **cout**: the same fraction after projection (near 0 under the one-sided gate by construction, not evidence).
-- **auroc**: per step, the AUROC of each student rollout's hack score (cin of its own gradient) against whether it
-  exploited the grader; 0.5 is chance, 1 means the basis ranks every hack above every non-hack. Null on steps
-  with only one class.
+- **auroc**: per step, the AUROC of each student rollout's hack score (cin of its own log-likelihood gradient)
+  against whether it exploited the grader; 0.5 is chance, 1 means the basis ranks every hack above every
+  non-hack. Null on steps with only one class.
 - **Δhack / Δsolve**: per seed, the arm minus the vanilla run (`none`, no control) of the same seed; mean and
   95% t interval over the seeds that have both ("k paired" when k < n).
 - **`<intervention>:{CEILING}`**: runs whose live basis was built from the oracle's labels (`live_labels=oracle`),
