@@ -28,7 +28,7 @@ from dataclasses import dataclass, fields
 from datetime import datetime
 from pathlib import Path
 
-from . import __version__, checkpoints, interventions
+from . import __version__, checkpoints, interventions, reporting
 from .config import Config, ConfigError, InputError, arm_name, make_config, parse_overrides, run_name
 from .distributed import available_cores
 from .files import write_atomically
@@ -134,6 +134,7 @@ def validate_runs(preset: str, runs: list[PlannedRun]) -> dict[str, int]:
         try:
             cfg = make_config(preset, run.overrides)
             interventions.check(cfg)
+            reporting.check(cfg)
             steps[run.name] = cfg.steps
         except InputError as e:
             raise SweepError(f"run {run.name}: {e}") from None

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import checkpoints, distributed, interventions, sandbox
+from . import checkpoints, distributed, interventions, reporting, sandbox
 from .assembly import Run, assemble, refresh_basis, split_problems
 from .config import MODES, Config, ConfigError, InputError, make_config, parse_overrides
 from .distributed import World
@@ -82,18 +82,20 @@ def _append_jsonl(path: Path, rows: list[dict]) -> None:
         os.fsync(f.fileno())
 
 
-def _log_step(run_dir: Path, step: int, row: dict, rollouts, log_completions: int) -> None:
+def _log_step(run_dir: Path, step: int, row: dict, rollouts, log_completions: int) -> list[dict]:
     """Append the step's metrics row, every student rollout's hack score and label (the run's AUROC
-    is computed from these) and the first `log_completions` student completions."""
+    is computed from these) and the first `log_completions` student completions; returns those."""
     students = [r for r in rollouts if not r.teacher]
     _append_jsonl(run_dir / "metrics.jsonl", [row])
     _append_jsonl(run_dir / "scores.jsonl", [
         {"step": step, "mode": r.problem.mode, "hack_score": r.hack_score, "exploited": r.exploited}
         for r in students])
-    _append_jsonl(run_dir / "completions.jsonl", [
+    completions = [
         {"step": step, "problem_id": r.problem.id, "mode": r.problem.mode, "reward": r.reward, "passed": r.passed,
          "gt_correct": r.gt_correct, "exploited": r.exploited, "advantage": r.advantage,
-         "hack_score": r.hack_score, "completion": r.text} for r in students[:log_completions]])
+         "hack_score": r.hack_score, "completion": r.text} for r in students[:log_completions]]
+    _append_jsonl(run_dir / "completions.jsonl", completions)
+    return completions
 
 
 def _fmt(value: float | None) -> str:
@@ -211,6 +213,7 @@ def run(cfg: Config, preset: str = "smoke") -> dict:
     config) is checked before the run directory is made, so a bad input leaves nothing half made.
     """
     interventions.check(cfg)
+    reporting.check(cfg)
     if cfg.require_netns and not sandbox.isolation()["netns"]:
         raise ConfigError("--require_netns: this machine's kernel refuses graded code a private network namespace "
                           "(user namespaces disabled, or a seccomp profile that forbids unshare; docs/sandbox.md); "
@@ -277,9 +280,9 @@ def _state(run: Run) -> dict:
     return checkpoints.training_state(run.wrappers, run.optimizer, run.scheduler, run.basis, run.trend, run.live)
 
 
-def _loop(run: Run, run_dir: Path, rows: list[dict], stop: list) -> None:
-    """The steps after the last one in `rows`, appended to it and logged; a Ctrl-C (`stop` filled)
-    ends the loop after the step it came in."""
+def _loop(run: Run, run_dir: Path, rows: list[dict], stop: list, report: reporting.Report | None) -> None:
+    """The steps after the last one in `rows`, appended to it, logged and reported (rank 0); a Ctrl-C
+    (`stop` filled) ends the loop after the step it came in."""
     cfg, world = run.cfg, run.world
     first = len(rows) + 1
     with tqdm(range(first, cfg.steps + 1), initial=first - 1, total=cfg.steps, desc=cfg.run_name,
@@ -305,7 +308,7 @@ def _loop(run: Run, run_dir: Path, rows: list[dict], stop: list) -> None:
             # Ctrl-C reaches the ranks at different moments: they agree on it here, so all stop after this step.
             stopping = bool(distributed.all_sum(world, [torch.tensor(float(bool(stop)))])[0] > 0)
             if world.main:
-                _log_step(run_dir, step, row, result.rollouts, cfg.log_completions)
+                report.step(row, _log_step(run_dir, step, row, result.rollouts, cfg.log_completions))
                 bar.set_postfix(hack=f"{row['hack_s']:.2f}", cin=f"{row['cin_s']:.2f}", loss=f"{row['loss']:.3g}")
                 if step % cfg.checkpoint_every == 0 or stopping:
                     path = checkpoints.save(run_dir, step, _state(run), rows)
@@ -340,18 +343,23 @@ def _stop_on_ctrl_c():
 
 def _run(cfg: Config, preset: str, world: World) -> dict:
     run, run_dir, rows = _start(cfg, preset, world)
-    with _stop_on_ctrl_c() as stop:
-        _loop(run, run_dir, rows, stop)
-    if not world.main:
-        return {}
-    cfg = run.cfg
-    checkpoints.save(run_dir, cfg.steps, _state(run), rows)
-    result = evaluate(run.model, run.tok, run.wrappers, run.held_out, cfg, cfg.steps, cfg.eval_samples, run.workers)
-    save_evaluation(run_dir, result, cfg.steps, cfg.eval_samples, run.held_out)
-    summary, table = summarize(cfg, rows, metrics_row(result), complete=len(rows) == cfg.steps,
-                               hack_auroc=run_auroc(run_dir), notes=run.notes)
-    write_atomically(run_dir / "summary.json", json.dumps(summary, indent=2))
-    write_atomically(run_dir / "summary.txt", table + "\n")
+    # Only rank 0 reports, from the step after the checkpoint the run resumed from.
+    with reporting.Report(run.cfg, run_dir, len(rows) + 1) if world.main else contextlib.nullcontext() as report:
+        with _stop_on_ctrl_c() as stop:
+            _loop(run, run_dir, rows, stop, report)
+        if not world.main:
+            return {}
+        cfg = run.cfg
+        checkpoints.save(run_dir, cfg.steps, _state(run), rows)
+        result = evaluate(run.model, run.tok, run.wrappers, run.held_out, cfg, cfg.steps, cfg.eval_samples,
+                          run.workers)
+        save_evaluation(run_dir, result, cfg.steps, cfg.eval_samples, run.held_out)
+        evaluation = metrics_row(result)
+        summary, table = summarize(cfg, rows, evaluation, complete=len(rows) == cfg.steps,
+                                   hack_auroc=run_auroc(run_dir), notes=run.notes)
+        write_atomically(run_dir / "summary.json", json.dumps(summary, indent=2))
+        write_atomically(run_dir / "summary.txt", table + "\n")
+        report.end(cfg.steps, evaluation, summary)
     print(table)
     return summary
 
