@@ -15,13 +15,13 @@ the wall clock, kills every descendant the code left, and writes one JSON report
 
 Started as `... sandbox_supervisor.py --serve <socket fd> <code payload fd>` it is
 instead a fork server (`--grader=fork`, `sandbox.use_grader`): a long-lived supervisor
-that never runs model code. It leaves the host's network once, for all its runners, and says
-`ready` once set up; then for each job the trainer
-sends the wall seconds and five descriptors over the socket (the job, stdout, stderr,
-payload, status); the server forks that job's runner (in a session of its own), says its
-pid, supervises it exactly as above and says when it is done. The server never reads a
-job, so no job's text is in the memory the next runner is forked from; nothing a job does
-reaches the server or the next job, and no interpreter start is paid per job.
+that never runs model code. It leaves the host's network once, for all its runners, and
+says `ready` once set up; then for each job the trainer sends the wall seconds and five
+descriptors over the socket (the job, stdout, stderr, payload, status); the server forks
+that job's runner (in a session of its own), says its pid, supervises it exactly as above
+and says when it is done. The server never reads a job, so no job's text is in the memory
+the next runner is forked from; nothing a job does reaches the server or the next job, and
+no interpreter start is paid per job.
 
 Started as `... sandbox_supervisor.py --probe` it isolates itself as a supervisor would and
 prints what it got, `{"landlock_abi": ..., "netns": ...}` (`sandbox.isolation`).
@@ -142,7 +142,8 @@ def internet_sockets_only(libc):
     sight) and calls of another ABI (x32, 32-bit), whose numbers the filter would not recognise."""
     machine = os.uname().machine
     if machine not in SECCOMP_MACHINES:
-        raise OSError(f"no seccomp filter is written for {machine} machines: add its numbers to SECCOMP_MACHINES")
+        raise RuntimeError(f"no seccomp filter is written for {machine} machines: add its numbers to "
+                           f"SECCOMP_MACHINES")
     arch, socket_call = SECCOMP_MACHINES[machine]
     deny, allow = 9, 10  # the last two instructions
     program = [  # (code, where to go if true, if false, operand); None: on to the next instruction
