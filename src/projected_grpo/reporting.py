@@ -12,7 +12,7 @@ under the run directory; with WANDB_MODE=offline, nothing touches the network.
 Names follow what a TRL GRPOTrainer run shows beside this one (HF Trainer's loggers): an
 eval_<x> key is sent as eval/<x>, every other key as train/<key>, where <key> is TRL's name
 for a figure that means what TRL's means (TRL_NAMES) and the package's own name otherwise.
-docs/experiments.md, "Watching runs", has the table.
+docs/experiments.md, "Watching runs as they go", has the table.
 """
 
 from __future__ import annotations
