@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import time
 from pathlib import Path
 
 from .config import Config, ConfigError, arm_name
@@ -38,6 +39,9 @@ TRL_NAMES = {
 }
 # The columns of TensorBoard's HParams table, beside each run's arm, control and seed.
 HPARAMS_METRICS = ("train/hack_s", "train/gt_s", "eval/deployed_hack", "eval/deployed_solve")
+# wandb makes each table an artifact too (~10 ms on a CPU): one a step would add ~4% to a smoke step, so a
+# table holds the completions of every step since the last one, sent at most this often and at the end.
+TABLE_SECONDS = 30
 
 
 def backends(cfg: Config) -> tuple[str, ...]:
@@ -99,6 +103,7 @@ class TensorBoard:
     (and a sweep's directory groups its runs)."""
 
     def __init__(self, cfg: Config, run_dir: Path, config: dict, first_step: int):
+        from tensorboard.compat.proto.summary_pb2 import Summary
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams
 
@@ -108,10 +113,12 @@ class TensorBoard:
             self.writer.add_text("config", _code_block(json.dumps(config, indent=2)), 0)
             for proto in hparams(labels(cfg), dict.fromkeys(HPARAMS_METRICS, 0.0)):
                 self.writer.file_writer.add_summary(proto)
+        self.summary_proto = Summary
 
     def log(self, step: int, figures: dict[str, float], completions: list[dict]) -> None:
-        for tag, value in figures.items():
-            self.writer.add_scalar(tag, value, step)
+        # One event holding every figure: a quarter of the time of an add_scalar call each.
+        values = [self.summary_proto.Value(tag=tag, simple_value=value) for tag, value in figures.items()]
+        self.writer.file_writer.add_summary(self.summary_proto(value=values), step)
         if completions:
             self.writer.add_text("completions", completions_markdown(completions), step)
         self.writer.flush()  # tensorboard shows each step as it ends, not two minutes later
@@ -145,15 +152,23 @@ class WandB:
         self.run.define_metric("train/global_step")
         self.run.define_metric("*", step_metric="train/global_step")
         self.wandb = wandb
+        self.unsent, self.table_sent = [], time.monotonic()
 
     def log(self, step: int, figures: dict[str, float], completions: list[dict]) -> None:
+        self.unsent += completions
         record = {**figures, "train/global_step": step}
-        if completions:
-            record["completions"] = self.wandb.Table(columns=list(completions[0]),
-                                                     data=[list(c.values()) for c in completions])
+        if self.unsent and time.monotonic() - self.table_sent >= TABLE_SECONDS:
+            record["completions"] = self._table()
         self.run.log(record, step=step)
 
+    def _table(self):
+        table = self.wandb.Table(columns=list(self.unsent[0]), data=[list(c.values()) for c in self.unsent])
+        self.unsent, self.table_sent = [], time.monotonic()
+        return table
+
     def close(self, summary: dict | None, step: int) -> None:
+        if self.unsent:
+            self.run.log({"completions": self._table(), "train/global_step": step}, step=step)
         if summary is not None:
             self.run.summary.update(summary)
         self.run.finish(exit_code=0 if summary is not None else 1)
