@@ -11,6 +11,9 @@ import pytest
 from projected_grpo import distributed, reporting, sweep, train
 from projected_grpo.config import ConfigError, make_config
 
+# The tests that train need both extras (skipped without them); the checks and the names need neither.
+needs_extras = pytest.mark.skipif(not all(importlib.util.find_spec(name) for name in reporting.BACKENDS),
+                                  reason="pip install -e '.[tensorboard,wandb]'")
 SMALL = {"steps": "3", "max_new": "16", "basis_k": "4", "checkpoint_every": "2", "threads": "1",
          "report_to": "tensorboard,wandb"}
 
@@ -39,7 +42,8 @@ def _jsonl(path):
 
 def _events(run_dir):
     """TensorBoard's own reader over the run directory's event files."""
-    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    from tensorboard.backend.event_processing import event_accumulator as accumulator
+
     events = accumulator.EventAccumulator(str(run_dir), size_guidance={accumulator.SCALARS: 0,
                                                                       accumulator.TENSORS: 0})
     events.Reload()
@@ -57,7 +61,8 @@ def _unindent(block):
 def _wandb_records(offline_run_dir):
     """The records of a wandb offline run's transaction log (what `wandb sync` uploads): a 7-byte file
     header, then LevelDB-style 32 KiB blocks of chunks (crc, length, type: full 1, first 2, middle 3, last 4)."""
-    pb = pytest.importorskip("wandb.proto.wandb_internal_pb2")
+    from wandb.proto import wandb_internal_pb2 as pb
+
     [path] = offline_run_dir.glob("*.wandb")
     data, block = path.read_bytes(), 32768
     assert data[:4] == b":W&B"
@@ -103,8 +108,8 @@ def test_report_to_is_checked_before_anything_heavy(workdir, monkeypatch, capsys
     for value in ("mlflow", "wandb,wandb", "none,wandb", ""):
         with pytest.raises(ConfigError, match=r"--report_to: .* is not none or a comma list of tensorboard, wandb"):
             reporting.check(_cfg(report_to=value))
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    # tensorboard installed, wandb not
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "tensorboard" else None)
     with pytest.raises(ConfigError, match=r"--report_to=wandb: wandb is not installed; pip install -e '\.\[wandb\]'"):
         reporting.check(_cfg(report_to="tensorboard,wandb"))
     reporting.check(_cfg(report_to="tensorboard"))
@@ -131,6 +136,7 @@ def test_names_are_trls_where_the_figure_means_what_trls_does():
 # ----------------------------------------------------------------------------- runs, read back
 
 
+@needs_extras
 def test_a_run_reports_every_row_config_evaluation_completions_and_summary(workdir):
     # A run in a sweep's directory (beside its sweep.json): its wandb group is the sweep's name.
     (workdir / "out" / "sweeps" / "watch").mkdir(parents=True)
@@ -164,8 +170,9 @@ def test_a_run_reports_every_row_config_evaluation_completions_and_summary(workd
     for s, text in logged:
         shown = [c for c in completions if c["step"] == s]
         assert text.count("hack_score") == len(shown) and f"hack_score {shown[0]['hack_score']:.3g}" in text
-    hparams = pytest.importorskip("tensorboard.plugins.hparams.plugin_data_pb2")
-    start = hparams.HParamsPluginData.FromString(
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    start = HParamsPluginData.FromString(
         events.PluginTagToContent("hparams")["_hparams_/session_start_info"]).session_start_info
     assert {k: v.string_value or v.number_value for k, v in start.hparams.items()} == \
         {"arm": "erase:random", "control": "random", "seed": 2}
@@ -195,6 +202,7 @@ def test_a_run_reports_every_row_config_evaluation_completions_and_summary(workd
     assert "WANDB_DATA_DIR" not in os.environ  # set for the run only
 
 
+@needs_extras
 def test_a_resumed_run_continues_the_same_tracked_runs_without_a_step_twice(workdir):
     interrupted = _cfg(steps=4, run_name="resumed")
     interrupted.steps = 3  # stops after step 3, then loses that step's checkpoint, as a crash just before it would
@@ -220,6 +228,7 @@ def test_a_resumed_run_continues_the_same_tracked_runs_without_a_step_twice(work
     assert [h["_step"] for h in history] == [1, 2, 3] and [h["_step"] for h in history_again] == [3, 4]
 
 
+@needs_extras
 def test_only_rank_0_reports(workdir, monkeypatch):
     # One process as rank 1 of a world of one: it takes every prompt group itself and writes nothing,
     # and a Report it opened would fail at once on the config.json only rank 0 writes.
