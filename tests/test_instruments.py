@@ -6,7 +6,7 @@ import types
 import pytest
 import torch
 
-from projected_grpo import adapter, assembly, checkpoints, grpo, projection
+from projected_grpo import adapter, assembly, checkpoints, grpo, hack_basis, interventions, projection
 from projected_grpo.config import ConfigError, make_config
 from projected_grpo.model import load_model_and_tokenizer, pad_batch, token_logprobs
 from projected_grpo.problems import builtin_problems, default_pairs, wrong_completion
@@ -103,7 +103,7 @@ def test_a_live_v_from_planted_group_differences_recovers_the_direction():
     assert assembly.live_basis(cfg, []) is None
 
 
-def test_live_never_reads_a_held_out_modes_label_and_the_ceiling_reads_every_mode():
+def test_nothing_that_trains_reads_a_held_out_modes_label_and_the_ceiling_reads_every_mode():
     class Unread:
         def __get__(self, obj, kind=None):
             raise AssertionError("a held-out mode's label was read")
@@ -116,11 +116,14 @@ def test_live_never_reads_a_held_out_modes_label_and_the_ceiling_reads_every_mod
     for h in held:
         object.__setattr__(h, "problem", problem)
         object.__setattr__(h, "teacher", False)
+        object.__setattr__(h, "reward", 0.25)
     known = _group("run_tests", [True, False])
     cfg = make_config("smoke", {"group": "2", "mix_ratio": "0", "pairs": "live", "refresh_every": "1",
                                 "basis_modes": "run_tests"})
     grads = {"layer": torch.randn(4, 8)}
     assert len(assembly.live_differences(cfg, held + known, grads)) == 1  # the known group only
+    for name in ("screen", "penalty"):  # nor do the detector's other readers, which train on it
+        interventions.get(name).advantages(held + known, cfg)
     ceiling = make_config("smoke", {"group": "2", "mix_ratio": "0", "pairs": "live", "refresh_every": "1",
                                     "basis_modes": "run_tests", "live_labels": "oracle"})
     assert ceiling.run_name == "smoke-erase-ceiling-s0"
@@ -216,13 +219,34 @@ def test_instrument_fields_are_validated(overrides, message):
         make_config("smoke", overrides)
 
 
-def test_a_checkpoint_keeps_the_live_buffer(tmp_path, tiny):
+def test_a_checkpoint_keeps_the_live_buffer_and_the_notes_on_v(tmp_path, tiny):
     _, _, wrappers = tiny
     params = [p for layer in wrappers.values() for p in (layer.delta_s, layer.delta_s_hack)]
     optimizer = torch.optim.AdamW(params)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     live = [(3, [{"layer": torch.arange(4.0)}])]
-    state = checkpoints.training_state(wrappers, optimizer, scheduler, {}, {}, live)
+    notes = {"basis_margins": {"pairs": 5, "rows": {"layer": [(4, 1)]}}}
+    state = checkpoints.training_state(wrappers, optimizer, scheduler, {}, {}, live, notes)
     path = checkpoints.save(tmp_path, 3, state, [{"step": 3}])
     loaded = checkpoints.load(path, wrappers, optimizer, scheduler)
     assert loaded["live"][0][0] == 3 and torch.equal(loaded["live"][0][1][0]["layer"], torch.arange(4.0))
+    assert loaded["notes"] == notes
+
+
+def test_a_v_emptied_by_its_filters_is_an_error_not_a_silent_vanilla_run():
+    D = {"layer": torch.randn(6, 8, generator=torch.Generator().manual_seed(0))}
+    basis = hack_basis.basis_from_differences(D, 2, 0.0)
+    cfg = make_config("smoke", {"basis_k": "2"})
+    assert assembly.usable(cfg, basis)["layer"].shape == (2, 8)
+    with pytest.raises(ConfigError, match="no row of V is left"):
+        assembly.usable(make_config("smoke", {"basis_k": "2", "basis_min_margin": "10"}), basis)
+
+
+def test_a_refreshed_random_control_draws_new_rows():
+    cfg = make_config("smoke", {"pairs": "live", "refresh_every": "1", "control": "random", "basis_k": "2",
+                                "group": "2", "mix_ratio": "0", "basis_modes": "run_tests"})
+    live = [(1, [{"layer": torch.randn(8)} for _ in range(3)])]
+    first = assembly.live_basis(cfg, live).V["layer"]
+    again = assembly.live_basis(cfg, live).V["layer"]
+    later = assembly.live_basis(cfg, [*live, (6, [])]).V["layer"]
+    assert torch.equal(first, again) and not torch.allclose(first, later)

@@ -87,6 +87,9 @@ def test_resume_matches_an_uninterrupted_run(workdir):
     straight, resumed = _rows(workdir / "out/runs/straight"), _rows(workdir / "out/runs/resumed")
     strip = [{k: v for k, v in r.items() if k not in TIMING} for r in straight]
     assert strip == [{k: v for k, v in r.items() if k not in TIMING} for r in resumed]
+    summaries = [json.loads((workdir / "out/runs" / name / "summary.json").read_text())
+                 for name in ("straight", "resumed")]
+    assert summaries[0]["basis_margins"] == summaries[1]["basis_margins"]  # V's notes survive the checkpoint
 
 
 def test_same_seed_same_metrics(workdir):

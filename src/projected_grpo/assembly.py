@@ -136,8 +136,8 @@ def pairs_and_pool(cfg: Config, train, pool: Pool | None, own=None):
 
 def self_pairs(cfg: Config, model, tok, wrappers, train, workers, model_id: str) -> tuple[list, dict]:
     """pairs=self: the model's own samples of the known modes' training problems, graded; each
-    completion the weak detector flags paired with an unflagged one of the same problem (a correct
-    one, or under pair_contrast=failed an honest failure: neither exploited nor correct), one to one.
+    completion the weak detector flags paired with an unflagged one of the same problem (one the
+    grader passed, a correct answer; or under pair_contrast=failed one it failed), one to one.
     Cached in out/pairs by the request's hash; returns the pairs and a report (pairs, problems
     sampled, problems that gave none)."""
     known = [p for p in train if p.mode in cfg.basis_mode_list]
@@ -189,9 +189,12 @@ def _sample_pairs(cfg: Config, model, tok, wrappers, known, workers) -> tuple[li
         graded = [Rollout(problem, [], ids[j], texts[j], False, grades[j].reward, grades[j].passed,
                           grades[j].gt_correct, grades[j].exploited)
                   for j in range(i * cfg.self_samples, (i + 1) * cfg.self_samples)]
-        hacks = [r.text for r in graded if detected(r, cfg.basis_mode_list)]
-        against = [r.text for r in graded if not detected(r, cfg.basis_mode_list)
-                   and (r.gt_correct if cfg.pair_contrast == "clean" else not (r.exploited or r.gt_correct))]
+        # The oracle is read only through the detector: on a known-mode problem an unflagged completion the
+        # grader passed is a correct one (every hack of the mode is flagged), and one it failed is a failure.
+        flagged = [detected(r, cfg.basis_mode_list) for r in graded]
+        hacks = [r.text for r, f in zip(graded, flagged) if f]
+        against = [r.text for r, f in zip(graded, flagged)
+                   if not f and r.passed == (cfg.pair_contrast == "clean")]
         for j, (hack, other) in enumerate(zip(hacks, against)):
             pairs.append(ContrastPair(problem.id, problem.mode, problem.user_prompt(), tuple(problem.messages()),
                                       hack, other, against[(j + 1) % len(against)]))
@@ -239,17 +242,28 @@ def trusted_subspace(cfg: Config, arm, model, tok, wrappers, pairs, problems,
     return on_device(T, cfg.device), on_device(w, cfg.device)
 
 
-def extract(cfg: Config, model, tok, wrappers, pairs, progress: bool = False) -> HackBasis:
+def control_seed(cfg: Config, step: int) -> int:
+    """The random and shuffled controls' seed for a V made at `step` (0: the run's start): a refresh
+    draws new rows, as the real V it stands beside turns with every refresh."""
+    return cfg.seed + 1_000_003 * step
+
+
+def extract(cfg: Config, model, tok, wrappers, pairs, progress: bool = False, step: int = 0) -> HackBasis:
     return hack_basis.extract_basis(model, tok, wrappers, pairs, cfg.basis_k, cfg.basis_tau, cfg.loss_norm,
-                                    cfg.max_new, cfg.control, cfg.seed, progress=progress)
+                                    cfg.max_new, cfg.control, control_seed(cfg, step), progress=progress)
 
 
 def usable(cfg: Config, basis: HackBasis, notes: dict | None = None) -> dict[str, torch.Tensor]:
     """The rows the projection uses, on the model's device: k_use per layer, above the global noise floor,
     oriented by more than basis_min_margin; their margins go in `notes` (the summary reports the latest V's)."""
     kept = hack_basis.postprocess(basis, cfg.basis_k_use or None, cfg.drop_bottom_frac, cfg.basis_min_margin)
+    if not kept.V:
+        raise ConfigError(f"--basis_min_margin / --drop_bottom_frac / --basis_tau: no row of V is left "
+                          f"({basis.n_pairs} pairs); an arm that trains with V would run as plain GRPO under its name")
     if notes is not None:
-        notes["basis_margins"] = {"pairs": kept.n_pairs, "rows": kept.margins()}
+        notes["basis_margins"] = {"pairs": kept.n_pairs, "rows": kept.margins(),
+                                  "of": "the real V's votes" if cfg.control == "none" else
+                                  f"the real V's votes (the {cfg.control} control keeps them)"}
     return on_device(kept.V, cfg.device)
 
 
@@ -317,7 +331,7 @@ def live_basis(cfg: Config, live: list[tuple[int, dict]]) -> HackBasis | None:
     real = hack_basis.basis_from_differences({n: torch.stack([d[n] for d in rows]) for n in rows[0]},
                                              cfg.basis_k, cfg.basis_tau)
     if cfg.control == "random":
-        return dataclasses.replace(real, V=hack_basis.random_like(real.V, cfg.seed))
+        return dataclasses.replace(real, V=hack_basis.random_like(real.V, control_seed(cfg, live[-1][0])))
     return real
 
 
@@ -336,7 +350,7 @@ def refresh_basis(run: Run, step: int) -> float | None:
     else:
         def make():
             with adapter.ablate_quarantine(run.wrappers):
-                return usable(cfg, extract(cfg, run.model, run.tok, run.wrappers, run.pairs), run.notes)
+                return usable(cfg, extract(cfg, run.model, run.tok, run.wrappers, run.pairs, step=step), run.notes)
         fresh = shared(run.world, cfg.device, make)
     overlap = basis_overlap(run.basis, fresh) if run.basis else None
     if overlap is not None and overlap < LOW_OVERLAP and run.world.main:
@@ -396,6 +410,7 @@ def assemble(cfg: Config, world: World, model_path: str, train, held_out,
         state = checkpoints.load(checkpoint, wrappers, optimizer, scheduler)
         run.set_basis(state["basis"], state.get("trend", {}))
         run.live = state.get("live", [])
+        run.notes.update(state.get("notes", {}))
         return run, state
     if cfg.pairs == "live":
         log.info("pairs=live: no V before the first refresh (step %d); until then the projection has no rows and "

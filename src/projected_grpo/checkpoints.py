@@ -44,13 +44,14 @@ def _rng_state() -> tuple:
     return torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
 
 
-def training_state(wrappers, optimizer, scheduler, basis: dict, trend: dict, live: list) -> dict:
+def training_state(wrappers, optimizer, scheduler, basis: dict, trend: dict, live: list, notes: dict) -> dict:
     """A copy of everything a checkpoint holds, taken now: knobs, optimizer, scheduler, RNG, basis, the
-    smoothed gate's trend and (pairs=live) the buffered differences V is rebuilt from. Knobs and their
-    Adam moments are small (r per layer), so taking one before every step is cheap."""
+    smoothed gate's trend, (pairs=live) the buffered differences V is rebuilt from, and the notes the
+    summary gives of V (Run.notes). Knobs and their Adam moments are small (r per layer), so taking one
+    before every step is cheap."""
     return {"knobs": adapter.knob_state(wrappers), "optimizer": copy.deepcopy(optimizer.state_dict()),
             "scheduler": copy.deepcopy(scheduler.state_dict()), "rng": _rng_state(), "basis": basis,
-            "trend": {n: t.clone() for n, t in trend.items()}, "live": list(live)}
+            "trend": {n: t.clone() for n, t in trend.items()}, "live": list(live), "notes": copy.deepcopy(notes)}
 
 
 def save(run_dir: Path, step: int, state: dict, rows: list[dict]) -> Path:
@@ -65,6 +66,7 @@ def save(run_dir: Path, step: int, state: dict, rows: list[dict]) -> Path:
     torch.save({"step": step, "optimizer": state["optimizer"], "scheduler": state["scheduler"],
                 "torch_rng": cpu_rng, "cuda_rng": cuda_rng, "basis": {n: v.cpu() for n, v in state["basis"].items()},
                 "trend": {n: t.cpu() for n, t in state["trend"].items()}, "live": state["live"],
+                "notes": state["notes"],
                 "rows": [r for r in rows if r["step"] <= step]}, tmp / "state.pt")
     for path in tmp.iterdir():
         with open(path, "rb") as f:
@@ -79,16 +81,16 @@ def save(run_dir: Path, step: int, state: dict, rows: list[dict]) -> Path:
 
 def load(checkpoint: Path, wrappers, optimizer, scheduler) -> dict:
     """Knobs, optimizer, scheduler and the RNG from a checkpoint; returns its state (step, rows, basis,
-    trend, live)."""
+    trend, live, notes)."""
     try:
         adapter.load_knobs(wrappers, checkpoint / "knobs.safetensors")
         state = torch.load(checkpoint / "state.pt", weights_only=False, map_location="cpu")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-    except (OSError, EOFError, KeyError, ValueError, RuntimeError, pickle.UnpicklingError) as e:
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+    except (OSError, EOFError, KeyError, TypeError, ValueError, RuntimeError, pickle.UnpicklingError) as e:
         raise ConfigError(f"--resume: checkpoint {checkpoint} cannot be loaded ({e}); delete it to resume from "
                           f"the one before, or start the run again") from None
-    torch.set_rng_state(state["torch_rng"])
-    if state["cuda_rng"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
     return state

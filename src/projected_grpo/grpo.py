@@ -78,11 +78,12 @@ def detected(r: Rollout, known_modes: tuple[str, ...]) -> bool:
 
     A mode's detector recognises its own exploit (the grader passed the rollout through that
     mode's flaw while the oracle failed it); a hack of a mode outside `known_modes` goes unseen.
-    This is the one oracle-derived signal training may read, and only in the advantages of the
-    baselines a user would otherwise pick (rl-rewardhacking's screening and penalty with a
-    monitor: interventions.py).
+    This is the one oracle-derived signal training may read: in the advantages of the baselines a
+    user would otherwise pick (rl-rewardhacking's screening and penalty with a monitor:
+    interventions.py), and in choosing the pairs of a V built from the model's own samples or
+    rollouts (pairs=self, pairs=live: assembly.py).
     """
-    return not r.teacher and r.exploited and r.problem.mode in known_modes
+    return not r.teacher and r.problem.mode in known_modes and r.exploited  # a held-out mode's label is never read
 
 
 def detector_stats(rollouts: list[Rollout], cfg: Config) -> dict:

@@ -190,7 +190,9 @@ def hackward_fraction(grads: dict[str, torch.Tensor], basis: dict[str, torch.Ten
     Per-layer grads of shape (r,) give a 0-dim tensor; shape (n, r) (one row per rollout) gives
     each rollout's hack score, shape (n,). No layer in the basis gives 0.
     """
-    hack_sq = total_sq = torch.zeros(next(iter(grads.values())).shape[:-1] if grads else ())
+    # On the gradients' device: per-rollout sums (n,) would not mix with CUDA tensors from the CPU.
+    first = next(iter(grads.values()), None)
+    hack_sq = total_sq = torch.zeros(()) if first is None else first.new_zeros(first.shape[:-1], dtype=torch.float32)
     for names, V in _stacked(basis, [n for n in grads if n in basis]):
         g = torch.stack([grads[n] for n in names])  # (layers, [n,] r)
         V = V.to(g.device)

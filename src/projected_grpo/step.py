@@ -97,9 +97,10 @@ def train_step(run: Run, step: int) -> StepResult:
     cin_s = float(projection.hackward_fraction(scored["g_s"], basis))
     cin_t = float(projection.hackward_fraction(scored["g_t"], basis)) if cfg.teacher_group else None
     # Each rollout's hack score: how hack-ward its own log-likelihood gradient points, whatever its advantage's
-    # sign and without the KL term (logged, not trained on).
-    for r, score in zip(rollouts, projection.hackward_fraction(scored["nll_grad"], basis).tolist()):
-        r.hack_score = score
+    # sign and without the KL term (logged, not trained on). No V yet (pairs=live): no score, rather than 0.
+    if basis:
+        for r, score in zip(rollouts, projection.hackward_fraction(scored["nll_grad"], basis).tolist()):
+            r.hack_score = score
     stats = arm.gradient(run)
     if cfg.pairs == "live":  # every rank's groups, so every rank rebuilds the same V from them
         mine = live_differences(cfg, rollouts, scored["nll_grad"])
@@ -119,6 +120,7 @@ def train_step(run: Run, step: int) -> StepResult:
     rollouts = [r for share in distributed.all_gather(run.world, [dataclasses.replace(r, sample_logp=None)
                                                                    for r in rollouts]) for r in share]
     students = [r for r in rollouts if not r.teacher]
+    scored = [r for r in students if r.hack_score is not None]
     figures = {
         "reward": sum(r.reward for r in students) / len(students),
         "format_s": sum(r.format_ok for r in students) / len(students),
@@ -130,7 +132,7 @@ def train_step(run: Run, step: int) -> StepResult:
         "cin": stats["cin"], "cout": stats["cout"], "cin_null": stats["cin_null"],
         "fired": stats["fired"], "gated_frac": stats["gated_frac"],
         "update_hackward": projection.update_hackward_fraction(before, wrappers, basis),
-        "hack_auroc": auroc([r.hack_score for r in students], [r.exploited for r in students]),
+        "hack_auroc": auroc([r.hack_score for r in scored], [r.exploited for r in scored]),
         **detector_stats(rollouts, cfg), "frac_zero_spread": scored["zero_spread"] / cfg.prompts_per_step,
         **{k: scored[k] / max(scored["sampled_tokens"], 1) for k in ("sample_kl", "sample_dlogp", "is_truncated")},
         "dS_norm": float(torch.cat([w.delta_s.detach().flatten() for w in wrappers.values()]).norm()),

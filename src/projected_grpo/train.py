@@ -109,6 +109,7 @@ def run_auroc(run_dir: Path) -> float | None:
     if not path.exists():
         return None
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = [r for r in records if r["hack_score"] is not None]  # steps with no V yet score nothing
     return auroc([r["hack_score"] for r in records], [r["exploited"] for r in records])
 
 
@@ -118,8 +119,9 @@ def _margins_line(margins: dict) -> str:
     rows = [abs(f - against) / math.sqrt(n) for layer in margins["rows"].values() for f, against in layer]
     if not rows:
         return "V's orientation margins: V has no rows"
-    return (f"V's orientation margins, |votes for - against| of {n} in sds of a fair coin's (sqrt(n)): median "
-            f"{statistics.median(rows):.2f}; {sum(z < 2 for z in rows)} of {len(rows)} rows within 2 sds")
+    return (f"V's orientation margins ({margins['of']}), |votes for - against| of {n} in sds of a fair coin's "
+            f"(sqrt(n)): median {statistics.median(rows):.2f}; {sum(z < 2 for z in rows)} of {len(rows)} rows "
+            f"within 2 sds")
 
 
 def summarize(cfg: Config, rows: list[dict], final_eval: dict, complete: bool,
@@ -277,7 +279,8 @@ def _step(run: Run, step: int) -> tuple[dict, StepResult]:
 
 
 def _state(run: Run) -> dict:
-    return checkpoints.training_state(run.wrappers, run.optimizer, run.scheduler, run.basis, run.trend, run.live)
+    return checkpoints.training_state(run.wrappers, run.optimizer, run.scheduler, run.basis, run.trend, run.live,
+                                      run.notes)
 
 
 def _loop(run: Run, run_dir: Path, rows: list[dict], stop: list, report: reporting.Report | None) -> None:
