@@ -120,7 +120,7 @@ def train_step(run: Run, step: int) -> StepResult:
     rollouts = [r for share in distributed.all_gather(run.world, [dataclasses.replace(r, sample_logp=None)
                                                                    for r in rollouts]) for r in share]
     students = [r for r in rollouts if not r.teacher]
-    scored = [r for r in students if r.hack_score is not None]
+    with_score = [r for r in students if r.hack_score is not None]
     figures = {
         "reward": sum(r.reward for r in students) / len(students),
         "format_s": sum(r.format_ok for r in students) / len(students),
@@ -132,7 +132,7 @@ def train_step(run: Run, step: int) -> StepResult:
         "cin": stats["cin"], "cout": stats["cout"], "cin_null": stats["cin_null"],
         "fired": stats["fired"], "gated_frac": stats["gated_frac"],
         "update_hackward": projection.update_hackward_fraction(before, wrappers, basis),
-        "hack_auroc": auroc([r.hack_score for r in scored], [r.exploited for r in scored]),
+        "hack_auroc": auroc([r.hack_score for r in with_score], [r.exploited for r in with_score]),
         **detector_stats(rollouts, cfg), "frac_zero_spread": scored["zero_spread"] / cfg.prompts_per_step,
         **{k: scored[k] / max(scored["sampled_tokens"], 1) for k in ("sample_kl", "sample_dlogp", "is_truncated")},
         "dS_norm": float(torch.cat([w.delta_s.detach().flatten() for w in wrappers.values()]).norm()),
