@@ -14,7 +14,6 @@ import dataclasses
 import fcntl
 import json
 import logging
-import math
 import os
 import signal
 import statistics
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import checkpoints, distributed, interventions, reporting, sandbox
+from . import checkpoints, distributed, hack_basis, interventions, reporting, sandbox
 from .assembly import Run, assemble, refresh_basis, split_problems
 from .config import MODES, Config, ConfigError, InputError, make_config, parse_overrides
 from .distributed import World
@@ -116,12 +115,10 @@ def run_auroc(run_dir: Path) -> float | None:
 def _margins_line(margins: dict) -> str:
     """V's rows' orientation votes in one line (summary.json lists every row's)."""
     n = margins["pairs"]
-    rows = [abs(f - against) / math.sqrt(n) for layer in margins["rows"].values() for f, against in layer]
-    if not rows:
-        return "V's orientation margins: V has no rows"
+    votes_for = torch.tensor([f for layer in margins["rows"].values() for f, _ in layer])
+    sds = hack_basis.margin_sds(votes_for, n)
     return (f"V's orientation margins ({margins['of']}), |votes for - against| of {n} in sds of a fair coin's "
-            f"(sqrt(n)): median {statistics.median(rows):.2f}; {sum(z < 2 for z in rows)} of {len(rows)} rows "
-            f"within 2 sds")
+            f"(sqrt(n)): median {statistics.median(sds.tolist()):.2f}; {int((sds < 2).sum())} of {len(sds)} rows within 2 sds")
 
 
 def summarize(cfg: Config, rows: list[dict], final_eval: dict, complete: bool,
