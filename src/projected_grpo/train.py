@@ -118,7 +118,8 @@ def _margins_line(margins: dict) -> str:
     votes_for = torch.tensor([f for layer in margins["rows"].values() for f, _ in layer])
     sds = hack_basis.margin_sds(votes_for, n)
     return (f"V's orientation margins ({margins['of']}), |votes for - against| of {n} in sds of a fair coin's "
-            f"(sqrt(n)): median {statistics.median(sds.tolist()):.2f}; {int((sds < 2).sum())} of {len(sds)} rows within 2 sds")
+            f"(sqrt(n)): median {statistics.median(sds.tolist()):.2f}; {int((sds < 2).sum())} of {len(sds)} rows "
+            f"within 2 sds")
 
 
 def summarize(cfg: Config, rows: list[dict], final_eval: dict, complete: bool,
