@@ -56,6 +56,36 @@ organism *args:
     python -m projected_grpo.plots out/sweeps/organism
     python -m projected_grpo.results out/sweeps/organism
 
+# the fair test's ladder on the organism (docs/hypotheses/fair-test.md), as run: seed 1 for every rung, seeds 2-3
+# for the references and for each rung that reached the registered 10 points on seed 1 (each sweep skips what is done)
+fair-test:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    S="python -m projected_grpo.sweep organism --jobs 2 --adam_leak=update"
+    $S --seeds 1,2,3 --name fair-ref --arms none,screen
+    $S --seeds 1,2,3 --name fair-d --arms erase,erase:random --pairs=live --refresh_every=5
+    $S --seeds 1,2,3 --name fair-e --arms erase --pairs=live --refresh_every=5 --live_labels=oracle
+    $S --seeds 1 --name fair-f --arms route,route:capacity --pairs=live --refresh_every=5
+    $S --seeds 1 --name fair-a --arms erase,erase:random
+    $S --seeds 1,2,3 --name fair-b --arms erase,erase:random --basis_k=32
+    $S --seeds 1 --name fair-c --arms erase,erase:random --pairs=self --pair_contrast=failed
+    just fair-test-tables
+
+# each rung of the fair test read in out/fair-test/<rung>, links to its runs and to the references: the registered
+# hypothesis's verdicts in out/fair-test/<rung>.md, the plots in out/fair-test/<rung>-plots
+fair-test-tables:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    for rung in a b c d f; do
+        dir=out/fair-test/$rung
+        rm -rf $dir && mkdir -p $dir
+        for run in out/sweeps/fair-$rung/organism-* out/sweeps/fair-ref/organism-*; do ln -s "$PWD/$run" $dir/; done
+        if [ $rung = d ]; then for run in out/sweeps/fair-e/organism-*; do ln -s "$PWD/$run" $dir/; done; fi
+        python -m projected_grpo.plots $dir --out $dir-plots
+        python -m projected_grpo.results $dir --hypothesis docs/hypotheses/fair-test/$rung.json --plots $dir-plots \
+            --out $dir.md
+    done
+
 # one GPU: Qwen3 in bf16, erase arm
 fast *args:
     python -m projected_grpo.train fast --intervention=erase {{args}}
