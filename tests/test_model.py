@@ -282,9 +282,8 @@ def test_shared_prompts_are_prefilled_once_and_each_row_leaves_the_batch_when_it
     model.generation_config.eos_token_id = [eos, 9]  # a second stop id, as chat checkpoints have
     prompts = [encode_prompt(tokenizer, m) for m in CHAT for _ in range(6)]  # two groups of six rows
     seeds = list(range(12))
-    calls = []  # rows in each decoder call: the prefill's, then one call per token
-    hook = model.get_decoder().register_forward_pre_hook(lambda _, args, kw: calls.append(kw["input_ids"].shape[0]),
-                                                         with_kwargs=True)
+    calls = []  # rows in each decoder call (each embeds its new tokens once): the prefill's, then one per token
+    hook = model.get_input_embeddings().register_forward_pre_hook(lambda _, args: calls.append(args[0].shape[0]))
     handed = {}  # row: (its ids when handed on, decoder calls made by then)
     ids, logprobs = model_mod.generate_completions(
         model, tokenizer, prompts, 6, seeds, on_finished=lambda i, row: handed.setdefault(i, (list(row), len(calls))))
@@ -301,3 +300,56 @@ def test_shared_prompts_are_prefilled_once_and_each_row_leaves_the_batch_when_it
         alone, alone_logprobs = model_mod.generate_completions(model, tokenizer, [prompt], 6, [seeds[i]])
         assert alone[0] == ids[i]
         torch.testing.assert_close(torch.tensor(alone_logprobs[0]), torch.tensor(logprobs[i]), atol=1e-5, rtol=0)
+
+
+def _hf_decoding(monkeypatch):
+    """Sample through transformers' own forward and DynamicCache instead of the Qwen3 decoder."""
+    monkeypatch.setattr(model_mod._Qwen3Decoding, "fits", staticmethod(lambda model: False))
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_the_qwen3_decoder_samples_what_transformers_forward_samples(tiny, monkeypatch, top_p):
+    from projected_grpo import adapter
+
+    model, tokenizer = tiny
+    wrappers = adapter.wrap(model, cache_dir=None)
+    torch.manual_seed(0)
+    for layer in wrappers.values():  # knobs away from zero: the merged weights differ from W
+        layer.delta_s.data.normal_(0, 0.3)
+    prompts = [encode_prompt(tokenizer, m) for m in CHAT for _ in range(3)]  # two lengths, shared prompts
+    assert model_mod._Qwen3Decoding.fits(model)
+    with adapter.merged(wrappers):
+        lean = model_mod.generate_completions(model, tokenizer, prompts, 24, list(range(6)), 1.0, top_p)
+        _hf_decoding(monkeypatch)
+        reference = model_mod.generate_completions(model, tokenizer, prompts, 24, list(range(6)), 1.0, top_p)
+    assert lean[0] == reference[0]  # the same tokens
+    for ours, theirs in zip(lean[1], reference[1]):  # the same per-token log-probs, to float tolerance
+        torch.testing.assert_close(torch.tensor(ours), torch.tensor(theirs), atol=2e-5, rtol=0)
+
+
+def _full_sort_draw(logits, seeds, step, temperature, top_p):
+    """The sampler before the nucleus was looked for among candidates: sort every row, noise on every column."""
+    logits = logits.float() / temperature
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    before = probs.cumsum(-1) - probs
+    logits = logits.scatter(-1, order, sorted_logits.masked_fill(before >= top_p, -torch.inf))
+    u = model_mod.seeded_uniform(seeds, step, logits.shape[-1])
+    return (logits - torch.log(-torch.log(u)).float()).argmax(-1)
+
+
+@pytest.mark.parametrize("scale", [6.0, 0.01])  # peaked: the nucleus among the candidates; flat: past them
+def test_the_nucleus_found_among_candidates_draws_what_a_full_sort_draws(scale):
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(256, 1536, generator=generator) * scale
+    seeds = torch.arange(256) * 7919
+    for step in range(4):
+        ours = model_mod.draw(logits, seeds, step, 0.8, 0.95)
+        assert torch.equal(ours, _full_sort_draw(logits, seeds, step, 0.8, 0.95))
+
+
+def test_uniforms_at_given_columns_are_those_columns_of_the_full_draw():
+    seeds = torch.tensor([3, -5])
+    full = model_mod.seeded_uniform(seeds, 11, 100)
+    columns = torch.tensor([[0, 99, 42], [7, 7, 1]])
+    assert torch.equal(model_mod.seeded_uniform(seeds, 11, columns), full.gather(-1, columns))

@@ -124,6 +124,12 @@ class AdapterLayer(nn.Module):
             return y  # zero knobs and nothing to differentiate: exactly the base layer
         return y + _SVDDelta.apply(x, s, self.U, self.Vh, self)
 
+    def merged_weight_held(self) -> torch.Tensor:
+        """The merged weight `merged()` holds: what decoding multiplies by."""
+        if self._merged_weight is None:
+            raise RuntimeError("an adapter layer samples only under adapter.merged(), which folds its knobs into W'")
+        return self._merged_weight
+
     def merged_weight(self) -> torch.Tensor:
         """W + U diag(s) Vh, computed in fp32 and cast once to W's dtype."""
         with torch.no_grad():

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import torch.utils.checkpoint
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
@@ -261,35 +262,155 @@ def _splitmix64(x: torch.Tensor) -> torch.Tensor:
     return x ^ _shift_right(x, 31)
 
 
-def seeded_uniform(seeds: torch.Tensor, step: int, n: int) -> torch.Tensor:
-    """(len(seeds), n) uniforms in (0, 1), float64: a pure function of (seed, step, column)."""
+def seeded_uniform(seeds: torch.Tensor, step: int, columns: int | torch.Tensor) -> torch.Tensor:
+    """Uniforms in (0, 1), float64, a pure function of (seed, step, column): one row per seed, over
+    columns 0..n-1 (an int) or over the given columns (a tensor of one row per seed), so the noise of
+    a few tokens costs a few draws and equals theirs among all n."""
+    if isinstance(columns, int):
+        columns = torch.arange(columns, device=seeds.device)
     offset = (step * _GOLDEN + (1 << 63)) % (1 << 64) - (1 << 63)  # wrapped to int64 as torch would
     key = _splitmix64(seeds + offset)
-    bits = _splitmix64(key[:, None] + torch.arange(n, device=seeds.device) * _GOLDEN)
+    bits = _splitmix64(key[:, None] + columns * _GOLDEN)
     return (_shift_right(bits, 11).double() + 0.5) / 2.0 ** 53  # the top 53 bits
+
+
+NUCLEUS_CANDIDATES = 64  # tokens ranked by topk before a full sort is needed: the nucleus rarely holds more
 
 
 def draw(logits: torch.Tensor, seeds: torch.Tensor, step: int, temperature: float, top_p: float) -> torch.Tensor:
     """Each row's token from softmax(logits / temperature), cut to the top-p nucleus, by the
     Gumbel-max trick with noise from `seeded_uniform`: a row's draw depends only on its seed,
     the step and its own logits, never on the batch it shares, so a completion is the same
-    whether one process samples the whole step or a rank samples its share."""
+    whether one process samples the whole step or a rank samples its share.
+
+    The nucleus is found among each row's NUCLEUS_CANDIDATES most likely tokens when it ends there
+    (a full sort of the vocabulary otherwise), and only its tokens draw noise: the token is the one
+    a full sort and noise on every column would pick, at a fraction of the work."""
     logits = logits.float() / temperature
+    columns = None
     if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
+        top, columns = logits.topk(min(NUCLEUS_CANDIDATES, logits.shape[-1]), dim=-1)
+        probs = (top - logits.logsumexp(-1, keepdim=True)).exp()
         before = probs.cumsum(-1) - probs  # the mass ranked above each token
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(before >= top_p, -torch.inf))
-    u = seeded_uniform(seeds, step, logits.shape[-1])
-    return (logits - torch.log(-torch.log(u)).float()).argmax(-1)
+        if not bool((before[:, -1] >= top_p).all()):  # some nucleus reaches past the candidates
+            top, columns = logits.sort(dim=-1, descending=True)
+            probs = top.softmax(-1)
+            before = probs.cumsum(-1) - probs
+        logits = top.masked_fill(before >= top_p, -torch.inf)
+    u = seeded_uniform(seeds, step, logits.shape[-1] if columns is None else columns)
+    choice = (logits - torch.log(-torch.log(u)).float()).argmax(-1)
+    return choice if columns is None else columns.gather(-1, choice[:, None]).squeeze(-1)
 
 
-def _next_logits(model, input_ids, attention_mask, positions, cache: dict) -> torch.Tensor:
-    """fp32 logits after each row's last token, extending the cache; the decoder and head called as
-    token_logprobs calls them, so sampling and scoring compute the same logits."""
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                                 use_cache=True, **cache).last_hidden_state
-    return model.get_output_embeddings()(hidden[:, -1]).float()
+class _Decoding:
+    """Any causal LM's decoder for sampling, through its own forward and a DynamicCache: `__call__`
+    takes the new tokens and returns the fp32 logits after each row's last one, extending the cache;
+    `select(rows)` keeps those rows. The decoder and head are called as token_logprobs calls them, so
+    sampling and scoring compute the same logits."""
+
+    def __init__(self, model, capacity: int):
+        self.model = model
+        self.cache = DynamicCache(config=model.config)
+        # transformers 5.x renamed `past_key_values` to `cache` (the old name warns).
+        self.cache_arg = {"cache" if "cache" in inspect.signature(model.get_decoder().forward).parameters
+                          else "past_key_values": self.cache}
+
+    def __call__(self, input_ids, attention_mask, positions) -> torch.Tensor:
+        hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                                          use_cache=True, **self.cache_arg).last_hidden_state
+        return self.model.get_output_embeddings()(hidden[:, -1]).float()
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.cache.batch_select_indices(rows)
+
+
+def _rms(x: torch.Tensor, norm) -> torch.Tensor:
+    """Qwen3RMSNorm's formula (fp32 inside, the weight after the cast back) as one fused op."""
+    return norm.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=norm.variance_epsilon).to(x.dtype)
+
+
+def _weight(linear) -> torch.Tensor:
+    """What a projection multiplies by: an adapter layer's merged W' (sampling runs under
+    adapter.merged), a plain Linear's weight."""
+    return linear.weight if isinstance(linear, torch.nn.Linear) else linear.merged_weight_held()
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float):
+    """Attention of q (rows, heads, new, d) over grouped keys and values (rows, kv_heads, length, d).
+    One new token is two matmuls with the query heads folded onto their kv head: SDPA's CPU path
+    would first copy the whole cache once per query head group."""
+    rows, heads, new, dim = q.shape
+    if new > 1:
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+    grouped = q.view(rows, keys.shape[1], heads // keys.shape[1], dim)
+    scores = (grouped @ keys.transpose(-1, -2) * scale).masked_fill(~mask, -torch.inf)
+    return (scores.softmax(-1, dtype=torch.float32).to(q.dtype) @ values).view(rows, heads, 1, dim)
+
+
+class _Qwen3Decoding(_Decoding):
+    """Qwen3's decoder for sampling: the formulas of transformers' Qwen3 forward, over a KV cache
+    allocated once, without the work that forward does on every call (mask and cache objects,
+    output capture, argument checks) and with q, k, v in one matmul and gate, up in another. At the
+    organism's size that per-call work, not arithmetic, was most of a decoded token. Keys and
+    values are written in place at the next columns, so nothing is copied as the sequence grows."""
+
+    def __init__(self, model, capacity: int):
+        self.model, self.decoder, self.config, self.capacity = model, model.get_decoder(), model.config, capacity
+        layers = [(layer.self_attn, layer.mlp) for layer in self.decoder.layers]
+        # The fused weights are copies (on a 4B model in bf16 about 5 GB while sampling), made per call.
+        self.qkv = [torch.cat([_weight(a.q_proj), _weight(a.k_proj), _weight(a.v_proj)]) for a, _ in layers]
+        self.gate_up = [torch.cat([_weight(m.gate_proj), _weight(m.up_proj)]) for _, m in layers]
+        self.out = [(_weight(a.o_proj), _weight(m.down_proj)) for a, m in layers]
+        heads, kv_heads = self.config.num_attention_heads, self.config.num_key_value_heads
+        self.qk_norm = [torch.cat([a.q_norm.weight.expand(heads, -1), a.k_norm.weight.expand(kv_heads, -1)])
+                        for a, _ in layers]
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.length = 0
+
+    @staticmethod
+    def fits(model) -> bool:
+        config = model.config
+        return (config.model_type == "qwen3" and not config.attention_bias
+                and all(t == "full_attention" for t in config.layer_types))
+
+    def __call__(self, input_ids, attention_mask, positions) -> torch.Tensor:
+        config, (rows, new) = self.config, input_ids.shape
+        heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        x = self.decoder.embed_tokens(input_ids)
+        cos, sin = (t[:, None] for t in self.decoder.rotary_emb(x, positions))
+        start, end = self.length, self.length + new
+        mask = attention_mask[:, None, None, :end].bool()
+        if new > 1:  # causal among the new tokens; a left pad attends to itself (a row of none gives NaN)
+            causal = torch.ones(new, end, dtype=torch.bool, device=x.device).tril(start)
+            mask = (mask & causal) | torch.eye(new, end, dtype=torch.bool, device=x.device).roll(start, 1)
+        if not self.keys:
+            shape = (rows, kv_heads, self.capacity, head_dim)
+            self.keys = [x.new_zeros(shape) for _ in self.decoder.layers]
+            self.values = [x.new_zeros(shape) for _ in self.decoder.layers]
+        for i, layer in enumerate(self.decoder.layers):
+            qkv = F.linear(_rms(x, layer.input_layernorm), self.qkv[i]).view(rows, new, -1, head_dim)
+            # q_norm and k_norm (one eps, per head) in one call, then one rotation for both
+            qk = F.rms_norm(qkv[:, :, :-kv_heads].float(), (head_dim,), eps=config.rms_norm_eps).to(x.dtype)
+            qk = _rotate((qk * self.qk_norm[i]).transpose(1, 2), cos, sin)
+            self.keys[i][:, :, start:end] = qk[:, heads:]
+            self.values[i][:, :, start:end] = qkv[:, :, -kv_heads:].transpose(1, 2)
+            o = _attend(qk[:, :heads], self.keys[i][:, :, :end], self.values[i][:, :, :end], mask,
+                        layer.self_attn.scaling)
+            x = x + F.linear(o.transpose(1, 2).reshape(rows, new, -1), self.out[i][0])
+            gate, up = F.linear(_rms(x, layer.post_attention_layernorm), self.gate_up[i]).chunk(2, dim=-1)
+            x = x + F.linear(layer.mlp.act_fn(gate) * up, self.out[i][1])
+        self.length = end
+        return self.model.get_output_embeddings()(_rms(x[:, -1], self.decoder.norm)).float()
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.keys = [k[rows] for k in self.keys]
+        self.values = [v[rows] for v in self.values]
 
 
 @torch.inference_mode()
@@ -320,15 +441,11 @@ def generate_completions(model, tokenizer, prompts: list[list[int]], max_new: in
     slot = {}  # each distinct prompt's index among those prefilled
     shared = [slot.setdefault(tuple(p), len(slot)) for p in prompts]
     first = torch.tensor([shared.index(j) for j in range(len(slot))], device=device)
-    cache = DynamicCache(config=model.config)
-    # transformers 5.x renamed `past_key_values` to `cache` (the old name warns).
-    cache_arg = {"cache" if "cache" in inspect.signature(model.get_decoder().forward).parameters
-                 else "past_key_values": cache}
-    logits = _next_logits(model, input_ids[first], attention_mask[first], positions_of(attention_mask[first]),
-                          cache_arg)
+    decoding = (_Qwen3Decoding if _Qwen3Decoding.fits(model) else _Decoding)(model, input_ids.shape[1] + max_new)
+    logits = decoding(input_ids[first], attention_mask[first], positions_of(attention_mask[first]))
     if len(slot) < len(prompts):
         rows = torch.tensor(shared, device=device)
-        cache.batch_select_indices(rows)
+        decoding.select(rows)
         logits = logits[rows]
     open_rows = torch.arange(len(prompts), device=device)
     row_seeds = torch.tensor(seeds, dtype=torch.int64, device=device)
@@ -349,9 +466,9 @@ def generate_completions(model, tokenizer, prompts: list[list[int]], max_new: in
             keep = (~stopped).nonzero().flatten()
             open_rows, token, next_position, attention_mask = (x[keep] for x in (open_rows, token, next_position,
                                                                                   attention_mask))
-            cache.batch_select_indices(keep)
+            decoding.select(keep)
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(open_rows), 1)], dim=1)
-        logits = _next_logits(model, token[:, None], attention_mask, next_position[:, None], cache_arg)
+        logits = decoding(token[:, None], attention_mask, next_position[:, None])
         next_position = next_position + 1
     if on_finished:
         for row in range(len(prompts)):
