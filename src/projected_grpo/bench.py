@@ -173,8 +173,8 @@ def grading_case(repeats) -> dict:
 
 
 def step_split(preset: str, steps: int, *args: str) -> dict[str, float]:
-    """Train `preset` for `steps` in a scratch dir; the mean step time and each part's share of it,
-    past two warm-up steps."""
+    """Train `preset` for `steps` in a scratch dir; the mean step time, each part's share of it and
+    the mean completion length, past two warm-up steps."""
     with tempfile.TemporaryDirectory() as scratch:
         cmd = [sys.executable, "-m", "projected_grpo.train", preset, f"--steps={steps}", "--run_name=bench",
                f"--out_dir={scratch}/runs", *args]
@@ -182,6 +182,7 @@ def step_split(preset: str, steps: int, *args: str) -> dict[str, float]:
                        env={**os.environ, "PROJECTED_GRPO_CACHE": os.path.abspath("out/cache")})
         rows = [json.loads(line) for line in open(f"{scratch}/runs/bench/metrics.jsonl")][2:]
     return {"step_s": sum(r["step_seconds"] for r in rows) / len(rows),
+            "completion_tokens": sum(r["completion_tokens"] for r in rows) / len(rows),
             **{f"split_{part}": share for part, share in split_of(rows).items()}}
 
 
@@ -196,14 +197,72 @@ def smoke_step_case() -> dict:
     return {f"smoke_{k}": v for k, v in split.items()} | {"project_over_step": split["split_project"]}
 
 
-def organism_step_case() -> dict:
-    """The organism's step (4 prompts x 8 rollouts, 128 new tokens) with each grader: grading's share."""
+def matmul_peak_case(device: str, dtype: torch.dtype, repeats: int) -> dict:
+    """The machine's matmul throughput (GFLOP/s): at a large square shape, and at the organism's own
+    shapes (a scoring micro-batch's MLP, a decoded token's), the most the step's arithmetic could get."""
+    shapes = {"large": (2048, 2048, 2048), "organism_score": (2400, 64, 256), "organism_decode": (32, 64, 256)}
+    out = {}
+    for name, (m, k, n) in shapes.items():
+        a, b = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
+        calls = max(1, int(2e9 // (2 * m * k * n)))  # ~2 GFLOP a timing, so a small shape is not all call overhead
+        seconds = timed({name: lambda: [a @ b for _ in range(calls)]}, device, repeats)[name]
+        out[f"matmul_gflops_{name}"] = 2 * m * k * n * calls / seconds / 1e9
+    return out
+
+
+def step_flops(config, prompt: float, completion: float, prompts: int, group: int, knobs: tuple[int, int],
+               reference: bool) -> dict[str, float]:
+    """FLOPs of one GRPO step counted from the model's shapes (a multiply-add is 2): generation (each
+    distinct prompt prefilled once, every row decoded token by token), and scoring (forward through
+    the merged weights plus the knobs' Vh x, the reference forward when beta > 0, and two backward
+    passes, the loss's and the log-likelihood's, each with the knobs' Uᵀ dy), for `prompts` x `group`
+    rows of mean `prompt` + `completion` tokens; `knobs` is (Vh x, Uᵀ dy) multiply-adds a token, a layer. Padding, norms and the sampler are left out: an estimate of the arithmetic
+    the step cannot avoid, not of what it runs."""
+    d, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    linear = d * q + 2 * d * kv + q * d + 3 * d * config.intermediate_size  # multiply-adds a token, a layer
+    attend = 2 * q  # multiply-adds a token, a layer, per position attended (q k and p v)
+    rows, seq = prompts * group, prompt + completion
+    prefill = prompts * layers * (linear * prompt + attend * prompt * prompt / 2)
+    decode = rows * (completion * (layers * linear + d * vocab) + layers * attend * completion * (prompt + completion / 2))
+    causal = layers * attend * seq * seq / 2
+    forward = rows * (layers * (linear + knobs[0]) * seq + causal + d * vocab * completion)
+    backward = rows * (layers * (linear + knobs[1]) * seq + 2 * causal + d * vocab * completion)
+    ref = rows * (layers * linear * seq + causal + d * vocab * completion) if reference else 0.0
+    return {"generate": 2 * (prefill + decode), "score": 2 * (forward + ref + 2 * backward)}
+
+
+def organism_step_case(repeats: int) -> dict:
+    """The organism's step (4 prompts x 8 rollouts, 128 new tokens, the KL reference pass) with each
+    grader, its split, and its distance from the machine's limit: the FLOPs the step cannot avoid
+    against what the machine's matmuls do in its time."""
+    from .config import make_config
+    from .model import encode_prompt
+    from .organism import resolve_model
+
     out = {}
     for grader in ("spawn", "fork"):
         split = step_split("organism", 12, f"--grader={grader}", "--eval_prompts=6", "--eval_samples=1")
         out |= {f"organism_{grader}_{k}": v for k, v in split.items()}
     out["organism_grade_share"] = out["organism_fork_split_grade"]
-    return out
+    cfg = make_config("organism")
+    model, tok = load_model_and_tokenizer(resolve_model(cfg.model))
+    prompt = statistics.mean(len(encode_prompt(tok, p.messages())) for p in builtin_problems())
+    targets = [w for n, w in model.named_modules()
+               if isinstance(w, torch.nn.Linear) and n.rsplit(".", 1)[-1] in adapter.DEFAULT_TARGETS]
+    rank = [min(w.in_features, w.out_features) for w in targets]
+    knobs = (sum(r * w.in_features for r, w in zip(rank, targets)) // model.config.num_hidden_layers,
+             sum(r * w.out_features for r, w in zip(rank, targets)) // model.config.num_hidden_layers)
+    flops = step_flops(model.config, prompt, out["organism_fork_completion_tokens"], cfg.prompts_per_step,
+                       cfg.group, knobs, cfg.beta > 0)
+    out |= matmul_peak_case("cpu", torch.float32, repeats)
+    peak = max(v for k, v in out.items() if k.startswith("matmul_gflops")) * 1e9
+    seconds = out["organism_fork_step_s"]
+    return out | {"organism_prompt_tokens": prompt, "organism_gflop_generate": flops["generate"] / 1e9,
+                  "organism_gflop_score": flops["score"] / 1e9, "organism_utilisation":
+                  (flops["generate"] + flops["score"]) / (seconds * peak),
+                  **{f"organism_utilisation_{part}": flops[part] / (seconds * out[f"organism_fork_split_{part}"] * peak)
+                     for part in ("generate", "score")}}
 
 
 _MEMORY_PROBE = r"""
@@ -267,6 +326,7 @@ TARGETS = {  # key: (comparison, bound, what it is)
     "grade_parallel_over_1": (">=", 1.6, "grading, parallel / single worker"),
     "grade_fork_over_spawn": ("report", None, "grading, fork server / a fresh interpreter per completion"),
     "organism_grade_share": ("<=", 0.15, "grading / the organism's whole training step (fork server)"),
+    "organism_utilisation": ("report", None, "organism step: FLOPs from its shapes / (step time x the matmul peak)"),
     "logprob_peak_over_full": ("<=", 0.25, "log-prob peak memory / one fp32 [8, 512, 151936] tensor"),
 }
 
@@ -305,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
              ("extraction", lambda: extraction_case(wrapped, wrappers, tok, args.device)),
              ("grading", lambda: grading_case(max(1, args.repeats // 2))),
              ("smoke step", smoke_step_case),
-             ("organism step", organism_step_case),
+             ("organism step", lambda: organism_step_case(args.repeats)),
              ("memory", memory_case)]
     for name, case in steps:
         print(f"bench: {name} ...", file=sys.stderr, flush=True)
