@@ -205,8 +205,11 @@ def matmul_peak_case(device: str, dtype: torch.dtype, repeats: int) -> dict:
     for name, (m, k, n) in shapes.items():
         a, b = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
         calls = max(1, int(2e9 // (2 * m * k * n)))  # ~2 GFLOP a timing, so a small shape is not all call overhead
-        seconds = timed({name: lambda: [a @ b for _ in range(calls)]}, device, repeats)[name]
-        out[f"matmul_gflops_{name}"] = 2 * m * k * n * calls / seconds / 1e9
+
+        def products(a=a, b=b, calls=calls):
+            return [a @ b for _ in range(calls)]
+
+        out[f"matmul_gflops_{name}"] = 2 * m * k * n * calls / timed({name: products}, device, repeats)[name] / 1e9
     return out
 
 
@@ -216,15 +219,16 @@ def step_flops(config, prompt: float, completion: float, prompts: int, group: in
     distinct prompt prefilled once, every row decoded token by token), and scoring (forward through
     the merged weights plus the knobs' Vh x, the reference forward when beta > 0, and two backward
     passes, the loss's and the log-likelihood's, each with the knobs' Uᵀ dy), for `prompts` x `group`
-    rows of mean `prompt` + `completion` tokens; `knobs` is (Vh x, Uᵀ dy) multiply-adds a token, a layer. Padding, norms and the sampler are left out: an estimate of the arithmetic
-    the step cannot avoid, not of what it runs."""
+    rows of mean `prompt` + `completion` tokens; `knobs` is (Vh x, Uᵀ dy) multiply-adds a token, a
+    layer. Padding, norms and the sampler are left out: an estimate of the arithmetic the step
+    cannot avoid, not of what it runs."""
     d, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
     q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
     linear = d * q + 2 * d * kv + q * d + 3 * d * config.intermediate_size  # multiply-adds a token, a layer
     attend = 2 * q  # multiply-adds a token, a layer, per position attended (q k and p v)
     rows, seq = prompts * group, prompt + completion
     prefill = prompts * layers * (linear * prompt + attend * prompt * prompt / 2)
-    decode = rows * (completion * (layers * linear + d * vocab) + layers * attend * completion * (prompt + completion / 2))
+    decode = rows * completion * (layers * linear + d * vocab + layers * attend * (prompt + completion / 2))
     causal = layers * attend * seq * seq / 2
     forward = rows * (layers * (linear + knobs[0]) * seq + causal + d * vocab * completion)
     backward = rows * (layers * (linear + knobs[1]) * seq + 2 * causal + d * vocab * completion)
