@@ -352,12 +352,13 @@ def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: tor
     return (scores.softmax(-1, dtype=torch.float32).to(q.dtype) @ values).view(rows, heads, 1, dim)
 
 
-class _Qwen3Decoding(_Decoding):
-    """Qwen3's decoder for sampling: the formulas of transformers' Qwen3 forward, over a KV cache
-    allocated once, without the work that forward does on every call (mask and cache objects,
-    output capture, argument checks) and with q, k, v in one matmul and gate, up in another. At the
-    organism's size that per-call work, not arithmetic, was most of a decoded token. Keys and
-    values are written in place at the next columns, so nothing is copied as the sequence grows."""
+class _Qwen3Decoding:
+    """Qwen3's decoder for sampling, called as `_Decoding` is: the formulas of transformers' Qwen3
+    forward over a KV cache allocated once, without the work that forward does on every call (mask
+    and cache objects, output capture, argument checks), and with q, k, v in one matmul and gate, up
+    in another. At the organism's size that per-call work, not arithmetic, was most of a decoded
+    token. Keys and values are written in place at the next columns: nothing is copied as the
+    sequence grows."""
 
     def __init__(self, model, capacity: int):
         self.model, self.decoder, self.config, self.capacity = model, model.get_decoder(), model.config, capacity
