@@ -342,8 +342,8 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float):
     """Attention of q (rows, heads, new, d) over grouped keys and values (rows, kv_heads, length, d).
-    One new token is two matmuls with the query heads folded onto their kv head: SDPA's CPU path
-    would first copy the whole cache once per query head group."""
+    One new token is two matmuls with the query heads folded onto their kv head, nothing expanded;
+    several (the prefill) go through SDPA."""
     rows, heads, new, dim = q.shape
     if new > 1:
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
