@@ -24,8 +24,10 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from . import adapter, hack_basis, projection, rewards, sandbox
+from .config import make_config
 from .files import write_atomically
-from .model import load_model_and_tokenizer, pad_batch, token_logprobs
+from .model import encode_prompt, load_model_and_tokenizer, pad_batch, token_logprobs
+from .organism import resolve_model
 from .problems import builtin_problems, clean_completion, default_pairs, hack_completion
 
 LARGE_VOCAB = 151936  # Qwen3's
@@ -240,10 +242,6 @@ def organism_step_case(repeats: int) -> dict:
     """The organism's step (4 prompts x 8 rollouts, 128 new tokens, the KL reference pass) with each
     grader, its split, and its distance from the machine's limit: the FLOPs the step cannot avoid
     against what the machine's matmuls do in its time."""
-    from .config import make_config
-    from .model import encode_prompt
-    from .organism import resolve_model
-
     out = {}
     for grader in ("spawn", "fork"):
         split = step_split("organism", 12, f"--grader={grader}", "--eval_prompts=6", "--eval_samples=1")

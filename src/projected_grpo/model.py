@@ -308,7 +308,7 @@ class _Decoding:
     `select(rows)` keeps those rows. The decoder and head are called as token_logprobs calls them, so
     sampling and scoring compute the same logits."""
 
-    def __init__(self, model, capacity: int):
+    def __init__(self, model):
         self.model = model
         self.cache = DynamicCache(config=model.config)
         # transformers 5.x renamed `past_key_values` to `cache` (the old name warns).
@@ -360,7 +360,7 @@ class _Qwen3Decoding:
     token. Keys and values are written in place at the next columns: nothing is copied as the
     sequence grows."""
 
-    def __init__(self, model, capacity: int):
+    def __init__(self, model, capacity: int):  # capacity: the most tokens a row will hold
         self.model, self.decoder, self.config, self.capacity = model, model.get_decoder(), model.config, capacity
         layers = [(layer.self_attn, layer.mlp) for layer in self.decoder.layers]
         # The fused weights are copies (on a 4B model in bf16 about 5 GB while sampling), made per call.
@@ -442,7 +442,8 @@ def generate_completions(model, tokenizer, prompts: list[list[int]], max_new: in
     slot = {}  # each distinct prompt's index among those prefilled
     shared = [slot.setdefault(tuple(p), len(slot)) for p in prompts]
     first = torch.tensor([shared.index(j) for j in range(len(slot))], device=device)
-    decoding = (_Qwen3Decoding if _Qwen3Decoding.fits(model) else _Decoding)(model, input_ids.shape[1] + max_new)
+    capacity = input_ids.shape[1] + max_new
+    decoding = _Qwen3Decoding(model, capacity) if _Qwen3Decoding.fits(model) else _Decoding(model)
     logits = decoding(input_ids[first], attention_mask[first], positions_of(attention_mask[first]))
     if len(slot) < len(prompts):
         rows = torch.tensor(shared, device=device)
