@@ -133,6 +133,37 @@ def test_sample_kl_measures_the_sampler_mismatch_and_is_correction_weights_by_it
         assert mean["sample_kl"] < 1e-8 and mean["sample_dlogp"] < 1e-4
 
 
+@pytest.mark.parametrize("micro_batch", ["0", "3"])
+def test_the_loss_gradient_of_each_kind_is_that_of_whole_rows(tiny, micro_batch):
+    model, tok, wrappers = tiny
+    cfg = make_config("smoke", {"group": "4", "prompts_per_step": "2", "max_new": "10", "mix_ratio": "0",
+                                "beta": "0.3", "micro_batch": micro_batch})
+    rollouts = _student_rollouts(tiny, cfg, 0.0)
+    for r in rollouts[2:4] + rollouts[7:]:  # teacher rows within each group: they share its prompt
+        r.teacher, r.sample_logp = True, None
+    out = grpo.backward_rollouts(model, tok, wrappers, rollouts, cfg)
+    scored = {n: layer.delta_s.grad for n, layer in wrappers.items()}
+    for layer in wrappers.values():
+        layer.delta_s.grad = layer.delta_s_hack.grad = None
+    knobs = [layer.delta_s for layer in wrappers.values()]
+    expected_loss = 0.0
+    for kind, key in ((False, "g_student"), (True, "g_teacher")):
+        rows = [r for r in rollouts if r.teacher == kind]
+        ids, attn, comp = pad_batch([r.prompt_ids for r in rows], [r.completion_ids for r in rows], tok.pad_token_id)
+        with adapter.scoring(wrappers):
+            logp = token_logprobs(model, ids, attn, comp)
+            with torch.no_grad(), adapter.zeroed(wrappers):
+                ref = token_logprobs(model, ids, attn, comp)
+        advantages = torch.tensor([r.advantage for r in rows])
+        loss = grpo.policy_loss(logp, logp.detach(), ref, advantages, comp.float(), cfg)
+        expected_loss += loss.item()
+        for name, g in zip(wrappers, torch.autograd.grad(loss, knobs)):
+            torch.testing.assert_close(out[key][name], g, rtol=1e-4, atol=1e-8)
+    assert math.isclose(out["loss"], expected_loss, rel_tol=1e-4, abs_tol=1e-8)  # a sum that nearly cancels
+    for name in wrappers:
+        torch.testing.assert_close(scored[name], out["g_student"][name] + out["g_teacher"][name])
+
+
 def test_the_kl_term_does_not_warn(tiny):
     model, tok, wrappers = tiny
     cfg = make_config("smoke", {"group": "2", "prompts_per_step": "1", "max_new": "8", "mix_ratio": "0",

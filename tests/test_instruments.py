@@ -47,7 +47,7 @@ def test_the_hack_score_reads_each_rollouts_own_likelihood_gradient_whatever_its
             layer.delta_s.grad = None
     name = next(iter(wrappers))
     torch.testing.assert_close(outs[0]["nll_grad"][name], outs[1]["nll_grad"][name])
-    assert not torch.allclose(outs[0]["grad_sample"][name], outs[1]["grad_sample"][name])
+    assert not torch.allclose(outs[0]["g_student"][name], outs[1]["g_student"][name])
     # Each row is that rollout's d(-sum log p / max_new), computed here one rollout at a time.
     for i, r in enumerate(rollouts[:2]):
         ids, attn, comp = pad_batch([r.prompt_ids], [r.completion_ids], tok.pad_token_id)

@@ -191,6 +191,33 @@ def test_token_logprobs_match_a_full_log_softmax(tmp_path, monkeypatch):
     assert int((logp != 0).sum()) == int(comp.sum())  # completion positions only, EOS included
 
 
+@pytest.mark.parametrize("share", [None, "per row"])
+def test_a_shared_prompt_scores_and_differentiates_as_whole_rows(tiny, share):
+    from projected_grpo import adapter
+
+    model, tok = tiny
+    wrappers = adapter.wrap(model)
+    with torch.no_grad():
+        for layer in wrappers.values():
+            layer.delta_s.normal_(0, 0.1)
+    # Three rows share one prompt, one prompt is a single token (nothing before its last), one is alone.
+    prompts = [[5, 6, 7, 8], [5, 6, 7, 8], [9], [10, 11], [5, 6, 7, 8]]
+    completions = [[1, 2, 3], [4], [7, 8], [9, 9, 9, 9, 9], [3, 3]]
+    keys = None if share is None else list(range(len(prompts)))
+    knobs = [layer.delta_s for layer in wrappers.values()]
+    whole = token_logprobs(model, *pad_batch(prompts, completions, tok.pad_token_id))
+    shared = model_mod.shared_prompt_logprobs(model, prompts, completions, tok.pad_token_id, keys)
+    torch.testing.assert_close(shared, whole, atol=2e-6, rtol=0)  # same layout, zero off the completions
+    weights = torch.randn(whole.shape)  # any loss over the tokens: the same gradient
+    for got, expected in zip(torch.autograd.grad((shared * weights).sum(), knobs),
+                             torch.autograd.grad((whole * weights).sum(), knobs)):
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-4)
+    with pytest.raises(ValueError, match="rows 0 and 2 share a key but not a prompt"):
+        model_mod.shared_prompt_logprobs(model, prompts, completions, tok.pad_token_id, [0, 0, 0, 1, 2])
+    with pytest.raises(ValueError, match="a prompt of no tokens"):
+        model_mod.shared_prompt_logprobs(model, [[]], [[1]], tok.pad_token_id)
+
+
 @pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.9)])
 def test_recorded_sampling_logprobs_are_the_scored_ones_whatever_the_checkpoint_config(tiny, temperature, top_p):
     model, tokenizer = tiny

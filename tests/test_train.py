@@ -153,15 +153,15 @@ def test_corrupt_teacher_pool_line_is_an_error(workdir):
 
 
 def test_nan_loss_stops_with_a_checkpoint_of_the_last_good_state(workdir, monkeypatch):
-    real = grpo.policy_loss
-    calls = []
+    real_loss, real_step = grpo.policy_loss, train.train_step
+    steps = []
 
     def poisoned(*args, **kw):
-        calls.append(1)
-        loss = real(*args, **kw)
-        return loss * float("nan") if len(calls) > 1 else loss
+        loss = real_loss(*args, **kw)
+        return loss * float("nan") if steps[-1] == 2 else loss
 
     monkeypatch.setattr(grpo, "policy_loss", poisoned)
+    monkeypatch.setattr(train, "train_step", lambda run, step: steps.append(step) or real_step(run, step))
     with pytest.raises(train.TrainingDiverged, match="step 2: non-finite loss"):
         train.run(_cfg(run_name="nan"))
     run_dir = workdir / "out" / "runs" / "nan"

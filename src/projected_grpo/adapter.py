@@ -235,10 +235,11 @@ def clear_grad_samples(wrappers: dict[str, AdapterLayer]) -> None:
         layer._grad_samples = []
 
 
-def pop_grad_samples(wrappers: dict[str, AdapterLayer]) -> dict[str, torch.Tensor]:
-    """The per-sequence gradients the last backward captured, taken out of the layers (earlier
-    backward calls' stay): a second backward through the same graph keeps its own apart."""
-    return {name: layer._grad_samples.pop() for name, layer in wrappers.items()}
+def summed_grad_samples(wrappers: dict[str, AdapterLayer]) -> dict[str, torch.Tensor]:
+    """The per-sequence gradients captured under `per_sample_grads` by forward calls that each ran
+    over the same sequences (a prompt, then its continuation over the prompt's cache), added: each
+    sequence's whole gradient (n_sequences x r)."""
+    return {name: torch.stack(layer._grad_samples).sum(0) for name, layer in wrappers.items()}
 
 
 @contextlib.contextmanager

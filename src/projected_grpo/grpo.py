@@ -21,7 +21,14 @@ import torch
 
 from . import adapter, sandbox
 from .config import Config
-from .model import encode_completion, encode_prompt, generate_completions, pad_batch, row_seed, token_logprobs
+from .model import (
+    encode_completion,
+    encode_prompt,
+    generate_completions,
+    pad_batch,
+    row_seed,
+    shared_prompt_logprobs,
+)
 from .problems import Problem
 from .rewards import Grading, Reward
 from .teacher_pool import Pool
@@ -208,7 +215,7 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tens
 
 
 def _sampling_logprobs(chunk: list[Rollout], completion_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each student token's sampling log-prob, laid out as token_logprobs lays out the scored ones
+    """Each student token's sampling log-prob, laid out as pad_batch lays out the scored ones
     (completions end flush right), and the mask of the tokens that have one (teacher rows do not)."""
     sampled = torch.zeros(completion_mask.shape, dtype=torch.float32)
     has = torch.zeros(completion_mask.shape, dtype=torch.bool)
@@ -220,60 +227,78 @@ def _sampling_logprobs(chunk: list[Rollout], completion_mask: torch.Tensor) -> t
 
 
 def backward_rollouts(model, tokenizer, wrappers, rollouts: list[Rollout], cfg: Config) -> dict:
-    """Score every rollout, backpropagate the loss, and keep per-rollout knob gradients.
+    """Score every rollout, backpropagate the loss, and keep what the step reads of the gradient.
 
-    Returns the loss, per-layer grad_sample (n_rollouts x r, rollout order: each rollout's share of
-    the loss gradient, advantage-weighted, KL included), per-layer nll_grad (the same shape: each
-    rollout's own log-likelihood gradient, d(-sum log p / max_new), which no advantage and no KL
-    term touch: what the hack score and a live V read), and sums with their
-    token counts (so ranks can add them before dividing): `kl` (K3 to the reference, over
+    Each micro-batch is scored in two passes, each sharing all the work it can:
+    - every rollout's own log-likelihood gradient, d(-sum log p / max_new), which no advantage and
+      no KL term touch (what the hack score and a live V read), needs a backward that keeps the rows
+      apart: the prompt is run once per row (`shared_prompt_logprobs` with a key per row) and the
+      adapter captures each row's gradient on the way;
+    - the loss needs only sums, the student rows' (g_student) and the teacher rows' (g_teacher):
+      each kind's rows run their shared prompt once, in a pass of their own so the two sums stay
+      apart, and so does the reference forward.
+
+    Returns the loss, per-layer g_student and g_teacher (r each: their share of the loss gradient,
+    advantage-weighted, KL included), per-layer nll_grad (n_rollouts x r, rollout order), and sums
+    with their token counts (so ranks can add them before dividing): `kl` (K3 to the reference, over
     `tokens` completion tokens) and the sampler/scorer mismatch over `sampled_tokens` student
     tokens: with delta = log p_score - log p_sample, `sample_kl` = sum(exp(delta) - 1 - delta)
     (K3 of KL(sample || score)), `sample_dlogp` = sum |delta|, `is_truncated` = the count of
     tokens whose ratio exceeds is_cap. Under `is_correction` each student token's policy loss is
-    weighted by min(exp(delta), is_cap), detached. delta_s.grad holds g_s + g_t afterwards.
+    weighted by min(exp(delta), is_cap), detached. delta_s.grad and delta_s_hack.grad hold
+    g_student + g_teacher afterwards.
     """
     device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id
     knobs = [layer.delta_s for layer in wrappers.values()]
     nll_grads = {name: [] for name in wrappers}
+    kind_grads = {kind: [torch.zeros_like(k) for k in knobs] for kind in (False, True)}  # by r.teacher
     size = cfg.micro_batch or len(rollouts)
     total_loss, kl_sum, tokens = 0.0, 0.0, 0
     mismatch = {"sample_kl": 0.0, "sample_dlogp": 0.0, "is_truncated": 0.0}
     sampled_tokens = 0
-    adapter.clear_grad_samples(wrappers)
-    with adapter.scoring(wrappers), adapter.per_sample_grads(wrappers):
+    with adapter.scoring(wrappers):
         for start in range(0, len(rollouts), size):
             chunk = rollouts[start:start + size]
-            ids, attn, comp = pad_batch([r.prompt_ids for r in chunk], [r.completion_ids for r in chunk],
-                                        tokenizer.pad_token_id, device)
-            logp = token_logprobs(model, ids, attn, comp)
-            ref = None
-            if cfg.beta > 0:
-                with torch.no_grad(), adapter.zeroed(wrappers):
-                    ref = token_logprobs(model, ids, attn, comp)
-                kl_sum += float(((torch.exp(ref - logp.detach()) - (ref - logp.detach()) - 1) * comp).sum())
-            sample_logp, has_sample = _sampling_logprobs(chunk, comp)
-            delta = torch.where(has_sample, logp.detach() - sample_logp, torch.zeros_like(sample_logp))
-            ratio = torch.exp(delta)
-            mismatch["sample_kl"] += float((ratio - 1 - delta).sum())
-            mismatch["sample_dlogp"] += float(delta.abs().sum())
-            mismatch["is_truncated"] += float((ratio > cfg.is_cap).sum())
-            sampled_tokens += int(has_sample.sum())
-            is_weight = ratio.clamp(max=cfg.is_cap) if cfg.is_correction else None
-            advantages = torch.tensor([r.advantage for r in chunk], dtype=torch.float32, device=device)
-            loss = policy_loss(logp, logp.detach(), ref, advantages, comp.float(), cfg, is_weight)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {loss.item()} in rollouts {start}..{start + len(chunk) - 1}")
-            # A second backward through the same graph, w.r.t. the knobs only (it leaves .grad alone): the
-            # adapter captures each rollout's log-likelihood gradient on the way, which is then set aside.
-            nll = -(logp * comp).sum() / cfg.max_new
-            torch.autograd.grad(nll, knobs, retain_graph=True)
-            for name, g in adapter.pop_grad_samples(wrappers).items():
-                nll_grads[name].append(g)
-            loss.backward()
-            total_loss += loss.item()
-            tokens += int(comp.sum())
-    grads = {name: layer.grad_sample for name, layer in wrappers.items()}
-    adapter.clear_grad_samples(wrappers)
-    return {"loss": total_loss, "grad_sample": grads, "nll_grad": {n: torch.cat(g) for n, g in nll_grads.items()},
+            prompts, completions = [r.prompt_ids for r in chunk], [r.completion_ids for r in chunk]
+            comp = pad_batch(prompts, completions, pad, device)[2]
+            with adapter.per_sample_grads(wrappers):
+                own = shared_prompt_logprobs(model, prompts, completions, pad, share=list(range(len(chunk))))
+                torch.autograd.grad(-(own * comp).sum() / cfg.max_new, knobs)
+                for name, g in adapter.summed_grad_samples(wrappers).items():
+                    nll_grads[name].append(g)
+            for kind in (False, True):
+                part = [r for r in chunk if r.teacher == kind]
+                if not part:
+                    continue
+                prompts, completions = [r.prompt_ids for r in part], [r.completion_ids for r in part]
+                comp = pad_batch(prompts, completions, pad, device)[2]
+                logp = shared_prompt_logprobs(model, prompts, completions, pad)
+                ref = None
+                if cfg.beta > 0:
+                    with torch.no_grad(), adapter.zeroed(wrappers):
+                        ref = shared_prompt_logprobs(model, prompts, completions, pad)
+                    kl_sum += float(((torch.exp(ref - logp.detach()) - (ref - logp.detach()) - 1) * comp).sum())
+                sample_logp, has_sample = _sampling_logprobs(part, comp)
+                delta = torch.where(has_sample, logp.detach() - sample_logp, torch.zeros_like(sample_logp))
+                ratio = torch.exp(delta)
+                mismatch["sample_kl"] += float((ratio - 1 - delta).sum())
+                mismatch["sample_dlogp"] += float(delta.abs().sum())
+                mismatch["is_truncated"] += float((ratio > cfg.is_cap).sum())
+                sampled_tokens += int(has_sample.sum())
+                is_weight = ratio.clamp(max=cfg.is_cap) if cfg.is_correction else None
+                advantages = torch.tensor([r.advantage for r in part], dtype=torch.float32, device=device)
+                loss = policy_loss(logp, logp.detach(), ref, advantages, comp.float(), cfg, is_weight)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite loss {loss.item()} in rollouts {start}..{start + len(chunk) - 1}")
+                for total, g in zip(kind_grads[kind], torch.autograd.grad(loss, knobs)):
+                    total += g
+                total_loss += loss.item()
+                tokens += int(comp.sum())
+    for layer, g_student, g_teacher in zip(wrappers.values(), *kind_grads.values()):
+        for knob in (layer.delta_s, layer.delta_s_hack):  # dL/d delta_s_hack = dL/d delta_s: both add into s
+            knob.grad = g_student + g_teacher if knob.grad is None else knob.grad + g_student + g_teacher
+    return {"loss": total_loss, "g_student": dict(zip(wrappers, kind_grads[False])),
+            "g_teacher": dict(zip(wrappers, kind_grads[True])),
+            "nll_grad": {n: torch.cat(g) for n, g in nll_grads.items()},
             "kl": kl_sum, "tokens": tokens, **mismatch, "sampled_tokens": sampled_tokens}

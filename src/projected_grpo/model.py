@@ -206,29 +206,89 @@ def token_logprobs(model, input_ids, attention_mask, completion_mask) -> torch.T
     """
     hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                  position_ids=positions_of(attention_mask)).last_hidden_state
-    targets = completion_mask[:, 1:].bool()
-    rows, cols = targets.nonzero(as_tuple=True)  # hidden at t predicts token t+1
-    picked = hidden[:, :-1][rows, cols]
-    next_ids = input_ids[:, 1:][rows, cols]
+    rows, cols = completion_mask[:, 1:].bool().nonzero(as_tuple=True)  # hidden at t predicts token t+1
+    logprobs = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
+    logprobs[rows, cols + 1] = _chosen_logprobs(model, hidden[:, :-1][rows, cols], input_ids[:, 1:][rows, cols])
+    return logprobs
+
+
+def shared_prompt_logprobs(model, prompts: list[list[int]], completions: list[list[int]], pad_id: int,
+                           share: list | None = None) -> torch.Tensor:
+    """token_logprobs of the rows prompt + completion (laid out as pad_batch lays them out), with
+    each prompt run once for the rows that share it: rows with equal `share` keys (default: equal
+    prompts) must hold equal prompts. A prompt less its last token goes through the decoder once,
+    its KV cache is copied to its rows, and each row's last prompt token and completion run over it.
+
+    What runs once is differentiated once: the rows' gradients reach a shared prompt summed. A
+    GRPO group's rows share a prompt that is most of each row, so a pass that needs only the sum
+    (the loss, the reference) costs a fraction of one over whole rows; with a key per row nothing
+    is shared and each row's gradient stays its own."""
+    if not all(prompts):
+        raise ValueError("a prompt of no tokens: a completion must follow at least one prompt token")
+    device = next(model.parameters()).device
+    keys = [tuple(p) for p in prompts] if share is None else share
+    slot, first = {}, []
+    for i, key in enumerate(keys):
+        if key not in slot:
+            slot[key] = len(first)
+            first.append(i)
+        elif prompts[i] != prompts[first[slot[key]]]:
+            raise ValueError(f"rows {first[slot[key]]} and {i} share a key but not a prompt")
+    prefix_ids, prefix_mask, _ = pad_batch([prompts[i][:-1] for i in first], [[] for _ in first], pad_id, device)
+    cache = DynamicCache(config=model.config)
+    decoder = model.get_decoder()
+    rows = torch.tensor([slot[key] for key in keys], device=device)
+    if prefix_ids.shape[1]:
+        decoder(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=positions_of(prefix_mask),
+                use_cache=True, **_cache_kwarg(model, cache))
+        cache.batch_select_indices(rows)
+    suffixes = [p[-1:] + c for p, c in zip(prompts, completions)]
+    suffix_ids = torch.full((len(suffixes), max(map(len, suffixes))), pad_id, dtype=torch.long)
+    suffix_mask = torch.zeros_like(suffix_ids)
+    for i, suffix in enumerate(suffixes):  # right-padded: every pad after the row's real tokens
+        suffix_ids[i, :len(suffix)] = torch.tensor(suffix, dtype=torch.long)
+        suffix_mask[i, :len(suffix)] = 1
+    suffix_ids, suffix_mask = suffix_ids.to(device), suffix_mask.to(device)
+    attention_mask = torch.cat([prefix_mask[rows], suffix_mask], dim=1)
+    hidden = decoder(input_ids=suffix_ids, attention_mask=attention_mask,
+                     position_ids=positions_of(attention_mask)[:, prefix_ids.shape[1]:], use_cache=True,
+                     **_cache_kwarg(model, cache)).last_hidden_state
+    row, col = suffix_mask[:, 1:].bool().nonzero(as_tuple=True)  # suffix token col predicts completion token col
+    width = max(len(p) + len(c) for p, c in zip(prompts, completions))
+    lengths = torch.tensor([len(c) for c in completions], device=device)
+    logprobs = torch.zeros((len(prompts), width), dtype=torch.float32, device=device)
+    logprobs[row, width - lengths[row] + col] = _chosen_logprobs(model, hidden[:, :-1][row, col],
+                                                                 suffix_ids[:, 1:][row, col])
+    return logprobs
+
+
+def _cache_kwarg(model, cache) -> dict:
+    # transformers 5.x renamed `past_key_values` to `cache` (the old name warns).
+    name = "cache" if "cache" in inspect.signature(model.get_decoder().forward).parameters else "past_key_values"
+    return {name: cache}
+
+
+def _chosen_logprobs(model, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log p(ids[i] | hidden[i]) for rows of hidden states: the LM head a few rows at a time, its
+    logits upcast to fp32 there, log p = logit - logsumexp, so no [rows, vocab] fp32 log-softmax
+    of them all is ever held."""
     head = model.get_output_embeddings()
     chunk = max(1, LOGIT_CHUNK_ELEMENTS // head.weight.shape[0])
 
-    def chosen_logprobs(h, ids):
+    def chosen(h, i):
         logits = head(h).float()
-        return logits.gather(-1, ids[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        return logits.gather(-1, i[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
     out = []
-    for i in range(0, picked.shape[0], chunk):
-        h, ids = picked[i:i + chunk], next_ids[i:i + chunk]
-        if torch.is_grad_enabled() and h.requires_grad and picked.shape[0] > chunk:
+    for start in range(0, hidden.shape[0], chunk):
+        h, i = hidden[start:start + chunk], ids[start:start + chunk]
+        if torch.is_grad_enabled() and h.requires_grad and hidden.shape[0] > chunk:
             # Recompute the chunk's logits in backward instead of keeping every chunk's
             # [rows, vocab] fp32 logits alive until then.
-            out.append(torch.utils.checkpoint.checkpoint(chosen_logprobs, h, ids, use_reentrant=False))
+            out.append(torch.utils.checkpoint.checkpoint(chosen, h, i, use_reentrant=False))
         else:
-            out.append(chosen_logprobs(h, ids))
-    logprobs = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
-    logprobs[rows, cols + 1] = torch.cat(out) if out else logprobs.new_zeros(0)
-    return logprobs
+            out.append(chosen(h, i))
+    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
 
 
 def stop_ids(model, tokenizer) -> list[int]:
@@ -311,13 +371,10 @@ class _Decoding:
     def __init__(self, model):
         self.model = model
         self.cache = DynamicCache(config=model.config)
-        # transformers 5.x renamed `past_key_values` to `cache` (the old name warns).
-        self.cache_arg = {"cache" if "cache" in inspect.signature(model.get_decoder().forward).parameters
-                          else "past_key_values": self.cache}
 
     def __call__(self, input_ids, attention_mask, positions) -> torch.Tensor:
         hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                                          use_cache=True, **self.cache_arg).last_hidden_state
+                                          use_cache=True, **_cache_kwarg(self.model, self.cache)).last_hidden_state
         return self.model.get_output_embeddings()(hidden[:, -1]).float()
 
     def select(self, rows: torch.Tensor) -> None:

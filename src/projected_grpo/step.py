@@ -62,10 +62,9 @@ def _backward(run: Run, rollouts: list[Rollout], zero_spread: int) -> dict:
         failed, scored = str(e), None
     if distributed.all_sum(run.world, [torch.tensor(float(bool(failed)))])[0] > 0:
         raise FloatingPointError(failed or "non-finite loss on another rank")
-    teacher = torch.tensor([r.teacher for r in rollouts])
-    layers = list(scored["grad_sample"])
-    g_s = [scored["grad_sample"][n][~teacher].sum(0) for n in layers]
-    g_t = [scored["grad_sample"][n][teacher].sum(0) for n in layers]
+    layers = list(scored["g_student"])
+    g_s = [scored["g_student"][n] for n in layers]
+    g_t = [scored["g_teacher"][n] for n in layers]
     with_grad = [p for p in _knobs(run.wrappers) if p.grad is not None]
     totals = torch.tensor([float(scored[k]) for k in SUMS] + [float(zero_spread)], dtype=torch.float64)
     reduced = distributed.all_sum(run.world, [p.grad for p in with_grad] + g_s + g_t + [totals])
