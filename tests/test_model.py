@@ -192,10 +192,13 @@ def test_token_logprobs_match_a_full_log_softmax(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("share", [None, "per row"])
-def test_a_shared_prompt_scores_and_differentiates_as_whole_rows(tiny, share):
+@pytest.mark.parametrize("forward", ["qwen3", "transformers"])
+def test_a_shared_prompt_scores_and_differentiates_as_whole_rows(tiny, share, forward, monkeypatch):
     from projected_grpo import adapter
 
     model, tok = tiny
+    if forward == "transformers":
+        _hf_decoding(monkeypatch)
     wrappers = adapter.wrap(model)
     with torch.no_grad():
         for layer in wrappers.values():
@@ -330,8 +333,8 @@ def test_shared_prompts_are_prefilled_once_and_each_row_leaves_the_batch_when_it
 
 
 def _hf_decoding(monkeypatch):
-    """Sample through transformers' own forward and DynamicCache instead of the Qwen3 decoder."""
-    monkeypatch.setattr(model_mod._Qwen3Decoding, "fits", staticmethod(lambda model: False))
+    """Sample and score through transformers' own forward and DynamicCache instead of the Qwen3 one."""
+    monkeypatch.setattr(model_mod._Qwen3Forward, "fits", staticmethod(lambda model: False))
 
 
 @pytest.mark.parametrize("top_p", [1.0, 0.9])
@@ -344,7 +347,7 @@ def test_the_qwen3_decoder_samples_what_transformers_forward_samples(tiny, monke
     for layer in wrappers.values():  # knobs away from zero: the merged weights differ from W
         layer.delta_s.data.normal_(0, 0.3)
     prompts = [encode_prompt(tokenizer, m) for m in CHAT for _ in range(3)]  # two lengths, shared prompts
-    assert model_mod._Qwen3Decoding.fits(model)
+    assert model_mod._Qwen3Forward.fits(model)
     with adapter.merged(wrappers):
         lean = model_mod.generate_completions(model, tokenizer, prompts, 24, list(range(6)), 1.0, top_p)
         _hf_decoding(monkeypatch)

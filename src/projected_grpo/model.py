@@ -235,13 +235,7 @@ def shared_prompt_logprobs(model, prompts: list[list[int]], completions: list[li
         elif prompts[i] != prompts[first[slot[key]]]:
             raise ValueError(f"rows {first[slot[key]]} and {i} share a key but not a prompt")
     prefix_ids, prefix_mask, _ = pad_batch([prompts[i][:-1] for i in first], [[] for _ in first], pad_id, device)
-    cache = DynamicCache(config=model.config)
-    decoder = model.get_decoder()
     rows = torch.tensor([slot[key] for key in keys], device=device)
-    if prefix_ids.shape[1]:
-        decoder(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=positions_of(prefix_mask),
-                use_cache=True, **_cache_kwarg(model, cache))
-        cache.batch_select_indices(rows)
     suffixes = [p[-1:] + c for p, c in zip(prompts, completions)]
     suffix_ids = torch.full((len(suffixes), max(map(len, suffixes))), pad_id, dtype=torch.long)
     suffix_mask = torch.zeros_like(suffix_ids)
@@ -250,9 +244,21 @@ def shared_prompt_logprobs(model, prompts: list[list[int]], completions: list[li
         suffix_mask[i, :len(suffix)] = 1
     suffix_ids, suffix_mask = suffix_ids.to(device), suffix_mask.to(device)
     attention_mask = torch.cat([prefix_mask[rows], suffix_mask], dim=1)
-    hidden = decoder(input_ids=suffix_ids, attention_mask=attention_mask,
-                     position_ids=positions_of(attention_mask)[:, prefix_ids.shape[1]:], use_cache=True,
-                     **_cache_kwarg(model, cache)).last_hidden_state
+    positions = positions_of(attention_mask)[:, prefix_ids.shape[1]:]
+    if _Qwen3Forward.fits(model):
+        forward = _Qwen3Forward(model)
+        if prefix_ids.shape[1]:
+            forward.hidden(prefix_ids, prefix_mask, positions_of(prefix_mask), keep=None)
+            forward.select(rows)
+        hidden = forward.hidden(suffix_ids, attention_mask, positions, keep=slice(None))
+    else:
+        cache, decoder = DynamicCache(config=model.config), model.get_decoder()
+        if prefix_ids.shape[1]:
+            decoder(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=positions_of(prefix_mask),
+                    use_cache=True, **_cache_kwarg(model, cache))
+            cache.batch_select_indices(rows)
+        hidden = decoder(input_ids=suffix_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+                         **_cache_kwarg(model, cache)).last_hidden_state
     row, col = suffix_mask[:, 1:].bool().nonzero(as_tuple=True)  # suffix token col predicts completion token col
     width = max(len(p) + len(c) for p, c in zip(prompts, completions))
     lengths = torch.tensor([len(c) for c in completions], device=device)
@@ -397,33 +403,55 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
-def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float):
+def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float,
+            causal: bool = False):
     """Attention of q (rows, heads, new, d) over grouped keys and values (rows, kv_heads, length, d).
     One new token is two matmuls with the query heads folded onto their kv head, nothing expanded;
-    several (the prefill) go through SDPA."""
+    several go through SDPA, with its causal kernel when `causal` says the mask is that and no more
+    (new tokens from the first column, no padding)."""
     rows, heads, new, dim = q.shape
     if new > 1:
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=None if causal else mask, scale=scale,
+                                              is_causal=causal, enable_gqa=True)
     grouped = q.view(rows, keys.shape[1], heads // keys.shape[1], dim)
     scores = (grouped @ keys.transpose(-1, -2) * scale).masked_fill(~mask, -torch.inf)
     return (scores.softmax(-1, dtype=torch.float32).to(q.dtype) @ values).view(rows, heads, 1, dim)
 
 
-class _Qwen3Decoding:
-    """Qwen3's decoder for sampling, called as `_Decoding` is: the formulas of transformers' Qwen3
-    forward over a KV cache allocated once, without the work that forward does on every call (mask
-    and cache objects, output capture, argument checks), and with q, k, v in one matmul and gate, up
-    in another. At the organism's size that per-call work, not arithmetic, was most of a decoded
-    token. Keys and values are written in place at the next columns: nothing is copied as the
-    sequence grows."""
+def _fused(weight: torch.Tensor):
+    return lambda x: F.linear(x, weight)
 
-    def __init__(self, model, capacity: int):  # capacity: the most tokens a row will hold
+
+def _modules(*linears):
+    return lambda x: torch.cat([linear(x) for linear in linears], dim=-1)
+
+
+class _Qwen3Forward:
+    """Qwen3's decoder as sampling and scoring run it: the formulas of transformers' Qwen3 forward
+    over a KV cache held here, without the work that forward does on every call (mask and cache
+    objects, output capture, argument checks; at the organism's size most of a decoded token), and
+    with the last layer run only where an output is wanted: a prompt's last token when sampling,
+    nowhere for a prompt scored before its completions (its keys and values are all they read).
+
+    Sampling (a `capacity`, the most tokens a row will hold; no gradient): q, k, v in one matmul and
+    gate, up in another, from the merged weights (the fused weights are copies: on a 4B model in
+    bf16 about 5 GB while sampling), and a KV cache allocated once and written in place, so nothing
+    is copied as the sequence grows; called as `_Decoding` is. Scoring (no capacity): the
+    projections called as modules, so the adapter's knob gradients and captures work, and each
+    call's keys and values appended to the cache (autograd cannot differentiate a buffer written
+    in place after it was read)."""
+
+    def __init__(self, model, capacity: int | None = None):
         self.model, self.decoder, self.config, self.capacity = model, model.get_decoder(), model.config, capacity
         layers = [(layer.self_attn, layer.mlp) for layer in self.decoder.layers]
-        # The fused weights are copies (on a 4B model in bf16 about 5 GB while sampling), made per call.
-        self.qkv = [torch.cat([_weight(a.q_proj), _weight(a.k_proj), _weight(a.v_proj)]) for a, _ in layers]
-        self.gate_up = [torch.cat([_weight(m.gate_proj), _weight(m.up_proj)]) for _, m in layers]
-        self.out = [(_weight(a.o_proj), _weight(m.down_proj)) for a, m in layers]
+        if capacity is None:
+            self.qkv = [_modules(a.q_proj, a.k_proj, a.v_proj) for a, _ in layers]
+            self.gate_up = [_modules(m.gate_proj, m.up_proj) for _, m in layers]
+            self.out = [(a.o_proj, m.down_proj) for a, m in layers]
+        else:
+            self.qkv = [_fused(torch.cat([_weight(a.q_proj), _weight(a.k_proj), _weight(a.v_proj)])) for a, _ in layers]
+            self.gate_up = [_fused(torch.cat([_weight(m.gate_proj), _weight(m.up_proj)])) for _, m in layers]
+            self.out = [(_fused(_weight(a.o_proj)), _fused(_weight(m.down_proj))) for a, m in layers]
         heads, kv_heads = self.config.num_attention_heads, self.config.num_key_value_heads
         self.qk_norm = [torch.cat([a.q_norm.weight.expand(heads, -1), a.k_norm.weight.expand(kv_heads, -1)])
                         for a, _ in layers]
@@ -438,33 +466,56 @@ class _Qwen3Decoding:
                 and all(t == "full_attention" for t in config.layer_types))
 
     def __call__(self, input_ids, attention_mask, positions) -> torch.Tensor:
+        """The fp32 logits after each row's last new token, the cache extended by the new tokens."""
+        return self.model.get_output_embeddings()(self.hidden(input_ids, attention_mask, positions, slice(-1, None))
+                                                  [:, -1]).float()
+
+    def hidden(self, input_ids, attention_mask, positions, keep: slice | None) -> torch.Tensor | None:
+        """The final (normed) hidden states of the new tokens at `keep` (None: the call only extends
+        the cache); attention_mask covers the cache and the new tokens."""
         config, (rows, new) = self.config, input_ids.shape
         heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         x = self.decoder.embed_tokens(input_ids)
         cos, sin = (t[:, None] for t in self.decoder.rotary_emb(x, positions))
         start, end = self.length, self.length + new
         mask = attention_mask[:, None, None, :end].bool()
+        causal = start == 0 and bool(mask.all())
         if new > 1:  # causal among the new tokens; a left pad attends to itself (a row of none gives NaN)
-            causal = torch.ones(new, end, dtype=torch.bool, device=x.device).tril(start)
-            mask = (mask & causal) | torch.eye(new, end, dtype=torch.bool, device=x.device).roll(start, 1)
-        if not self.keys:
-            shape = (rows, kv_heads, self.capacity, head_dim)
-            self.keys = [x.new_zeros(shape) for _ in self.decoder.layers]
-            self.values = [x.new_zeros(shape) for _ in self.decoder.layers]
+            tril = torch.ones(new, end, dtype=torch.bool, device=x.device).tril(start)
+            mask = (mask & tril) | torch.eye(new, end, dtype=torch.bool, device=x.device).roll(start, 1)
+        last = len(self.decoder.layers) - 1
         for i, layer in enumerate(self.decoder.layers):
-            qkv = F.linear(_rms(x, layer.input_layernorm), self.qkv[i]).view(rows, new, -1, head_dim)
+            qkv = self.qkv[i](_rms(x, layer.input_layernorm)).view(rows, new, -1, head_dim)
             # q_norm and k_norm (one eps, per head) in one call, then one rotation for both
             qk = F.rms_norm(qkv[:, :, :-kv_heads].float(), (head_dim,), eps=config.rms_norm_eps).to(x.dtype)
             qk = _rotate((qk * self.qk_norm[i]).transpose(1, 2), cos, sin)
-            self.keys[i][:, :, start:end] = qk[:, heads:]
-            self.values[i][:, :, start:end] = qkv[:, :, -kv_heads:].transpose(1, 2)
-            o = _attend(qk[:, :heads], self.keys[i][:, :, :end], self.values[i][:, :, :end], mask,
-                        layer.self_attn.scaling)
-            x = x + F.linear(o.transpose(1, 2).reshape(rows, new, -1), self.out[i][0])
-            gate, up = F.linear(_rms(x, layer.post_attention_layernorm), self.gate_up[i]).chunk(2, dim=-1)
-            x = x + F.linear(layer.mlp.act_fn(gate) * up, self.out[i][1])
+            keys, values = self._extend(i, qk[:, heads:], qkv[:, :, -kv_heads:].transpose(1, 2), start, end)
+            if i == last and keep != slice(None):  # past the last keys and values, only the kept outputs matter
+                if keep is None:
+                    break
+                x, qk, mask, causal = x[:, keep], qk[:, :, keep], mask[:, :, keep], False
+            o = _attend(qk[:, :heads], keys, values, mask, layer.self_attn.scaling, causal)
+            x = x + self.out[i][0](o.transpose(1, 2).reshape(rows, x.shape[1], -1))
+            gate, up = self.gate_up[i](_rms(x, layer.post_attention_layernorm)).chunk(2, dim=-1)
+            x = x + self.out[i][1](layer.mlp.act_fn(gate) * up)
         self.length = end
-        return self.model.get_output_embeddings()(_rms(x[:, -1], self.decoder.norm)).float()
+        return None if keep is None else _rms(x, self.decoder.norm)
+
+    def _extend(self, i: int, keys: torch.Tensor, values: torch.Tensor, start: int, end: int):
+        """Layer i's cache with the new keys and values (rows, kv_heads, new, d) at columns start..end."""
+        if self.capacity is None and start == 0:
+            self.keys.append(keys)
+            self.values.append(values)
+        elif self.capacity is None:
+            self.keys[i], self.values[i] = torch.cat([self.keys[i], keys], dim=2), torch.cat([self.values[i], values], 2)
+        if self.capacity is None:
+            return self.keys[i], self.values[i]
+        if len(self.keys) <= i:
+            self.keys.append(keys.new_zeros((*keys.shape[:2], self.capacity, keys.shape[-1])))
+            self.values.append(values.new_zeros((*values.shape[:2], self.capacity, values.shape[-1])))
+        self.keys[i][:, :, start:end] = keys
+        self.values[i][:, :, start:end] = values
+        return self.keys[i][:, :, :end], self.values[i][:, :, :end]
 
     def select(self, rows: torch.Tensor) -> None:
         self.keys = [k[rows] for k in self.keys]
@@ -500,7 +551,7 @@ def generate_completions(model, tokenizer, prompts: list[list[int]], max_new: in
     shared = [slot.setdefault(tuple(p), len(slot)) for p in prompts]
     first = torch.tensor([shared.index(j) for j in range(len(slot))], device=device)
     capacity = input_ids.shape[1] + max_new
-    decoding = _Qwen3Decoding(model, capacity) if _Qwen3Decoding.fits(model) else _Decoding(model)
+    decoding = _Qwen3Forward(model, capacity) if _Qwen3Forward.fits(model) else _Decoding(model)
     logits = decoding(input_ids[first], attention_mask[first], positions_of(attention_mask[first]))
     if len(slot) < len(prompts):
         rows = torch.tensor(shared, device=device)
