@@ -368,10 +368,11 @@ def _full_sort_draw(logits, seeds, step, temperature, top_p):
     return (logits - torch.log(-torch.log(u)).float()).argmax(-1)
 
 
-@pytest.mark.parametrize("scale", [6.0, 0.01])  # peaked: the nucleus among the candidates; flat: past them
+@pytest.mark.parametrize("scale", [6.0, 0.01, "both"])  # peaked: the nucleus among the candidates; flat: past them
 def test_the_nucleus_found_among_candidates_draws_what_a_full_sort_draws(scale):
     generator = torch.Generator().manual_seed(1)
-    logits = torch.randn(256, 1536, generator=generator) * scale
+    scales = torch.tensor([6.0, 0.01]).repeat(128)[:, None] if scale == "both" else scale
+    logits = torch.randn(256, 1536, generator=generator) * scales
     seeds = torch.arange(256) * 7919
     for step in range(4):
         ours = model_mod.draw(logits, seeds, step, 0.8, 0.95)
