@@ -217,25 +217,36 @@ def matmul_peak_case(device: str, dtype: torch.dtype, repeats: int) -> dict:
 
 def step_flops(config, prompt: float, completion: float, prompts: int, group: int, knobs: tuple[int, int],
                reference: bool) -> dict[str, float]:
-    """FLOPs of one GRPO step counted from the model's shapes (a multiply-add is 2): generation (each
-    distinct prompt prefilled once, every row decoded token by token), and scoring (forward through
-    the merged weights plus the knobs' Vh x, the reference forward when beta > 0, and two backward
-    passes, the loss's and the log-likelihood's, each with the knobs' Uᵀ dy), for `prompts` x `group`
-    rows of mean `prompt` + `completion` tokens; `knobs` is (Vh x, Uᵀ dy) multiply-adds a token, a
-    layer. Padding, norms and the sampler are left out: an estimate of the arithmetic the step
+    """FLOPs of one GRPO step counted from the model's shapes (a multiply-add is 2), for `prompts` x
+    `group` rows of mean `prompt` + `completion` tokens: generation (each distinct prompt prefilled
+    once, every row decoded token by token) and scoring as `grpo.backward_rollouts` runs it: the
+    log-likelihood pass (each row's prompt run for that row, forward and backward), the loss pass
+    and the reference forward (when beta > 0; each group's prompt run once for its rows). A prompt
+    scored before its completions runs only the last layer's keys and values. `knobs` is (Vh x,
+    Uᵀ dy) multiply-adds a token, a layer, in the forward and in the backward passes with the
+    knobs. Padding, norms and the sampler are left out: an estimate of the arithmetic the step
     cannot avoid, not of what it runs."""
     d, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
     q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
     linear = d * q + 2 * d * kv + q * d + 3 * d * config.intermediate_size  # multiply-adds a token, a layer
     attend = 2 * q  # multiply-adds a token, a layer, per position attended (q k and p v)
-    rows, seq = prompts * group, prompt + completion
+    rows = prompts * group
+
+    def scored(prompt_rows: int, extra: int, attention: int) -> float:
+        """One pass over the rows, its prompts run prompt_rows times; `extra` multiply-adds a token, a
+        layer beside the weights; `attention` 1 forward, 2 backward."""
+        before = prompt_rows * (prompt * ((layers - 1) * (linear + extra) + 2 * d * kv)
+                                + attention * (layers - 1) * attend * prompt * prompt / 2)
+        after = rows * (completion * (layers * (linear + extra) + d * vocab)
+                        + attention * layers * attend * completion * (prompt + completion / 2))
+        return before + after
+
     prefill = prompts * layers * (linear * prompt + attend * prompt * prompt / 2)
     decode = rows * completion * (layers * linear + d * vocab + layers * attend * (prompt + completion / 2))
-    causal = layers * attend * seq * seq / 2
-    forward = rows * (layers * (linear + knobs[0]) * seq + causal + d * vocab * completion)
-    backward = rows * (layers * (linear + knobs[1]) * seq + 2 * causal + d * vocab * completion)
-    ref = rows * (layers * linear * seq + causal + d * vocab * completion) if reference else 0.0
-    return {"generate": 2 * (prefill + decode), "score": 2 * (forward + ref + 2 * backward)}
+    own = scored(rows, knobs[0], 1) + scored(rows, knobs[1], 2)
+    loss = scored(prompts, knobs[0], 1) + scored(prompts, knobs[1], 2)
+    ref = scored(prompts, 0, 1) if reference else 0.0
+    return {"generate": 2 * (prefill + decode), "score": 2 * (own + loss + ref)}
 
 
 def organism_step_case(repeats: int) -> dict:

@@ -5,9 +5,9 @@ merged into the weights, each graded as soon as it ends; teacher rows are frozen
 already graded completions from the pool. The advantage is Dr.GRPO's A = R - mean(R)
 per prompt group (no std division). The loss is the PPO-clip form with the ratio to
 the sampling policy, an optional K3 KL to the zero-knob reference, summed over
-completion tokens and divided by the fixed group * max_new * prompts_per_step. One
-backward (per micro-batch) gives every rollout's knob gradient, so the student and
-teacher gradients come apart for free.
+completion tokens and divided by the fixed group * max_new * prompts_per_step. Scoring
+runs a group's shared prompt once wherever only sums are needed (the loss, the reference)
+and once per row where each rollout's own gradient is (its log-likelihood's).
 """
 
 from __future__ import annotations
@@ -248,57 +248,65 @@ def backward_rollouts(model, tokenizer, wrappers, rollouts: list[Rollout], cfg: 
     weighted by min(exp(delta), is_cap), detached. delta_s.grad and delta_s_hack.grad hold
     g_student + g_teacher afterwards.
     """
-    device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
     knobs = [layer.delta_s for layer in wrappers.values()]
     nll_grads = {name: [] for name in wrappers}
     kind_grads = {kind: [torch.zeros_like(k) for k in knobs] for kind in (False, True)}  # by r.teacher
+    sums = dict.fromkeys(("loss", "kl", "tokens", "sample_kl", "sample_dlogp", "is_truncated", "sampled_tokens"), 0.0)
     size = cfg.micro_batch or len(rollouts)
-    total_loss, kl_sum, tokens = 0.0, 0.0, 0
-    mismatch = {"sample_kl": 0.0, "sample_dlogp": 0.0, "is_truncated": 0.0}
-    sampled_tokens = 0
     with adapter.scoring(wrappers):
         for start in range(0, len(rollouts), size):
             chunk = rollouts[start:start + size]
-            prompts, completions = [r.prompt_ids for r in chunk], [r.completion_ids for r in chunk]
-            comp = pad_batch(prompts, completions, pad, device)[2]
-            with adapter.per_sample_grads(wrappers):
-                own = shared_prompt_logprobs(model, prompts, completions, pad, share=list(range(len(chunk))))
-                torch.autograd.grad(-(own * comp).sum() / cfg.max_new, knobs)
-                for name, g in adapter.summed_grad_samples(wrappers).items():
-                    nll_grads[name].append(g)
+            for name, g in _own_likelihood_grads(model, wrappers, chunk, cfg, pad).items():
+                nll_grads[name].append(g)
             for kind in (False, True):
                 part = [r for r in chunk if r.teacher == kind]
-                if not part:
-                    continue
-                prompts, completions = [r.prompt_ids for r in part], [r.completion_ids for r in part]
-                comp = pad_batch(prompts, completions, pad, device)[2]
-                logp = shared_prompt_logprobs(model, prompts, completions, pad)
-                ref = None
-                if cfg.beta > 0:
-                    with torch.no_grad(), adapter.zeroed(wrappers):
-                        ref = shared_prompt_logprobs(model, prompts, completions, pad)
-                    kl_sum += float(((torch.exp(ref - logp.detach()) - (ref - logp.detach()) - 1) * comp).sum())
-                sample_logp, has_sample = _sampling_logprobs(part, comp)
-                delta = torch.where(has_sample, logp.detach() - sample_logp, torch.zeros_like(sample_logp))
-                ratio = torch.exp(delta)
-                mismatch["sample_kl"] += float((ratio - 1 - delta).sum())
-                mismatch["sample_dlogp"] += float(delta.abs().sum())
-                mismatch["is_truncated"] += float((ratio > cfg.is_cap).sum())
-                sampled_tokens += int(has_sample.sum())
-                is_weight = ratio.clamp(max=cfg.is_cap) if cfg.is_correction else None
-                advantages = torch.tensor([r.advantage for r in part], dtype=torch.float32, device=device)
-                loss = policy_loss(logp, logp.detach(), ref, advantages, comp.float(), cfg, is_weight)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite loss {loss.item()} in rollouts {start}..{start + len(chunk) - 1}")
-                for total, g in zip(kind_grads[kind], torch.autograd.grad(loss, knobs)):
-                    total += g
-                total_loss += loss.item()
-                tokens += int(comp.sum())
+                if part:
+                    where = f"the {('student', 'teacher')[kind]} rows of rollouts {start}..{start + len(chunk) - 1}"
+                    grads, part_sums = _loss_grads(model, wrappers, part, cfg, pad, where)
+                    for total, g in zip(kind_grads[kind], grads):
+                        total += g
+                    for key, value in part_sums.items():
+                        sums[key] += value
     for layer, g_student, g_teacher in zip(wrappers.values(), *kind_grads.values()):
         for knob in (layer.delta_s, layer.delta_s_hack):  # dL/d delta_s_hack = dL/d delta_s: both add into s
             knob.grad = g_student + g_teacher if knob.grad is None else knob.grad + g_student + g_teacher
-    return {"loss": total_loss, "g_student": dict(zip(wrappers, kind_grads[False])),
-            "g_teacher": dict(zip(wrappers, kind_grads[True])),
-            "nll_grad": {n: torch.cat(g) for n, g in nll_grads.items()},
-            "kl": kl_sum, "tokens": tokens, **mismatch, "sampled_tokens": sampled_tokens}
+    return {"g_student": dict(zip(wrappers, kind_grads[False])), "g_teacher": dict(zip(wrappers, kind_grads[True])),
+            "nll_grad": {n: torch.cat(g) for n, g in nll_grads.items()}, **sums}
+
+
+def _own_likelihood_grads(model, wrappers, chunk: list[Rollout], cfg: Config, pad: int) -> dict[str, torch.Tensor]:
+    """Each rollout's d(-sum log p / max_new) per layer (rows x r), its prompt run for it alone."""
+    prompts, completions = [r.prompt_ids for r in chunk], [r.completion_ids for r in chunk]
+    comp = pad_batch(prompts, completions, pad, next(model.parameters()).device)[2]
+    with adapter.per_sample_grads(wrappers):
+        own = shared_prompt_logprobs(model, prompts, completions, pad, share=list(range(len(chunk))))
+        torch.autograd.grad(-(own * comp).sum() / cfg.max_new, [layer.delta_s for layer in wrappers.values()])
+        return adapter.summed_grad_samples(wrappers)
+
+
+def _loss_grads(model, wrappers, part: list[Rollout], cfg: Config, pad: int, where: str) -> tuple[tuple, dict]:
+    """The knob gradients of the loss of `part` (rows of one kind), each group's prompt run once,
+    and its sums (backward_rollouts names them)."""
+    device = next(model.parameters()).device
+    prompts, completions = [r.prompt_ids for r in part], [r.completion_ids for r in part]
+    comp = pad_batch(prompts, completions, pad, device)[2]
+    logp = shared_prompt_logprobs(model, prompts, completions, pad)
+    sums, ref = {"tokens": int(comp.sum())}, None
+    if cfg.beta > 0:
+        with torch.no_grad(), adapter.zeroed(wrappers):
+            ref = shared_prompt_logprobs(model, prompts, completions, pad)
+        log_ratio = ref - logp.detach()
+        sums["kl"] = float(((torch.exp(log_ratio) - log_ratio - 1) * comp).sum())
+    sample_logp, has_sample = _sampling_logprobs(part, comp)
+    delta = torch.where(has_sample, logp.detach() - sample_logp, torch.zeros_like(sample_logp))
+    ratio = torch.exp(delta)
+    sums |= {"sample_kl": float((ratio - 1 - delta).sum()), "sample_dlogp": float(delta.abs().sum()),
+             "is_truncated": float((ratio > cfg.is_cap).sum()), "sampled_tokens": int(has_sample.sum())}
+    is_weight = ratio.clamp(max=cfg.is_cap) if cfg.is_correction else None
+    advantages = torch.tensor([r.advantage for r in part], dtype=torch.float32, device=device)
+    loss = policy_loss(logp, logp.detach(), ref, advantages, comp.float(), cfg, is_weight)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite loss {loss.item()} in {where}")
+    sums["loss"] = loss.item()
+    return torch.autograd.grad(loss, [layer.delta_s for layer in wrappers.values()]), sums

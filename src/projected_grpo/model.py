@@ -413,7 +413,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float,
-            causal: bool = False):
+            causal: bool):
     """Attention of q (rows, heads, new, d) over grouped keys and values (rows, kv_heads, length, d).
     One new token is two matmuls with the query heads folded onto their kv head, nothing expanded;
     several go through SDPA, with its causal kernel when `causal` says the mask is that and no more
@@ -512,14 +512,15 @@ class _Qwen3Forward:
 
     def _extend(self, i: int, keys: torch.Tensor, values: torch.Tensor, start: int, end: int):
         """Layer i's cache with the new keys and values (rows, kv_heads, new, d) at columns start..end."""
-        if self.capacity is None and start == 0:
-            self.keys.append(keys)
-            self.values.append(values)
-        elif self.capacity is None:
-            self.keys[i], self.values[i] = torch.cat([self.keys[i], keys], dim=2), torch.cat([self.values[i], values], 2)
-        if self.capacity is None:
+        if self.capacity is None:  # scoring: appended, a new tensor each call
+            if start == 0:
+                self.keys.append(keys)
+                self.values.append(values)
+            else:
+                self.keys[i] = torch.cat([self.keys[i], keys], dim=2)
+                self.values[i] = torch.cat([self.values[i], values], dim=2)
             return self.keys[i], self.values[i]
-        if len(self.keys) <= i:
+        if start == 0:
             self.keys.append(keys.new_zeros((*keys.shape[:2], self.capacity, keys.shape[-1])))
             self.values.append(values.new_zeros((*values.shape[:2], self.capacity, values.shape[-1])))
         self.keys[i][:, :, start:end] = keys
