@@ -50,7 +50,7 @@ smoke-both:
 organism-build *args:
     python -m projected_grpo.organism build {{args}}
 
-# the organism study on 2 CPU cores: every arm over 3 seeds, then the tables and plots (about two hours)
+# the organism study on 2 CPU cores: every arm over 3 seeds, then the tables and plots (about an hour)
 organism *args:
     python -m projected_grpo.sweep organism --arms none,erase,route,erase:random,erase:nonhack,screen --seeds 1,2,3 --jobs 2 {{args}}
     python -m projected_grpo.plots out/sweeps/organism
