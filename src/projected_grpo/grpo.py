@@ -226,6 +226,10 @@ def _sampling_logprobs(chunk: list[Rollout], completion_mask: torch.Tensor) -> t
     return sampled.to(completion_mask.device), has.to(completion_mask.device) & completion_mask.bool()
 
 
+# The sums backward_rollouts returns, with the token counts they are divided by: ranks add them first.
+SUMS = ("loss", "kl", "tokens", "sample_kl", "sample_dlogp", "is_truncated", "sampled_tokens")
+
+
 def backward_rollouts(model, tokenizer, wrappers, rollouts: list[Rollout], cfg: Config) -> dict:
     """Score every rollout, backpropagate the loss, and keep what the step reads of the gradient.
 
@@ -252,7 +256,7 @@ def backward_rollouts(model, tokenizer, wrappers, rollouts: list[Rollout], cfg: 
     knobs = [layer.delta_s for layer in wrappers.values()]
     nll_grads = {name: [] for name in wrappers}
     kind_grads = {kind: [torch.zeros_like(k) for k in knobs] for kind in (False, True)}  # by r.teacher
-    sums = dict.fromkeys(("loss", "kl", "tokens", "sample_kl", "sample_dlogp", "is_truncated", "sampled_tokens"), 0.0)
+    sums = dict.fromkeys(SUMS, 0.0)
     size = cfg.micro_batch or len(rollouts)
     with adapter.scoring(wrappers):
         for start in range(0, len(rollouts), size):

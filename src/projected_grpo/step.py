@@ -20,9 +20,7 @@ from . import distributed, projection
 from .assembly import Run, live_differences
 from .config import MODES
 from .evaluate import metrics_row as evaluation_row
-from .grpo import Rollout, auroc, backward_rollouts, collect_rollouts, detector_stats, repeated_fraction
-
-SUMS = ("loss", "kl", "tokens", "sample_kl", "sample_dlogp", "is_truncated", "sampled_tokens")
+from .grpo import SUMS, Rollout, auroc, backward_rollouts, collect_rollouts, detector_stats, repeated_fraction
 
 
 @dataclass
