@@ -215,6 +215,11 @@ def test_a_shared_prompt_scores_and_differentiates_as_whole_rows(tiny, share, fo
     for got, expected in zip(torch.autograd.grad((shared * weights).sum(), knobs),
                              torch.autograd.grad((whole * weights).sum(), knobs)):
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-4)
+    # A one-token prompt beside a two-token one: a prefix batch of one column, the first row all padding.
+    short_prompts, short_completions = [[9], [10, 11]], [[1, 2], [3]]
+    short = model_mod.shared_prompt_logprobs(model, short_prompts, short_completions, tok.pad_token_id, keys and [0, 1])
+    whole = token_logprobs(model, *pad_batch(short_prompts, short_completions, tok.pad_token_id))
+    torch.testing.assert_close(short, whole, atol=2e-6, rtol=0)
     with pytest.raises(ValueError, match="rows 0 and 2 share a key but not a prompt"):
         model_mod.shared_prompt_logprobs(model, prompts, completions, tok.pad_token_id, [0, 0, 0, 1, 2])
     with pytest.raises(ValueError, match="a prompt of no tokens"):

@@ -221,8 +221,9 @@ def step_flops(config, prompt: float, completion: float, prompts: int, group: in
     `group` rows of mean `prompt` + `completion` tokens: generation (each distinct prompt prefilled
     once, every row decoded token by token) and scoring as `grpo.backward_rollouts` runs it: the
     log-likelihood pass (each row's prompt run for that row, forward and backward), the loss pass
-    and the reference forward (when beta > 0; each group's prompt run once for its rows). A prompt
-    scored before its completions runs only the last layer's keys and values. `knobs` is (Vh x,
+    and the reference forward (when beta > 0; each group's prompt run once for its rows, as when a
+    group's rows are of one kind in one micro-batch). A prompt scored before its completions runs
+    only the last layer's q, k and v projections. `knobs` is (Vh x,
     Uᵀ dy) multiply-adds a token, a layer, in the forward and in the backward passes with the
     knobs. Padding, norms and the sampler are left out: an estimate of the arithmetic the step
     cannot avoid, not of what it runs."""
@@ -235,7 +236,7 @@ def step_flops(config, prompt: float, completion: float, prompts: int, group: in
     def scored(prompt_rows: int, extra: int, attention: int) -> float:
         """One pass over the rows, its prompts run prompt_rows times; `extra` multiply-adds a token, a
         layer beside the weights; `attention` 1 forward, 2 backward."""
-        before = prompt_rows * (prompt * ((layers - 1) * (linear + extra) + 2 * d * kv)
+        before = prompt_rows * (prompt * ((layers - 1) * (linear + extra) + d * (q + 2 * kv))
                                 + attention * (layers - 1) * attend * prompt * prompt / 2)
         after = rows * (completion * (layers * (linear + extra) + d * vocab)
                         + attention * layers * attend * completion * (prompt + completion / 2))

@@ -6,8 +6,9 @@ already graded completions from the pool. The advantage is Dr.GRPO's A = R - mea
 per prompt group (no std division). The loss is the PPO-clip form with the ratio to
 the sampling policy, an optional K3 KL to the zero-knob reference, summed over
 completion tokens and divided by the fixed group * max_new * prompts_per_step. Scoring
-runs a group's shared prompt once wherever only sums are needed (the loss, the reference)
-and once per row where each rollout's own gradient is (its log-likelihood's).
+runs a group's shared prompt once (per kind of row, per micro-batch) wherever only sums are
+needed (the loss, the reference) and once per row where each rollout's own gradient is (its
+log-likelihood's).
 """
 
 from __future__ import annotations
@@ -249,8 +250,8 @@ def backward_rollouts(model, tokenizer, wrappers, rollouts: list[Rollout], cfg: 
     tokens: with delta = log p_score - log p_sample, `sample_kl` = sum(exp(delta) - 1 - delta)
     (K3 of KL(sample || score)), `sample_dlogp` = sum |delta|, `is_truncated` = the count of
     tokens whose ratio exceeds is_cap. Under `is_correction` each student token's policy loss is
-    weighted by min(exp(delta), is_cap), detached. delta_s.grad and delta_s_hack.grad hold
-    g_student + g_teacher afterwards.
+    weighted by min(exp(delta), is_cap), detached. delta_s.grad and delta_s_hack.grad are set to
+    g_student + g_teacher.
     """
     pad = tokenizer.pad_token_id
     knobs = [layer.delta_s for layer in wrappers.values()]
@@ -273,8 +274,8 @@ def backward_rollouts(model, tokenizer, wrappers, rollouts: list[Rollout], cfg: 
                     for key, value in part_sums.items():
                         sums[key] += value
     for layer, g_student, g_teacher in zip(wrappers.values(), *kind_grads.values()):
-        for knob in (layer.delta_s, layer.delta_s_hack):  # dL/d delta_s_hack = dL/d delta_s: both add into s
-            knob.grad = g_student + g_teacher if knob.grad is None else knob.grad + g_student + g_teacher
+        layer.delta_s.grad = g_student + g_teacher
+        layer.delta_s_hack.grad = layer.delta_s.grad.clone()  # dL/d delta_s_hack = dL/d delta_s: both add into s
     return {"g_student": dict(zip(wrappers, kind_grads[False])), "g_teacher": dict(zip(wrappers, kind_grads[True])),
             "nll_grad": {n: torch.cat(g) for n, g in nll_grads.items()}, **sums}
 

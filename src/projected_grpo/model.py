@@ -217,7 +217,8 @@ def shared_prompt_logprobs(model, prompts: list[list[int]], completions: list[li
     """token_logprobs of the rows prompt + completion (laid out as pad_batch lays them out), with
     each prompt run once for the rows that share it: rows with equal `share` keys (default: equal
     prompts) must hold equal prompts. A prompt less its last token goes through the decoder once,
-    its KV cache is copied to its rows, and each row's last prompt token and completion run over it.
+    its KV cache is copied to its rows (when some share it), and each row's last prompt token and
+    completion run over it.
 
     What runs once is differentiated once: the rows' gradients reach a shared prompt summed. A
     GRPO group's rows share a prompt that is most of each row, so a pass that needs only the sum
@@ -249,14 +250,16 @@ def shared_prompt_logprobs(model, prompts: list[list[int]], completions: list[li
         forward = _Qwen3Forward(model)
         if prefix_ids.shape[1]:
             forward.hidden(prefix_ids, prefix_mask, positions_of(prefix_mask), keep=None)
-            forward.select(rows)
+            if len(first) < len(keys):
+                forward.select(rows)
         hidden = forward.hidden(suffix_ids, attention_mask, positions, keep=slice(None))
     else:
         cache, decoder = DynamicCache(config=model.config), model.get_decoder()
         if prefix_ids.shape[1]:
             decoder(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=positions_of(prefix_mask),
                     use_cache=True, **_cache_kwarg(model, cache))
-            cache.batch_select_indices(rows)
+            if len(first) < len(keys):
+                cache.batch_select_indices(rows)
         hidden = decoder(input_ids=suffix_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
                          **_cache_kwarg(model, cache)).last_hidden_state
     row, col = suffix_mask[:, 1:].bool().nonzero(as_tuple=True)  # suffix token col predicts completion token col
@@ -439,8 +442,9 @@ class _Qwen3Forward:
     """Qwen3's decoder as sampling and scoring run it: the formulas of transformers' Qwen3 forward
     over a KV cache held here, without the work that forward does on every call (mask and cache
     objects, output capture, argument checks; at the organism's size most of a decoded token), and
-    with the last layer run only where an output is wanted: a prompt's last token when sampling,
-    nowhere for a prompt scored before its completions (its keys and values are all they read).
+    with the last layer's attention and MLP run only where an output is wanted: at a prompt's last
+    token when sampling, nowhere for a prompt scored before its completions (they read only its
+    keys and values; its q projection still runs, in one call with them).
 
     Sampling (a `capacity`, the most tokens a row will hold; no gradient): q, k, v in one matmul and
     gate, up in another, from the merged weights (the fused weights are copies: on a 4B model in
@@ -489,7 +493,7 @@ class _Qwen3Forward:
         start, end = self.length, self.length + new
         mask = attention_mask[:, None, None, :end].bool()
         causal = start == 0 and bool(mask.all())
-        if new > 1:  # causal among the new tokens; a left pad attends to itself (a row of none gives NaN)
+        if new > 1 or start == 0:  # causal among the new tokens; a left pad attends to itself (none gives NaN)
             tril = torch.ones(new, end, dtype=torch.bool, device=x.device).tril(start)
             mask = (mask & tril) | torch.eye(new, end, dtype=torch.bool, device=x.device).roll(start, 1)
         last = len(self.decoder.layers) - 1

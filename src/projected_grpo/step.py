@@ -1,7 +1,8 @@
 """One training step on a Run (docs/design.md, "One step"), and the metrics row it leaves.
 
-prompts (the arm's) -> rollouts, graded -> advantages (the arm's) -> one backward with per-rollout
-knob gradients -> cin of the student and teacher gradients, each rollout's hack score -> the arm's
+prompts (the arm's) -> rollouts, graded -> advantages (the arm's) -> scoring: each rollout's own
+log-likelihood gradient, the loss's student and teacher gradients -> cin of the student and teacher
+gradients, each rollout's hack score -> the arm's
 gradient hook -> clip -> AdamW -> the arm's update hook -> schedule. Under torchrun each rank
 collects its share of the prompt groups; the knob gradients and the sums the row needs are added
 across ranks before anything reads them.
