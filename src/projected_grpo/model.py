@@ -227,16 +227,12 @@ def shared_prompt_logprobs(model, prompts: list[list[int]], completions: list[li
     if not all(prompts):
         raise ValueError("a prompt of no tokens: a completion must follow at least one prompt token")
     device = next(model.parameters()).device
-    keys = [tuple(p) for p in prompts] if share is None else share
-    slot, first = {}, []
-    for i, key in enumerate(keys):
-        if key not in slot:
-            slot[key] = len(first)
-            first.append(i)
-        elif prompts[i] != prompts[first[slot[key]]]:
-            raise ValueError(f"rows {first[slot[key]]} and {i} share a key but not a prompt")
+    of_row, first = _distinct([tuple(p) for p in prompts] if share is None else share)
+    for i, j in enumerate(of_row):
+        if prompts[i] != prompts[first[j]]:
+            raise ValueError(f"rows {first[j]} and {i} share a key but not a prompt")
     prefix_ids, prefix_mask, _ = pad_batch([prompts[i][:-1] for i in first], [[] for _ in first], pad_id, device)
-    rows = torch.tensor([slot[key] for key in keys], device=device)
+    rows = torch.tensor(of_row, device=device)
     suffixes = [p[-1:] + c for p, c in zip(prompts, completions)]
     suffix_ids = torch.full((len(suffixes), max(map(len, suffixes))), pad_id, dtype=torch.long)
     suffix_mask = torch.zeros_like(suffix_ids)
@@ -246,22 +242,12 @@ def shared_prompt_logprobs(model, prompts: list[list[int]], completions: list[li
     suffix_ids, suffix_mask = suffix_ids.to(device), suffix_mask.to(device)
     attention_mask = torch.cat([prefix_mask[rows], suffix_mask], dim=1)
     positions = positions_of(attention_mask)[:, prefix_ids.shape[1]:]
-    if _Qwen3Forward.fits(model):
-        forward = _Qwen3Forward(model)
-        if prefix_ids.shape[1]:
-            forward.hidden(prefix_ids, prefix_mask, positions_of(prefix_mask), keep=None)
-            if len(first) < len(keys):
-                forward.select(rows)
-        hidden = forward.hidden(suffix_ids, attention_mask, positions, keep=slice(None))
-    else:
-        cache, decoder = DynamicCache(config=model.config), model.get_decoder()
-        if prefix_ids.shape[1]:
-            decoder(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=positions_of(prefix_mask),
-                    use_cache=True, **_cache_kwarg(model, cache))
-            if len(first) < len(keys):
-                cache.batch_select_indices(rows)
-        hidden = decoder(input_ids=suffix_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
-                         **_cache_kwarg(model, cache)).last_hidden_state
+    forward = _forward(model)
+    if prefix_ids.shape[1]:
+        forward.hidden(prefix_ids, prefix_mask, positions_of(prefix_mask), keep=None)
+        if len(first) < len(prompts):
+            forward.select(rows)
+    hidden = forward.hidden(suffix_ids, attention_mask, positions, keep=slice(None))
     row, col = suffix_mask[:, 1:].bool().nonzero(as_tuple=True)  # suffix token col predicts completion token col
     width = max(len(p) + len(c) for p, c in zip(prompts, completions))
     lengths = torch.tensor([len(c) for c in completions], device=device)
@@ -269,6 +255,18 @@ def shared_prompt_logprobs(model, prompts: list[list[int]], completions: list[li
     logprobs[row, width - lengths[row] + col] = _chosen_logprobs(model, hidden[:, :-1][row, col],
                                                                  suffix_ids[:, 1:][row, col])
     return logprobs
+
+
+def _distinct(keys: list) -> tuple[list[int], list[int]]:
+    """Each row's index among the distinct keys (in the order they first appear), and the first row
+    holding each."""
+    slot, of_row, first = {}, [], []
+    for i, key in enumerate(keys):
+        if key not in slot:
+            slot[key] = len(first)
+            first.append(i)
+        of_row.append(slot[key])
+    return of_row, first
 
 
 def _cache_kwarg(model, cache) -> dict:
@@ -381,22 +379,33 @@ def _gumbel_max(logits: torch.Tensor, columns: torch.Tensor | None, seeds: torch
 
 
 class _Decoding:
-    """Any causal LM's decoder for sampling, through its own forward and a DynamicCache: `__call__`
-    takes the new tokens and returns the fp32 logits after each row's last one, extending the cache;
-    `select(rows)` keeps those rows. The decoder and head are called as token_logprobs calls them, so
-    sampling and scoring compute the same logits."""
+    """Any causal LM's decoder over a DynamicCache, called as `_Qwen3Forward` is: `hidden` takes the
+    new tokens, extends the cache and returns the final hidden states at `keep`; `select(rows)`
+    keeps those rows. The decoder is called as token_logprobs calls it, so sampling and scoring
+    compute the same logits."""
 
     def __init__(self, model):
         self.model = model
         self.cache = DynamicCache(config=model.config)
 
-    def __call__(self, input_ids, attention_mask, positions) -> torch.Tensor:
+    def hidden(self, input_ids, attention_mask, positions, keep: slice | None) -> torch.Tensor | None:
         hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                                           use_cache=True, **_cache_kwarg(self.model, self.cache)).last_hidden_state
-        return self.model.get_output_embeddings()(hidden[:, -1]).float()
+        return None if keep is None else hidden[:, keep]
 
     def select(self, rows: torch.Tensor) -> None:
         self.cache.batch_select_indices(rows)
+
+
+def _forward(model, capacity: int | None = None):
+    """The lean Qwen3 forward where it fits the model, transformers' own otherwise (`capacity`: sampling)."""
+    return _Qwen3Forward(model, capacity) if _Qwen3Forward.fits(model) else _Decoding(model)
+
+
+def _next_logits(forward, input_ids, attention_mask, positions) -> torch.Tensor:
+    """The fp32 logits after each row's last new token, the cache extended by the new tokens."""
+    last = forward.hidden(input_ids, attention_mask, positions, slice(-1, None))[:, -1]
+    return forward.model.get_output_embeddings()(last).float()
 
 
 def _rms(x: torch.Tensor, norm) -> torch.Tensor:
@@ -449,7 +458,7 @@ class _Qwen3Forward:
     Sampling (a `capacity`, the most tokens a row will hold; no gradient): q, k, v in one matmul and
     gate, up in another, from the merged weights (the fused weights are copies: on a 4B model in
     bf16 about 5 GB while sampling), and a KV cache allocated once and written in place, so nothing
-    is copied as the sequence grows; called as `_Decoding` is. Scoring (no capacity): the
+    is copied as the sequence grows. Scoring (no capacity): the
     projections called as modules, so the adapter's knob gradients and captures work, and each
     call's keys and values appended to the cache (autograd cannot differentiate a buffer written
     in place after it was read)."""
@@ -477,11 +486,6 @@ class _Qwen3Forward:
         config = model.config
         return (config.model_type == "qwen3" and not config.attention_bias
                 and all(t == "full_attention" for t in config.layer_types))
-
-    def __call__(self, input_ids, attention_mask, positions) -> torch.Tensor:
-        """The fp32 logits after each row's last new token, the cache extended by the new tokens."""
-        return self.model.get_output_embeddings()(self.hidden(input_ids, attention_mask, positions, slice(-1, None))
-                                                  [:, -1]).float()
 
     def hidden(self, input_ids, attention_mask, positions, keep: slice | None) -> torch.Tensor | None:
         """The final (normed) hidden states of the new tokens at `keep` (None: the call only extends
@@ -561,13 +565,11 @@ def generate_completions(model, tokenizer, prompts: list[list[int]], max_new: in
     input_ids, attention_mask, _ = pad_batch(prompts, [[] for _ in prompts], tokenizer.pad_token_id, device)
     stop = stop_ids(model, tokenizer)
     stop_tensor = torch.tensor(stop, dtype=torch.long, device=device)
-    slot = {}  # each distinct prompt's index among those prefilled
-    shared = [slot.setdefault(tuple(p), len(slot)) for p in prompts]
-    first = torch.tensor([shared.index(j) for j in range(len(slot))], device=device)
-    capacity = input_ids.shape[1] + max_new
-    decoding = _Qwen3Forward(model, capacity) if _Qwen3Forward.fits(model) else _Decoding(model)
-    logits = decoding(input_ids[first], attention_mask[first], positions_of(attention_mask[first]))
-    if len(slot) < len(prompts):
+    shared, first = _distinct([tuple(p) for p in prompts])  # each row's prompt among those prefilled
+    first = torch.tensor(first, device=device)
+    decoding = _forward(model, capacity=input_ids.shape[1] + max_new)
+    logits = _next_logits(decoding, input_ids[first], attention_mask[first], positions_of(attention_mask[first]))
+    if len(first) < len(prompts):
         rows = torch.tensor(shared, device=device)
         decoding.select(rows)
         logits = logits[rows]
@@ -592,7 +594,7 @@ def generate_completions(model, tokenizer, prompts: list[list[int]], max_new: in
                                                                                   attention_mask))
             decoding.select(keep)
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(open_rows), 1)], dim=1)
-        logits = decoding(token[:, None], attention_mask, next_position[:, None])
+        logits = _next_logits(decoding, token[:, None], attention_mask, next_position[:, None])
         next_position = next_position + 1
     if on_finished:
         for row in range(len(prompts)):
