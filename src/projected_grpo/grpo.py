@@ -282,11 +282,10 @@ def backward_rollouts(model, tokenizer, wrappers, rollouts: list[Rollout], cfg: 
 
 def _own_likelihood_grads(model, wrappers, chunk: list[Rollout], cfg: Config, pad: int) -> dict[str, torch.Tensor]:
     """Each rollout's d(-sum log p / max_new) per layer (rows x r), its prompt run for it alone."""
-    prompts, completions = [r.prompt_ids for r in chunk], [r.completion_ids for r in chunk]
-    comp = pad_batch(prompts, completions, pad, next(model.parameters()).device)[2]
-    with adapter.per_sample_grads(wrappers):
-        own = shared_prompt_logprobs(model, prompts, completions, pad, share=list(range(len(chunk))))
-        torch.autograd.grad(-(own * comp).sum() / cfg.max_new, [layer.delta_s for layer in wrappers.values()])
+    with adapter.per_sample_grads(wrappers):  # log-probs are zero off the completions: their sum is the rows'
+        own = shared_prompt_logprobs(model, [r.prompt_ids for r in chunk], [r.completion_ids for r in chunk], pad,
+                                     share=list(range(len(chunk))))
+        torch.autograd.grad(-own.sum() / cfg.max_new, [layer.delta_s for layer in wrappers.values()])
         return adapter.summed_grad_samples(wrappers)
 
 
