@@ -191,9 +191,23 @@ def test_token_logprobs_match_a_full_log_softmax(tmp_path, monkeypatch):
     assert int((logp != 0).sum()) == int(comp.sum())  # completion positions only, EOS included
 
 
-@pytest.mark.parametrize("share", [None, "per row"])
+def _prompt_first_gradients(scored: model_mod.PromptFirst, weights: torch.Tensor, knobs):
+    """The knob gradients of sum(logprobs * weights), summed and per row, as grpo takes them: through
+    the completions, then through the prompts."""
+    loss = (scored.logprobs * weights).sum()
+    summed = torch.autograd.grad(loss, knobs + scored.row_cache, retain_graph=True)
+    rows = [torch.autograd.grad((scored.logprobs[i] * weights[i]).sum(), knobs + scored.row_cache, retain_graph=True)
+            for i in range(len(weights))]
+    per_row = [torch.stack([g[n] for g in rows]) for n in range(len(knobs))]
+    # A row's cotangent of the cache is in its own row.
+    cache_per_row = [torch.stack([g[n][i] for i, g in enumerate(rows)]) for n in range(len(knobs), len(summed))]
+    through_prompts = scored.prompt_grads(summed[len(knobs):], cache_per_row, knobs)
+    return ([a + b for a, b in zip(summed, through_prompts[0])],
+            [a + b for a, b in zip(per_row, through_prompts[1])])
+
+
 @pytest.mark.parametrize("forward", ["qwen3", "transformers"])
-def test_a_shared_prompt_scores_and_differentiates_as_whole_rows(tiny, share, forward, monkeypatch):
+def test_a_prompt_run_once_scores_and_differentiates_as_whole_rows(tiny, forward, monkeypatch):
     from projected_grpo import adapter
 
     model, tok = tiny
@@ -203,27 +217,26 @@ def test_a_shared_prompt_scores_and_differentiates_as_whole_rows(tiny, share, fo
     with torch.no_grad():
         for layer in wrappers.values():
             layer.delta_s.normal_(0, 0.1)
-    # Three rows share one prompt, one prompt is a single token (nothing before its last), one is alone.
-    prompts = [[5, 6, 7, 8], [5, 6, 7, 8], [9], [10, 11], [5, 6, 7, 8]]
-    completions = [[1, 2, 3], [4], [7, 8], [9, 9, 9, 9, 9], [3, 3]]
-    keys = None if share is None else list(range(len(prompts)))
     knobs = [layer.delta_s for layer in wrappers.values()]
-    whole = token_logprobs(model, *pad_batch(prompts, completions, tok.pad_token_id))
-    shared = model_mod.shared_prompt_logprobs(model, prompts, completions, tok.pad_token_id, keys)
-    torch.testing.assert_close(shared, whole, atol=2e-6, rtol=0)  # same layout, zero off the completions
-    weights = torch.randn(whole.shape)  # any loss over the tokens: the same gradient
-    for got, expected in zip(torch.autograd.grad((shared * weights).sum(), knobs),
-                             torch.autograd.grad((whole * weights).sum(), knobs)):
-        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-4)
-    # A one-token prompt beside a two-token one: a prefix batch of one column, the first row all padding.
-    short_prompts, short_completions = [[9], [10, 11]], [[1, 2], [3]]
-    short = model_mod.shared_prompt_logprobs(model, short_prompts, short_completions, tok.pad_token_id, keys and [0, 1])
-    whole = token_logprobs(model, *pad_batch(short_prompts, short_completions, tok.pad_token_id))
-    torch.testing.assert_close(short, whole, atol=2e-6, rtol=0)
-    with pytest.raises(ValueError, match="rows 0 and 2 share a key but not a prompt"):
-        model_mod.shared_prompt_logprobs(model, prompts, completions, tok.pad_token_id, [0, 0, 0, 1, 2])
+    # Three rows share one prompt, one prompt is a single token (nothing before its last), one is alone;
+    # then a one-token prompt beside a two-token one (a prefix of one column, one prompt all padding).
+    for prompts, completions in [([[5, 6, 7, 8], [5, 6, 7, 8], [9], [10, 11], [5, 6, 7, 8]],
+                                  [[1, 2, 3], [4], [7, 8], [9, 9, 9, 9, 9], [3, 3]]),
+                                 ([[9], [10, 11]], [[1, 2], [3]])]:
+        whole = token_logprobs(model, *pad_batch(prompts, completions, tok.pad_token_id))
+        scored = model_mod.PromptFirst(model, prompts, completions, tok.pad_token_id)
+        torch.testing.assert_close(scored.logprobs, whole, atol=2e-6, rtol=0)  # same layout, zero off the completions
+        weights = torch.randn(whole.shape)  # any loss over the tokens: the same gradients
+        summed, per_row = _prompt_first_gradients(scored, weights, knobs)
+        for got, expected in zip(summed, torch.autograd.grad((whole * weights).sum(), knobs)):
+            torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-4)
+        for i, (prompt, completion) in enumerate(zip(prompts, completions)):  # each row's own: the row alone
+            alone = token_logprobs(model, *pad_batch([prompt], [completion], tok.pad_token_id))
+            expected = torch.autograd.grad((alone * weights[i, -alone.shape[1]:]).sum(), knobs)
+            for got, e in zip(per_row, expected):
+                torch.testing.assert_close(got[i], e, atol=1e-6, rtol=1e-4)
     with pytest.raises(ValueError, match="a prompt of no tokens"):
-        model_mod.shared_prompt_logprobs(model, [[]], [[1]], tok.pad_token_id)
+        model_mod.PromptFirst(model, [[]], [[1]], tok.pad_token_id)
 
 
 @pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.9)])

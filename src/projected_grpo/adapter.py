@@ -217,9 +217,8 @@ def per_sample_grads(wrappers: dict[str, AdapterLayer]):
     """Within the block, each backward also stores per-sequence knob gradients.
 
     After `loss.backward()`, `layer.grad_sample` is (n_sequences, r) for every
-    layer: sequences in batch order, one block per forward call the backward went through
-    (a forward split over a cache gives two for the same sequences: `summed_grad_samples`). Their sum
-    over sequences equals delta_s.grad's contribution from those calls.
+    layer: sequences in batch order, one block per forward call the backward went through. Their
+    sum over sequences equals delta_s.grad's contribution from those calls.
     """
     for layer in wrappers.values():
         layer._grad_samples = []
@@ -234,15 +233,6 @@ def per_sample_grads(wrappers: dict[str, AdapterLayer]):
 def clear_grad_samples(wrappers: dict[str, AdapterLayer]) -> None:
     for layer in wrappers.values():
         layer._grad_samples = []
-
-
-def summed_grad_samples(wrappers: dict[str, AdapterLayer]) -> dict[str, torch.Tensor]:
-    """The per-sequence gradients captured under `per_sample_grads` by forward calls that each ran
-    over the same sequences (a prompt, then its continuation over the prompt's cache), added and
-    taken out of the layers: each sequence's whole gradient (n_sequences x r)."""
-    summed = {name: torch.stack(layer._grad_samples).sum(0) for name, layer in wrappers.items()}
-    clear_grad_samples(wrappers)
-    return summed
 
 
 @contextlib.contextmanager

@@ -219,35 +219,37 @@ def step_flops(config, prompt: float, completion: float, prompts: int, group: in
                reference: bool) -> dict[str, float]:
     """FLOPs of one GRPO step counted from the model's shapes (a multiply-add is 2), for `prompts` x
     `group` rows of mean `prompt` + `completion` tokens: generation (each distinct prompt prefilled
-    once, every row decoded token by token) and scoring as `grpo.backward_rollouts` runs it: the
-    log-likelihood pass (each row's prompt run for that row, forward and backward), the loss pass
-    and the reference forward (when beta > 0; each group's prompt run once for its rows, as when a
-    group's rows are of one kind in one micro-batch). A prompt scored before its completions runs
-    only the last layer's q, k and v projections. `knobs` is (Vh x,
-    Uᵀ dy) multiply-adds a token, a layer, in the forward and in the backward passes with the
-    knobs. Padding, norms and the sampler are left out: an estimate of the arithmetic the step
-    cannot avoid, not of what it runs."""
+    once, every row decoded token by token) and scoring as `grpo.backward_rollouts` runs it (as when
+    a group's rows are of one kind in one micro-batch): a forward with each group's prompt run once,
+    backward through the completions twice (the loss, each row's log-likelihood) and through each
+    prompt once for the loss and once for each of its rows, and the reference forward (when
+    beta > 0). A prompt scored before its completions runs only the last layer's q, k and v
+    projections. `knobs` is (Vh x, Uᵀ dy) multiply-adds a token, a layer, in the forward and in the
+    backward passes with the knobs. Padding, norms and the sampler are left out: an estimate of the
+    arithmetic the step cannot avoid, not of what it runs."""
     d, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
     q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
     linear = d * q + 2 * d * kv + q * d + 3 * d * config.intermediate_size  # multiply-adds a token, a layer
     attend = 2 * q  # multiply-adds a token, a layer, per position attended (q k and p v)
     rows = prompts * group
 
-    def scored(prompt_rows: int, extra: int, attention: int) -> float:
-        """One pass over the rows, its prompts run prompt_rows times; `extra` multiply-adds a token, a
-        layer beside the weights; `attention` 1 forward, 2 backward."""
-        before = prompt_rows * (prompt * ((layers - 1) * (linear + extra) + d * (q + 2 * kv))
-                                + attention * (layers - 1) * attend * prompt * prompt / 2)
-        after = rows * (completion * (layers * (linear + extra) + d * vocab)
-                        + attention * layers * attend * completion * (prompt + completion / 2))
-        return before + after
+    def prompt_pass(times: int, extra: int, attention: int) -> float:
+        """Through the prompts `times` each; `extra` multiply-adds a token, a layer beside the
+        weights; `attention` 1 forward, 2 backward."""
+        return times * (prompt * ((layers - 1) * (linear + extra) + d * (q + 2 * kv))
+                        + attention * (layers - 1) * attend * prompt * prompt / 2)
+
+    def completion_pass(extra: int, attention: int) -> float:
+        """Through every row's completion, over its prompt's keys and values."""
+        return rows * (completion * (layers * (linear + extra) + d * vocab)
+                       + attention * layers * attend * completion * (prompt + completion / 2))
 
     prefill = prompts * layers * (linear * prompt + attend * prompt * prompt / 2)
     decode = rows * completion * (layers * linear + d * vocab + layers * attend * (prompt + completion / 2))
-    own = scored(rows, knobs[0], 1) + scored(rows, knobs[1], 2)
-    loss = scored(prompts, knobs[0], 1) + scored(prompts, knobs[1], 2)
-    ref = scored(prompts, 0, 1) if reference else 0.0
-    return {"generate": 2 * (prefill + decode), "score": 2 * (own + loss + ref)}
+    forward = prompt_pass(prompts, knobs[0], 1) + completion_pass(knobs[0], 1)
+    backward = prompt_pass(prompts * (1 + group), knobs[1], 2) + 2 * completion_pass(knobs[1], 2)
+    ref = prompt_pass(prompts, 0, 1) + completion_pass(0, 1) if reference else 0.0
+    return {"generate": 2 * (prefill + decode), "score": 2 * (forward + backward + ref)}
 
 
 def organism_step_case(repeats: int) -> dict:

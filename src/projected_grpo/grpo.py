@@ -6,9 +6,8 @@ already graded completions from the pool. The advantage is Dr.GRPO's A = R - mea
 per prompt group (no std division). The loss is the PPO-clip form with the ratio to
 the sampling policy, an optional K3 KL to the zero-knob reference, summed over
 completion tokens and divided by the fixed group * max_new * prompts_per_step. Scoring
-runs a group's shared prompt once (per kind of row, per micro-batch) wherever only sums are
-needed (the loss, the reference) and once per row where each rollout's own gradient is (its
-log-likelihood's).
+runs a group's shared prompt once (per kind of row, per micro-batch) forward, and backward once
+for the loss and once for each rollout's own log-likelihood gradient.
 """
 
 from __future__ import annotations
@@ -23,12 +22,12 @@ import torch
 from . import adapter, sandbox
 from .config import Config
 from .model import (
+    PromptFirst,
     encode_completion,
     encode_prompt,
     generate_completions,
     pad_batch,
     row_seed,
-    shared_prompt_logprobs,
 )
 from .problems import Problem
 from .rewards import Grading, Reward
@@ -234,14 +233,12 @@ SUMS = ("loss", "kl", "tokens", "sample_kl", "sample_dlogp", "is_truncated", "sa
 def backward_rollouts(model, tokenizer, wrappers, rollouts: list[Rollout], cfg: Config) -> dict:
     """Score every rollout, backpropagate the loss, and keep what the step reads of the gradient.
 
-    Each micro-batch is scored in two passes, each sharing all the work it can:
-    - every rollout's own log-likelihood gradient, d(-sum log p / max_new), which no advantage and
-      no KL term touch (what the hack score and a live V read), needs a backward that keeps the rows
-      apart: the prompt is run once per row (`shared_prompt_logprobs` with a key per row) and the
-      adapter captures each row's gradient on the way;
-    - the loss needs only sums, the student rows' (g_student) and the teacher rows' (g_teacher):
-      each kind's rows run their shared prompt once, in a pass of their own so the two sums stay
-      apart, and so does the reference forward.
+    Each micro-batch's rows of each kind (students, teachers: the two sums stay apart) are scored
+    in one forward that runs each group's prompt once (`PromptFirst`), and so is the reference
+    forward. Two gradients are taken from it: the loss's, and every rollout's own log-likelihood
+    gradient d(-sum log p / max_new), which no advantage and no KL term touch (what the hack score
+    and a live V read). Both go back through the completions (the adapter keeping the second per
+    row) and then through each prompt in one batched backward, its rows' sum and each row.
 
     Returns the loss, per-layer g_student and g_teacher (r each: their share of the loss gradient,
     advantage-weighted, KL included), per-layer nll_grad (n_rollouts x r, rollout order), and sums
@@ -255,51 +252,45 @@ def backward_rollouts(model, tokenizer, wrappers, rollouts: list[Rollout], cfg: 
     """
     pad = tokenizer.pad_token_id
     knobs = [layer.delta_s for layer in wrappers.values()]
-    nll_grads = {name: [] for name in wrappers}
+    nll_grad = {name: layer.delta_s.new_zeros((len(rollouts), layer.r)) for name, layer in wrappers.items()}
     kind_grads = {kind: [torch.zeros_like(k) for k in knobs] for kind in (False, True)}  # by r.teacher
     sums = dict.fromkeys(SUMS, 0.0)
     size = cfg.micro_batch or len(rollouts)
     with adapter.scoring(wrappers):
         for start in range(0, len(rollouts), size):
             chunk = rollouts[start:start + size]
-            for name, g in _own_likelihood_grads(model, wrappers, chunk, cfg, pad).items():
-                nll_grads[name].append(g)
             for kind in (False, True):
-                part = [r for r in chunk if r.teacher == kind]
+                part = [i for i, r in enumerate(chunk) if r.teacher == kind]
                 if part:
                     where = f"the {('student', 'teacher')[kind]} rows of rollouts {start}..{start + len(chunk) - 1}"
-                    grads, part_sums = _loss_grads(model, wrappers, part, cfg, pad, where)
+                    grads, own, part_sums = _score_part(model, wrappers, [chunk[i] for i in part], cfg, pad, where)
                     for total, g in zip(kind_grads[kind], grads):
                         total += g
+                    for name, g in own.items():
+                        nll_grad[name][start + torch.tensor(part)] = g
                     for key, value in part_sums.items():
                         sums[key] += value
     for layer, g_student, g_teacher in zip(wrappers.values(), *kind_grads.values()):
         layer.delta_s.grad = g_student + g_teacher
         layer.delta_s_hack.grad = layer.delta_s.grad.clone()  # dL/d delta_s_hack = dL/d delta_s: both add into s
     return {"g_student": dict(zip(wrappers, kind_grads[False])), "g_teacher": dict(zip(wrappers, kind_grads[True])),
-            "nll_grad": {n: torch.cat(g) for n, g in nll_grads.items()}, **sums}
+            "nll_grad": nll_grad, **sums}
 
 
-def _own_likelihood_grads(model, wrappers, chunk: list[Rollout], cfg: Config, pad: int) -> dict[str, torch.Tensor]:
-    """Each rollout's d(-sum log p / max_new) per layer (rows x r), its prompt run for it alone."""
-    with adapter.per_sample_grads(wrappers):  # log-probs are zero off the completions: their sum is the rows'
-        own = shared_prompt_logprobs(model, [r.prompt_ids for r in chunk], [r.completion_ids for r in chunk], pad,
-                                     share=list(range(len(chunk))))
-        torch.autograd.grad(-own.sum() / cfg.max_new, [layer.delta_s for layer in wrappers.values()])
-        return adapter.summed_grad_samples(wrappers)
-
-
-def _loss_grads(model, wrappers, part: list[Rollout], cfg: Config, pad: int, where: str) -> tuple[tuple, dict]:
-    """The knob gradients of the loss of `part` (rows of one kind), each group's prompt run once,
-    and its sums (backward_rollouts names them)."""
+def _score_part(model, wrappers, part: list[Rollout], cfg: Config, pad: int,
+                where: str) -> tuple[list[torch.Tensor], dict[str, torch.Tensor], dict]:
+    """The knob gradients of the loss of `part` (rows of one kind), each rollout's own log-likelihood
+    gradient d(-sum log p / max_new) per layer (rows x r), and the part's sums (backward_rollouts
+    names them), from one forward with each group's prompt run once (`PromptFirst`)."""
     device = next(model.parameters()).device
     prompts, completions = [r.prompt_ids for r in part], [r.completion_ids for r in part]
     comp = pad_batch(prompts, completions, pad, device)[2]
-    logp = shared_prompt_logprobs(model, prompts, completions, pad)
+    scored = PromptFirst(model, prompts, completions, pad)
+    logp = scored.logprobs
     sums, ref = {"tokens": int(comp.sum())}, None
     if cfg.beta > 0:
         with torch.no_grad(), adapter.zeroed(wrappers):
-            ref = shared_prompt_logprobs(model, prompts, completions, pad)
+            ref = PromptFirst(model, prompts, completions, pad).logprobs
         log_ratio = ref - logp.detach()
         sums["kl"] = float(((torch.exp(log_ratio) - log_ratio - 1) * comp).sum())
     sample_logp, has_sample = _sampling_logprobs(part, comp)
@@ -313,4 +304,14 @@ def _loss_grads(model, wrappers, part: list[Rollout], cfg: Config, pad: int, whe
     if not torch.isfinite(loss):
         raise FloatingPointError(f"non-finite loss {loss.item()} in {where}")
     sums["loss"] = loss.item()
-    return torch.autograd.grad(loss, [layer.delta_s for layer in wrappers.values()]), sums
+    # Backward through the completions twice (the loss; each row's log-likelihood, which no advantage and
+    # no KL term touch, kept per row by the adapter), then through each prompt once for both.
+    knobs = [layer.delta_s for layer in wrappers.values()]
+    loss_grads = torch.autograd.grad(loss, knobs + scored.row_cache, retain_graph=True)
+    with adapter.per_sample_grads(wrappers):  # log-probs are zero off the completions: their sum is the rows'
+        own_grads = torch.autograd.grad(-logp.sum() / cfg.max_new, knobs + scored.row_cache)
+        own = {name: layer.grad_sample for name, layer in wrappers.items()}
+        adapter.clear_grad_samples(wrappers)
+    prompt_loss, prompt_own = scored.prompt_grads(loss_grads[len(knobs):], own_grads[len(knobs):], knobs)
+    return ([g + p for g, p in zip(loss_grads, prompt_loss)],
+            {name: own[name] + p for name, p in zip(wrappers, prompt_own)}, sums)

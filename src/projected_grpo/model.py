@@ -212,49 +212,71 @@ def token_logprobs(model, input_ids, attention_mask, completion_mask) -> torch.T
     return logprobs
 
 
-def shared_prompt_logprobs(model, prompts: list[list[int]], completions: list[list[int]], pad_id: int,
-                           share: list | None = None) -> torch.Tensor:
-    """token_logprobs of the rows prompt + completion (laid out as pad_batch lays them out), with
-    each prompt run once for the rows that share it: rows with equal `share` keys (default: equal
-    prompts) must hold equal prompts. A prompt less its last token goes through the decoder once,
-    its KV cache is copied to its rows (when some share it), and each row's last prompt token and
-    completion run over it.
+class PromptFirst:
+    """token_logprobs of the rows prompt + completion (`logprobs`, laid out as pad_batch lays them
+    out), each distinct prompt run once. A prompt less its last token goes through the decoder alone;
+    each row's last prompt token and completion run over a copy of its prompt's keys and values.
 
-    What runs once is differentiated once: the rows' gradients reach a shared prompt summed. A
-    GRPO group's rows share a prompt that is most of each row, so a pass that needs only the sum
-    (the loss, the reference) costs a fraction of one over whole rows; with a key per row nothing
-    is shared and each row's gradient stays its own."""
-    if not all(prompts):
-        raise ValueError("a prompt of no tokens: a completion must follow at least one prompt token")
-    device = next(model.parameters()).device
-    of_row, first = _distinct([tuple(p) for p in prompts] if share is None else share)
-    for i, j in enumerate(of_row):
-        if prompts[i] != prompts[first[j]]:
-            raise ValueError(f"rows {first[j]} and {i} share a key but not a prompt")
-    prefix_ids, prefix_mask, _ = pad_batch([prompts[i][:-1] for i in first], [[] for _ in first], pad_id, device)
-    rows = torch.tensor(of_row, device=device)
-    suffixes = [p[-1:] + c for p, c in zip(prompts, completions)]
-    suffix_ids = torch.full((len(suffixes), max(map(len, suffixes))), pad_id, dtype=torch.long)
-    suffix_mask = torch.zeros_like(suffix_ids)
-    for i, suffix in enumerate(suffixes):  # right-padded: every pad after the row's real tokens
-        suffix_ids[i, :len(suffix)] = torch.tensor(suffix, dtype=torch.long)
-        suffix_mask[i, :len(suffix)] = 1
-    suffix_ids, suffix_mask = suffix_ids.to(device), suffix_mask.to(device)
-    attention_mask = torch.cat([prefix_mask[rows], suffix_mask], dim=1)
-    positions = positions_of(attention_mask)[:, prefix_ids.shape[1]:]
-    forward = _forward(model)
-    if prefix_ids.shape[1]:
-        forward.hidden(prefix_ids, prefix_mask, positions_of(prefix_mask), keep=None)
-        if len(first) < len(prompts):
-            forward.select(rows)
-    hidden = forward.hidden(suffix_ids, attention_mask, positions, keep=slice(None))
-    row, col = suffix_mask[:, 1:].bool().nonzero(as_tuple=True)  # suffix token col predicts completion token col
-    width = max(len(p) + len(c) for p, c in zip(prompts, completions))
-    lengths = torch.tensor([len(c) for c in completions], device=device)
-    logprobs = torch.zeros((len(prompts), width), dtype=torch.float32, device=device)
-    logprobs[row, width - lengths[row] + col] = _chosen_logprobs(model, hidden[:, :-1][row, col],
-                                                                 suffix_ids[:, 1:][row, col])
-    return logprobs
+    A GRPO group's rows share a prompt that is most of each row, so the prompt's forward, the bulk
+    of a pass over whole rows, runs once for the group. With gradients the copies are leaves
+    (`row_cache`): a backward from `logprobs` stops there, and `prompt_grads` carries their
+    gradients on through each prompt's forward, both summed over its rows (what a loss needs) and
+    kept per row (each rollout's own gradient), in one batched backward per prompt."""
+
+    def __init__(self, model, prompts: list[list[int]], completions: list[list[int]], pad_id: int):
+        if not all(prompts):
+            raise ValueError("a prompt of no tokens: a completion must follow at least one prompt token")
+        device = next(model.parameters()).device
+        self.of_row, first = _distinct([tuple(p) for p in prompts])
+        prefix_ids, prefix_mask, _ = pad_batch([prompts[i][:-1] for i in first], [[] for _ in first], pad_id, device)
+        self.prompt_caches = []  # each distinct prompt's keys and values, in the graph of its forward
+        if prefix_ids.shape[1]:
+            for j in range(len(first)):
+                forward = _forward(model)
+                mask = prefix_mask[j:j + 1]
+                forward.hidden(prefix_ids[j:j + 1], mask, positions_of(mask), keep=None)
+                self.prompt_caches.append(forward.cache_tensors())
+        self.row_cache = [torch.cat([self.prompt_caches[j][i] for j in self.of_row]).detach()
+                          .requires_grad_(torch.is_grad_enabled()) for i in range(len(self.prompt_caches[0]))] \
+            if self.prompt_caches else []
+        suffixes = [p[-1:] + c for p, c in zip(prompts, completions)]
+        suffix_ids = torch.full((len(suffixes), max(map(len, suffixes))), pad_id, dtype=torch.long)
+        suffix_mask = torch.zeros_like(suffix_ids)
+        for i, suffix in enumerate(suffixes):  # right-padded: every pad after the row's real tokens
+            suffix_ids[i, :len(suffix)] = torch.tensor(suffix, dtype=torch.long)
+            suffix_mask[i, :len(suffix)] = 1
+        suffix_ids, suffix_mask = suffix_ids.to(device), suffix_mask.to(device)
+        attention_mask = torch.cat([prefix_mask[self.of_row], suffix_mask], dim=1)
+        positions = positions_of(attention_mask)[:, prefix_ids.shape[1]:]
+        forward = _forward(model)
+        if self.row_cache:
+            forward.load_cache(self.row_cache)
+        hidden = forward.hidden(suffix_ids, attention_mask, positions, keep=slice(None))
+        row, col = suffix_mask[:, 1:].bool().nonzero(as_tuple=True)  # suffix token col predicts completion token col
+        width = max(len(p) + len(c) for p, c in zip(prompts, completions))
+        lengths = torch.tensor([len(c) for c in completions], device=device)
+        self.logprobs = torch.zeros((len(prompts), width), dtype=torch.float32, device=device)
+        self.logprobs[row, width - lengths[row] + col] = _chosen_logprobs(model, hidden[:, :-1][row, col],
+                                                                          suffix_ids[:, 1:][row, col])
+
+    def prompt_grads(self, summed: list[torch.Tensor], per_row: list[torch.Tensor],
+                     params: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The gradients of `params` through the prompts' forwards, given two cotangents of
+        row_cache (one tensor each per row_cache tensor): `summed`'s added over every row (one per
+        param), and `per_row`'s kept per row (rows x the param's shape, row order). Each prompt's
+        forward is differentiated once for its rows' sum and each of its rows: a batched backward."""
+        total = [torch.zeros_like(p) for p in params]
+        rows_grads = [p.new_zeros((len(self.of_row), *p.shape)) for p in params]
+        for j, cache in enumerate(self.prompt_caches):
+            rows = [i for i, k in enumerate(self.of_row) if k == j]
+            columns = [torch.cat([s[rows].sum(0, keepdim=True)[None], r[rows][:, None]])
+                       for s, r in zip(summed, per_row)]
+            grads = torch.autograd.grad(cache, params, columns, is_grads_batched=True, allow_unused=True)
+            for p, g in enumerate(grads):
+                if g is not None:  # a param the prompt never reached (the last layer past its keys and values)
+                    total[p] += g[0]
+                    rows_grads[p][rows] = g[1:]
+        return total, rows_grads
 
 
 def _distinct(keys: list) -> tuple[list[int], list[int]]:
@@ -395,6 +417,13 @@ class _Decoding:
 
     def select(self, rows: torch.Tensor) -> None:
         self.cache.batch_select_indices(rows)
+
+    def cache_tensors(self) -> list[torch.Tensor]:
+        return [layer.keys for layer in self.cache.layers] + [layer.values for layer in self.cache.layers]
+
+    def load_cache(self, tensors: list[torch.Tensor]) -> None:
+        half = len(tensors) // 2
+        self.cache = DynamicCache(zip(tensors[:half], tensors[half:]), config=self.model.config)
 
 
 def _forward(model, capacity: int | None = None):
@@ -538,6 +567,15 @@ class _Qwen3Forward:
     def select(self, rows: torch.Tensor) -> None:
         self.keys = [k[rows] for k in self.keys]
         self.values = [v[rows] for v in self.values]
+
+    def cache_tensors(self) -> list[torch.Tensor]:
+        """Every layer's keys, then every layer's values (rows, kv_heads, length, d): scoring's cache."""
+        return self.keys + self.values
+
+    def load_cache(self, tensors: list[torch.Tensor]) -> None:
+        """Score over these keys and values (as cache_tensors lays them out) from here on."""
+        half = len(tensors) // 2
+        self.keys, self.values, self.length = list(tensors[:half]), list(tensors[half:]), tensors[0].shape[2]
 
 
 @torch.inference_mode()
