@@ -453,21 +453,6 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
-def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float,
-            causal: bool):
-    """Attention of q (rows, heads, new, d) over grouped keys and values (rows, kv_heads, length, d).
-    One new token is two matmuls with the query heads folded onto their kv head, nothing expanded;
-    several go through SDPA, with its causal kernel when `causal` says the mask is that and no more
-    (new tokens from the first column, no padding)."""
-    rows, heads, new, dim = q.shape
-    if new > 1:
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=None if causal else mask, scale=scale,
-                                              is_causal=causal, enable_gqa=True)
-    grouped = q.view(rows, keys.shape[1], heads // keys.shape[1], dim)
-    scores = (grouped @ keys.transpose(-1, -2) * scale).masked_fill(~mask, -torch.inf)
-    return (scores.softmax(-1, dtype=torch.float32).to(q.dtype) @ values).view(rows, heads, 1, dim)
-
-
 def _fused(weight: torch.Tensor):
     return lambda x: F.linear(x, weight)
 
@@ -529,6 +514,10 @@ class _Qwen3Forward:
         if new > 1 or start == 0:  # causal among the new tokens; a left pad attends to itself (none gives NaN)
             tril = torch.ones(new, end, dtype=torch.bool, device=x.device).tril(start)
             mask = (mask & tril) | torch.eye(new, end, dtype=torch.bool, device=x.device).roll(start, 1)
+        # The mask as an additive bias, made once for every layer (SDPA converts a bool mask on each call,
+        # and one decoded token's attention is mostly such overhead); SDPA's causal kernel instead when
+        # the mask is that and no more (new tokens from the first column, no padding).
+        bias = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill(~mask, -torch.inf)
         last = len(self.decoder.layers) - 1
         for i, layer in enumerate(self.decoder.layers):
             qkv = self.qkv[i](_rms(x, layer.input_layernorm)).view(rows, new, -1, head_dim)
@@ -539,8 +528,9 @@ class _Qwen3Forward:
             if i == last and keep != slice(None):  # past the last keys and values, only the kept outputs matter
                 if keep is None:
                     break
-                x, qk, mask, causal = x[:, keep], qk[:, :, keep], mask[:, :, keep], False
-            o = _attend(qk[:, :heads], keys, values, mask, layer.self_attn.scaling, causal)
+                x, qk, bias, causal = x[:, keep], qk[:, :, keep], bias[:, :, keep], False
+            o = F.scaled_dot_product_attention(qk[:, :heads], keys, values, attn_mask=None if causal else bias,
+                                               is_causal=causal, scale=layer.self_attn.scaling, enable_gqa=True)
             x = x + self.out[i][0](o.transpose(1, 2).reshape(rows, x.shape[1], -1))
             gate, up = self.gate_up[i](_rms(x, layer.post_attention_layernorm)).chunk(2, dim=-1)
             x = x + self.out[i][1](layer.mlp.act_fn(gate) * up)
