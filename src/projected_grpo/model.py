@@ -236,9 +236,8 @@ class PromptFirst:
                 mask = prefix_mask[j:j + 1]
                 forward.hidden(prefix_ids[j:j + 1], mask, positions_of(mask), keep=None)
                 self.prompt_caches.append(forward.cache_tensors())
-        self.row_cache = [torch.cat([self.prompt_caches[j][i] for j in self.of_row]).detach()
-                          .requires_grad_(torch.is_grad_enabled()) for i in range(len(self.prompt_caches[0]))] \
-            if self.prompt_caches else []
+        self.row_cache = [torch.cat(copies).detach().requires_grad_(torch.is_grad_enabled())
+                          for copies in zip(*(self.prompt_caches[j] for j in self.of_row))]
         suffixes = [p[-1:] + c for p, c in zip(prompts, completions)]
         suffix_ids = torch.full((len(suffixes), max(map(len, suffixes))), pad_id, dtype=torch.long)
         suffix_mask = torch.zeros_like(suffix_ids)
@@ -403,8 +402,9 @@ def _gumbel_max(logits: torch.Tensor, columns: torch.Tensor | None, seeds: torch
 class _Decoding:
     """Any causal LM's decoder over a DynamicCache, called as `_Qwen3Forward` is: `hidden` takes the
     new tokens, extends the cache and returns the final hidden states at `keep`; `select(rows)`
-    keeps those rows. The decoder is called as token_logprobs calls it, so sampling and scoring
-    compute the same logits."""
+    keeps those rows; `cache_tensors` and `load_cache` read and set the cache as tensors (every
+    layer's keys, then every layer's values). The decoder is called as token_logprobs calls it, so
+    sampling and scoring compute the same logits."""
 
     def __init__(self, model):
         self.model = model
