@@ -164,6 +164,12 @@ def test_the_loss_gradient_of_each_kind_is_that_of_whole_rows(tiny, micro_batch)
     for name, (main, quarantine) in scored.items():  # both knobs hold the whole gradient: the loss's over all rows
         torch.testing.assert_close(main, expected_grad[name], rtol=1e-4, atol=1e-8)
         torch.testing.assert_close(quarantine, expected_grad[name], rtol=1e-4, atol=1e-8)
+    for i, r in enumerate(rollouts):  # each row of nll_grad is its rollout's, whatever micro-batch and kind held it
+        ids, attn, comp = pad_batch([r.prompt_ids], [r.completion_ids], tok.pad_token_id)
+        with adapter.scoring(wrappers):
+            alone = torch.autograd.grad(-token_logprobs(model, ids, attn, comp).sum() / cfg.max_new, knobs)
+        for name, g in zip(wrappers, alone):
+            torch.testing.assert_close(out["nll_grad"][name][i], g, rtol=1e-4, atol=1e-8)
 
 
 def test_the_kl_term_does_not_warn(tiny):

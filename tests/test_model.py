@@ -206,23 +206,27 @@ def _prompt_first_gradients(scored: model_mod.PromptFirst, weights: torch.Tensor
             [a + b for a, b in zip(per_row, through_prompts[1])])
 
 
-@pytest.mark.parametrize("forward", ["qwen3", "transformers"])
-def test_a_prompt_run_once_scores_and_differentiates_as_whole_rows(tiny, forward, monkeypatch):
+@pytest.mark.parametrize("forward, targets", [("qwen3", "default"), ("transformers", "default"),
+                                              ("qwen3", ("up_proj", "down_proj"))])
+def test_a_prompt_run_once_scores_and_differentiates_as_whole_rows(tiny, forward, targets, monkeypatch):
     from projected_grpo import adapter
 
     model, tok = tiny
     if forward == "transformers":
         _hf_decoding(monkeypatch)
-    wrappers = adapter.wrap(model)
+    # MLP-only knobs: the first layer's keys and values depend on no knob
+    wrappers = adapter.wrap(model) if targets == "default" else adapter.wrap(model, targets)
     with torch.no_grad():
         for layer in wrappers.values():
             layer.delta_s.normal_(0, 0.1)
     knobs = [layer.delta_s for layer in wrappers.values()]
     # Three rows share one prompt, one prompt is a single token (nothing before its last), one is alone;
-    # then a one-token prompt beside a two-token one (a prefix of one column, one prompt all padding).
+    # then a one-token prompt beside a two-token one (a prefix of one column, one prompt all padding),
+    # and one-token prompts only (no prefix at all).
     for prompts, completions in [([[5, 6, 7, 8], [5, 6, 7, 8], [9], [10, 11], [5, 6, 7, 8]],
                                   [[1, 2, 3], [4], [7, 8], [9, 9, 9, 9, 9], [3, 3]]),
-                                 ([[9], [10, 11]], [[1, 2], [3]])]:
+                                 ([[9], [10, 11]], [[1, 2], [3]]),
+                                 ([[9], [9], [4]], [[1, 2], [3], [5, 6, 7]])]:
         whole = token_logprobs(model, *pad_batch(prompts, completions, tok.pad_token_id))
         scored = model_mod.PromptFirst(model, prompts, completions, tok.pad_token_id)
         torch.testing.assert_close(scored.logprobs, whole, atol=2e-6, rtol=0)  # same layout, zero off the completions
@@ -355,11 +359,13 @@ def _hf_decoding(monkeypatch):
     monkeypatch.setattr(model_mod._Qwen3Forward, "fits", staticmethod(lambda model: False))
 
 
-@pytest.mark.parametrize("top_p", [1.0, 0.9])
-def test_the_qwen3_decoder_samples_what_transformers_forward_samples(tiny, monkeypatch, top_p):
+@pytest.mark.parametrize("top_p, fold", [(1.0, False), (0.9, False), (1.0, True)])
+def test_the_qwen3_decoder_samples_what_transformers_forward_samples(tiny, monkeypatch, top_p, fold):
     from projected_grpo import adapter
 
     model, tokenizer = tiny
+    if fold:  # a decoded token's query heads folded per kv head, as on CUDA
+        monkeypatch.setattr(model_mod, "_FOLD_ONE_QUERY_ON", ("cpu",))
     wrappers = adapter.wrap(model, cache_dir=None)
     torch.manual_seed(0)
     for layer in wrappers.values():  # knobs away from zero: the merged weights differ from W

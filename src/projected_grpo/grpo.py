@@ -6,8 +6,9 @@ already graded completions from the pool. The advantage is Dr.GRPO's A = R - mea
 per prompt group (no std division). The loss is the PPO-clip form with the ratio to
 the sampling policy, an optional K3 KL to the zero-knob reference, summed over
 completion tokens and divided by the fixed group * max_new * prompts_per_step. Scoring
-runs a group's shared prompt once (per kind of row, per micro-batch) forward, and backward once
-for the loss and once for each rollout's own log-likelihood gradient.
+runs a group's shared prompt forward once (per kind of row, per micro-batch). Backward, the
+completions are differentiated for the loss and for every rollout's own log-likelihood, then each
+prompt once for both: one batched backward over its rows' sum and each of its rows.
 """
 
 from __future__ import annotations

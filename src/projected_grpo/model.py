@@ -228,16 +228,26 @@ class PromptFirst:
             raise ValueError("a prompt of no tokens: a completion must follow at least one prompt token")
         device = next(model.parameters()).device
         self.of_row, first = _distinct([tuple(p) for p in prompts])
-        prefix_ids, prefix_mask, _ = pad_batch([prompts[i][:-1] for i in first], [[] for _ in first], pad_id, device)
-        self.prompt_caches = []  # each distinct prompt's keys and values, in the graph of its forward
-        if prefix_ids.shape[1]:
-            for j in range(len(first)):
+        prefixes = [prompts[i][:-1] for i in first]
+        prefix_mask = pad_batch(prefixes, [[] for _ in first], pad_id, device)[1]
+        # Each prompt's forward runs over its own tokens, unpadded; its keys and values (rows, kv_heads,
+        # length, d) are zero-padded on the left to the longest prefix where rows take copies (the
+        # mask hides the pads). A one-token prompt has no prefix and no forward.
+        self.prompt_caches = []  # each distinct prompt's keys and values, in the graph of its forward (or None)
+        for prefix in prefixes:
+            if prefix:
                 forward = _forward(model)
-                mask = prefix_mask[j:j + 1]
-                forward.hidden(prefix_ids[j:j + 1], mask, positions_of(mask), keep=None)
+                ones = torch.ones((1, len(prefix)), dtype=torch.long, device=device)
+                forward.hidden(torch.tensor([prefix], device=device), ones, positions_of(ones), keep=None)
                 self.prompt_caches.append(forward.cache_tensors())
+            else:
+                self.prompt_caches.append(None)
+        width = prefix_mask.shape[1]
+        some = next((c for c in self.prompt_caches if c is not None), [])
+        padded = [[F.pad(t, (0, 0, width - t.shape[2], 0)) for t in cache] if cache is not None
+                  else [t.new_zeros((*t.shape[:2], width, t.shape[3])) for t in some] for cache in self.prompt_caches]
         self.row_cache = [torch.cat(copies).detach().requires_grad_(torch.is_grad_enabled())
-                          for copies in zip(*(self.prompt_caches[j] for j in self.of_row))]
+                          for copies in zip(*(padded[j] for j in self.of_row))]
         suffixes = [p[-1:] + c for p, c in zip(prompts, completions)]
         suffix_ids = torch.full((len(suffixes), max(map(len, suffixes))), pad_id, dtype=torch.long)
         suffix_mask = torch.zeros_like(suffix_ids)
@@ -246,7 +256,7 @@ class PromptFirst:
             suffix_mask[i, :len(suffix)] = 1
         suffix_ids, suffix_mask = suffix_ids.to(device), suffix_mask.to(device)
         attention_mask = torch.cat([prefix_mask[self.of_row], suffix_mask], dim=1)
-        positions = positions_of(attention_mask)[:, prefix_ids.shape[1]:]
+        positions = positions_of(attention_mask)[:, width:]
         forward = _forward(model)
         if self.row_cache:
             forward.load_cache(self.row_cache)
@@ -260,17 +270,23 @@ class PromptFirst:
 
     def prompt_grads(self, summed: list[torch.Tensor], per_row: list[torch.Tensor],
                      params: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The gradients of `params` through the prompts' forwards, given two cotangents of
-        row_cache (one tensor each per row_cache tensor): `summed`'s added over every row (one per
-        param), and `per_row`'s kept per row (rows x the param's shape, row order). Each prompt's
-        forward is differentiated once for its rows' sum and each of its rows: a batched backward."""
+        """The gradients of `params` through the prompts' forwards: their sum over every row (one
+        tensor per param), and each row's own (rows x the param's shape, row order). `summed` and
+        `per_row` are two cotangents of row_cache, one tensor per row_cache tensor, the first
+        added over the rows and the second kept per row. Each prompt's forward is differentiated
+        once for its rows' sum and each of its rows: one batched backward."""
         total = [torch.zeros_like(p) for p in params]
         rows_grads = [p.new_zeros((len(self.of_row), *p.shape)) for p in params]
         for j, cache in enumerate(self.prompt_caches):
             rows = [i for i, k in enumerate(self.of_row) if k == j]
-            columns = [torch.cat([s[rows].sum(0, keepdim=True)[None], r[rows][:, None]])
-                       for s, r in zip(summed, per_row)]
-            grads = torch.autograd.grad(cache, params, columns, is_grads_batched=True, allow_unused=True)
+            # a cache tensor no param reaches (adapters only past that layer's keys and values) has no graph
+            reached = [n for n, t in enumerate(cache or []) if t.requires_grad]
+            if not reached:
+                continue
+            columns = [torch.cat([summed[n][rows].sum(0, keepdim=True)[None], per_row[n][rows][:, None]])
+                       [..., -cache[n].shape[2]:, :] for n in reached]  # the prompt's own columns, not the pads
+            grads = torch.autograd.grad([cache[n] for n in reached], params, columns, is_grads_batched=True,
+                                        allow_unused=True)
             for p, g in enumerate(grads):
                 if g is not None:  # a param the prompt never reached (the last layer past its keys and values)
                     total[p] += g[0]
@@ -461,6 +477,13 @@ def _modules(*linears):
     return lambda x: torch.cat([linear(x) for linear in linears], dim=-1)
 
 
+# Devices on which a decoded token's attention folds each kv head's query heads into query rows of
+# that head, so SDPA is asked no GQA: on CUDA a mask with GQA leaves only the math kernel, which
+# copies the keys and values per query head (not measured here: no GPU). On CPU GQA is faster:
+# 163 vs 203 us at 32 rows of 300 keys.
+_FOLD_ONE_QUERY_ON = ("cuda",)
+
+
 class _Qwen3Forward:
     """Qwen3's decoder as sampling and scoring run it: the formulas of transformers' Qwen3 forward
     over a KV cache held here, without the work that forward does on every call (mask and cache
@@ -529,9 +552,12 @@ class _Qwen3Forward:
                 if keep is None:
                     break
                 x, qk, bias, causal = x[:, keep], qk[:, :, keep], bias[:, :, keep], False
-            o = F.scaled_dot_product_attention(qk[:, :heads], keys, values, attn_mask=None if causal else bias,
-                                               is_causal=causal, scale=layer.self_attn.scaling, enable_gqa=True)
-            x = x + self.out[i][0](o.transpose(1, 2).reshape(rows, x.shape[1], -1))
+            q = qk[:, :heads]
+            if q.shape[2] == 1 and x.device.type in _FOLD_ONE_QUERY_ON:
+                q = q.reshape(rows, kv_heads, -1, head_dim)  # each kv head's query heads as its query rows
+            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=None if causal else bias, is_causal=causal,
+                                               scale=layer.self_attn.scaling, enable_gqa=q.shape[1] != kv_heads)
+            x = x + self.out[i][0](o.reshape(rows, heads, -1, head_dim).transpose(1, 2).reshape(rows, x.shape[1], -1))
             gate, up = self.gate_up[i](_rms(x, layer.post_attention_layernorm)).chunk(2, dim=-1)
             x = x + self.out[i][1](layer.mlp.act_fn(gate) * up)
         self.length = end
