@@ -50,7 +50,7 @@ smoke-both:
 organism-build *args:
     python -m projected_grpo.organism build {{args}}
 
-# the organism study on 2 CPU cores: every arm over 3 seeds, then the tables and plots (about an hour)
+# the organism study on 2 CPU cores: every arm over 3 seeds, then the tables and plots (about half an hour)
 organism *args:
     python -m projected_grpo.sweep organism --arms none,erase,route,erase:random,erase:nonhack,screen --seeds 1,2,3 --jobs 2 {{args}}
     python -m projected_grpo.plots out/sweeps/organism
@@ -126,6 +126,11 @@ bench-peer *args:
 # speed and memory figures as ratios (out/bench.json); --large-vocab, --device cuda
 bench *args:
     python -m projected_grpo.bench {{args}}
+
+# the organism step taking turns with an older commit's code, seeds 1-3 (under "vs" in out/bench.json);
+# the default is main before the step was halved; --seeds, --steps
+bench-vs commit="4851086" *args:
+    python -m projected_grpo.bench --vs {{commit}} {{args}}
 
 # style and obvious bugs
 lint:

@@ -39,3 +39,31 @@ def test_bench_and_bench_peer_share_one_record_each_keeping_the_others_keys(tmp_
     open(path, "w").write("{cut")
     with pytest.raises(SystemExit, match=r"bench\.json: not JSON"):
         bench.update_record(path, {"figures": {}})
+
+
+_FAKE_TRAIN = """
+import json, os, sys
+args = dict(a[2:].split("=", 1) for a in sys.argv[2:])
+run = os.path.join(args["out_dir"], args["run_name"])
+os.makedirs(run)
+with open(os.path.join(run, "metrics.jsonl"), "w") as f:
+    for _ in range(int(args["steps"])):
+        f.write(json.dumps({"step_seconds": 2.0, "completion_tokens": 7, "t_generate": 0.5, "t_grade": 0.1,
+                            "t_score": 1.0, "t_project": 0.2, "t_optimizer": 0.2}) + "\\n")
+"""
+
+
+def test_a_step_split_runs_the_package_it_is_pointed_at(tmp_path):
+    # What --vs relies on: the older commit's code, not this checkout's installed package, trains.
+    package = tmp_path / "src" / "projected_grpo"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "train.py").write_text(_FAKE_TRAIN)
+    split = bench.step_split("organism", 4, "--seed=1", src=str(tmp_path / "src"))
+    assert split["step_s"] == 2.0 and split["completion_tokens"] == 7
+    assert split["split_generate"] == 0.25 and split["split_score"] == 0.5
+
+
+def test_taking_turns_with_a_commit_git_cannot_read_names_it():
+    with pytest.raises(SystemExit, match="--vs no-such-commit: git cannot read it"):
+        bench.turns_case("no-such-commit", [1], 4)

@@ -1,4 +1,5 @@
-"""The benchmark: `just bench` (python -m projected_grpo.bench [--large-vocab] [--device cuda]).
+"""The benchmark: `just bench` (python -m projected_grpo.bench [--large-vocab] [--device cuda]), or
+the organism step taking turns with an older commit's (`--vs COMMIT`).
 
 Every figure is a ratio of two cases measured side by side in one process, each the
 median of several runs after a warm-up: absolute seconds differ between machines,
@@ -174,18 +175,45 @@ def grading_case(repeats) -> dict:
             "landlock_abi": sandbox.run("pass").landlock_abi}
 
 
-def step_split(preset: str, steps: int, *args: str) -> dict[str, float]:
-    """Train `preset` for `steps` in a scratch dir; the mean step time, each part's share of it and
-    the mean completion length, past two warm-up steps."""
+def step_split(preset: str, steps: int, *args: str, src: str | None = None) -> dict[str, float]:
+    """Train `preset` for `steps` in a scratch dir (with the package found in `src`, if given,
+    instead of this one); the mean step time, each part's share of it and the mean completion
+    length, past two warm-up steps."""
+    env = {**os.environ, "PROJECTED_GRPO_CACHE": os.path.abspath("out/cache")}
+    if src:
+        env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [os.environ.get("PYTHONPATH")])])
     with tempfile.TemporaryDirectory() as scratch:
         cmd = [sys.executable, "-m", "projected_grpo.train", preset, f"--steps={steps}", "--run_name=bench",
                f"--out_dir={scratch}/runs", *args]
-        subprocess.run(cmd, check=True, capture_output=True,
-                       env={**os.environ, "PROJECTED_GRPO_CACHE": os.path.abspath("out/cache")})
+        subprocess.run(cmd, check=True, capture_output=True, env=env)
         rows = [json.loads(line) for line in open(f"{scratch}/runs/bench/metrics.jsonl")][2:]
     return {"step_s": sum(r["step_seconds"] for r in rows) / len(rows),
             "completion_tokens": sum(r["completion_tokens"] for r in rows) / len(rows),
             **{f"split_{part}": share for part, share in split_of(rows).items()}}
+
+
+def turns_case(commit: str, seeds: list[int], steps: int, preset: str = "organism") -> dict[str, float]:
+    """`preset`'s vanilla step on this code against `commit`'s, taking turns seed by seed (the
+    same steps of the same schedule, alone, each run in its own process): per seed each code's
+    mean step and its generate / score seconds, and the ratio now / then; the ratios' geometric
+    mean over the seeds."""
+    with tempfile.TemporaryDirectory() as then:
+        archive = subprocess.run(["git", "archive", commit, "src"], capture_output=True)
+        if archive.returncode:
+            raise SystemExit(f"--vs {commit}: git cannot read it from this checkout "
+                             f"({archive.stderr.decode().strip()})")
+        subprocess.run(["tar", "-x", "-C", then], input=archive.stdout, check=True)
+        out, ratios = {}, []
+        for seed in seeds:
+            for code, src in (("then", f"{then}/src"), ("now", None)):
+                split = step_split(preset, steps, "--intervention=none", f"--seed={seed}", "--eval_prompts=6",
+                                   "--eval_samples=1", src=src)
+                out |= {f"s{seed}_{code}_step_s": split["step_s"],
+                        **{f"s{seed}_{code}_{part}_s": split["step_s"] * split[f"split_{part}"]
+                           for part in ("generate", "score")}}
+            ratios.append(out[f"s{seed}_now_step_s"] / out[f"s{seed}_then_step_s"])
+            out[f"s{seed}_now_over_then"] = ratios[-1]
+    return out | {"now_over_then": statistics.geometric_mean(ratios)}
 
 
 def split_of(rows: list[dict]) -> dict[str, float]:
@@ -363,7 +391,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="model shape (default: cpu on CPU, 0.6b on a GPU)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="out/bench.json")
+    parser.add_argument("--vs", metavar="COMMIT", help="instead of the cases: the organism step, taking turns "
+                        "with COMMIT's code (alone, vanilla, --seeds, --steps)")
+    parser.add_argument("--seeds", default="1,2,3", help="--vs: the seeds, comma-separated")
+    parser.add_argument("--steps", type=int, default=30, help="--vs: steps of each run (the 200-step schedule's first)")
     args = parser.parse_args(argv)
+    if args.vs:
+        return vs_main(args)
     size = args.size or ("0.6b" if args.device.startswith("cuda") else "cpu")
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     vocab = LARGE_VOCAB if args.large_vocab else 8192
@@ -400,6 +434,25 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(lines))
     update_record(args.out, {"machine": machine, "figures": figures,
                              "verdicts": {k: verdict(k, figures[k]) for k in TARGETS}})
+    return 0
+
+
+def vs_main(args) -> int:
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if args.steps < 4:
+        raise SystemExit(f"--steps={args.steps}: at least 4 (the first two are warm-up)")
+    print(f"bench: the organism step, taking turns with {args.vs} ...", file=sys.stderr, flush=True)
+    figures = turns_case(args.vs, seeds, args.steps)
+    lines = [f"organism step (s, mean past 2 warm-up steps of {args.steps}), {args.vs} and now taking turns:", "",
+             f"| seed | {args.vs}: step / generate / score | now: step / generate / score | now / then |",
+             "|---|---|---|---|"]
+    for seed in seeds:
+        cells = [" / ".join(f"{figures[f's{seed}_{code}_{part}_s']:.3f}" for part in ("step", "generate", "score"))
+                 for code in ("then", "now")]
+        lines.append(f"| {seed} | {cells[0]} | {cells[1]} | {figures[f's{seed}_now_over_then']:.2f} |")
+    lines.append(f"| all | | | {figures['now_over_then']:.2f} (geometric mean) |")
+    print("\n".join(lines))
+    update_record(args.out, {"vs": {"commit": args.vs, "steps": args.steps, "figures": figures}})
     return 0
 
 
