@@ -128,8 +128,8 @@ bench *args:
     python -m projected_grpo.bench {{args}}
 
 # the organism step taking turns with an older commit's code, seeds 1-3 (under "vs" in out/bench.json);
-# the default is main before the step was halved; --seeds, --steps
-bench-vs commit="4851086" *args:
+# 4851086 is the baseline of the speed-up in docs/performance.md; --seeds, --steps
+bench-vs commit *args:
     python -m projected_grpo.bench --vs {{commit}} {{args}}
 
 # style and obvious bugs

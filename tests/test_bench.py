@@ -2,6 +2,7 @@
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,6 +65,24 @@ def test_a_step_split_runs_the_package_it_is_pointed_at(tmp_path):
     assert split["split_generate"] == 0.25 and split["split_score"] == 0.5
 
 
+def test_taking_turns_runs_each_seed_on_both_codes_in_alternating_order(monkeypatch):
+    runs = []
+
+    def fake_split(preset, steps, *args, src=None):
+        runs.append((args[1], "then" if src else "now"))
+        assert src is None or (Path(src) / "projected_grpo" / "bench.py").is_file()  # the commit's package
+        return {"step_s": 2.0 if src else 1.0, "split_generate": 0.25, "split_score": 0.5}
+
+    monkeypatch.setattr(bench, "step_split", fake_split)
+    figures = bench.turns_case("HEAD", [1, 2, 3], 4)
+    assert runs == [("--seed=1", "then"), ("--seed=1", "now"), ("--seed=2", "now"), ("--seed=2", "then"),
+                    ("--seed=3", "then"), ("--seed=3", "now")]
+    assert figures["s2_then_step_s"] == 2.0 and figures["s2_now_generate_s"] == 0.25
+    assert figures["s3_now_over_then"] == 0.5 and figures["now_over_then"] == pytest.approx(0.5)
+
+
 def test_taking_turns_with_a_commit_git_cannot_read_names_it():
-    with pytest.raises(SystemExit, match="--vs no-such-commit: git cannot read it"):
+    with pytest.raises(SystemExit, match="--vs no-such-commit: git cannot read"):
         bench.turns_case("no-such-commit", [1], 4)
+    with pytest.raises(SystemExit, match="--seeds=1,x: comma-separated integers"):
+        bench.main(["--vs", "HEAD", "--seeds", "1,x"])

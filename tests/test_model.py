@@ -207,7 +207,8 @@ def _prompt_first_gradients(scored: model_mod.PromptFirst, weights: torch.Tensor
 
 
 @pytest.mark.parametrize("forward, targets", [("qwen3", "default"), ("transformers", "default"),
-                                              ("qwen3", ("up_proj", "down_proj"))])
+                                              ("qwen3", ("up_proj", "down_proj")),
+                                              ("transformers", ("up_proj", "down_proj"))])
 def test_a_prompt_run_once_scores_and_differentiates_as_whole_rows(tiny, forward, targets, monkeypatch):
     from projected_grpo import adapter
 
@@ -364,8 +365,10 @@ def test_the_qwen3_decoder_samples_what_transformers_forward_samples(tiny, monke
     from projected_grpo import adapter
 
     model, tokenizer = tiny
-    if fold:  # a decoded token's query heads folded per kv head, as on CUDA
+    if fold:  # a decoded token's query heads folded per kv head, as on CUDA; 4 query heads a kv head, so
+        # that a fold grouping heads by kv_heads instead would not pass by chance (tiny-random has 2 and 2)
         monkeypatch.setattr(model_mod, "_FOLD_ONE_QUERY_ON", ("cpu",))
+        model = model_mod.tiny_qwen3(tokenizer, 0, heads=8, kv_heads=2).eval()
     wrappers = adapter.wrap(model, cache_dir=None)
     torch.manual_seed(0)
     for layer in wrappers.values():  # knobs away from zero: the merged weights differ from W

@@ -194,18 +194,22 @@ def step_split(preset: str, steps: int, *args: str, src: str | None = None) -> d
 
 def turns_case(commit: str, seeds: list[int], steps: int, preset: str = "organism") -> dict[str, float]:
     """`preset`'s vanilla step on this code against `commit`'s, taking turns seed by seed (the
-    same steps of the same schedule, alone, each run in its own process): per seed each code's
-    mean step and its generate / score seconds, and the ratio now / then; the ratios' geometric
-    mean over the seeds."""
+    same `steps`-step run, alone, each in its own process; the order flips from seed to seed so
+    drift in the machine's load does not favour one code): per seed each code's mean step and
+    its generate / score seconds, and the ratio now / then; the ratios' geometric mean."""
     with tempfile.TemporaryDirectory() as then:
-        archive = subprocess.run(["git", "archive", commit, "src"], capture_output=True)
+        # `COMMIT:src` names the package's folder from the top of the repository, wherever this runs
+        archive = subprocess.run(["git", "archive", f"{commit}:src"], capture_output=True)
         if archive.returncode:
-            raise SystemExit(f"--vs {commit}: git cannot read it from this checkout "
+            raise SystemExit(f"--vs {commit}: git cannot read its src/ from this checkout "
                              f"({archive.stderr.decode().strip()})")
         subprocess.run(["tar", "-x", "-C", then], input=archive.stdout, check=True)
+        if not os.path.isdir(os.path.join(then, "projected_grpo")):
+            raise SystemExit(f"--vs {commit}: its src/ holds no projected_grpo package")
         out, ratios = {}, []
-        for seed in seeds:
-            for code, src in (("then", f"{then}/src"), ("now", None)):
+        for n, seed in enumerate(seeds):
+            codes = [("then", then), ("now", None)]
+            for code, src in codes[::-1] if n % 2 else codes:
                 split = step_split(preset, steps, "--intervention=none", f"--seed={seed}", "--eval_prompts=6",
                                    "--eval_samples=1", src=src)
                 out |= {f"s{seed}_{code}_step_s": split["step_s"],
@@ -392,9 +396,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="out/bench.json")
     parser.add_argument("--vs", metavar="COMMIT", help="instead of the cases: the organism step, taking turns "
-                        "with COMMIT's code (alone, vanilla, --seeds, --steps)")
+                        "with COMMIT's code (alone, vanilla, --seeds, --steps; the other flags do not apply)")
     parser.add_argument("--seeds", default="1,2,3", help="--vs: the seeds, comma-separated")
-    parser.add_argument("--steps", type=int, default=30, help="--vs: steps of each run (the 200-step schedule's first)")
+    parser.add_argument("--steps", type=int, default=30,
+                        help="--vs: each run's steps (the preset's schedule fitted to them, the same for both codes)")
     args = parser.parse_args(argv)
     if args.vs:
         return vs_main(args)
@@ -438,7 +443,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def vs_main(args) -> int:
-    seeds = [int(s) for s in args.seeds.split(",")]
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        raise SystemExit(f"--seeds={args.seeds}: comma-separated integers") from None
     if args.steps < 4:
         raise SystemExit(f"--steps={args.steps}: at least 4 (the first two are warm-up)")
     print(f"bench: the organism step, taking turns with {args.vs} ...", file=sys.stderr, flush=True)
@@ -457,8 +465,8 @@ def vs_main(args) -> int:
 
 
 def update_record(path: str, entries: dict) -> None:
-    """Merge `entries` into the JSON record at `path`: `just bench` and `just bench-peer` share
-    out/bench.json, each replacing only its own keys."""
+    """Merge `entries` into the JSON record at `path`: `just bench`, `bench-vs` and `bench-peer`
+    share out/bench.json, each replacing only its own keys."""
     record = {}
     if os.path.exists(path):
         try:

@@ -244,9 +244,9 @@ class PromptFirst:
                 self.prompt_caches.append(None)
         width = prefix_mask.shape[1]
         some = next((c for c in self.prompt_caches if c is not None), [])
-        padded = [[F.pad(t, (0, 0, width - t.shape[2], 0)) for t in cache] if cache is not None
+        padded = [[F.pad(t.detach(), (0, 0, width - t.shape[2], 0)) for t in cache] if cache is not None
                   else [t.new_zeros((*t.shape[:2], width, t.shape[3])) for t in some] for cache in self.prompt_caches]
-        self.row_cache = [torch.cat(copies).detach().requires_grad_(torch.is_grad_enabled())
+        self.row_cache = [torch.cat(copies).requires_grad_(torch.is_grad_enabled())
                           for copies in zip(*(padded[j] for j in self.of_row))]
         suffixes = [p[-1:] + c for p, c in zip(prompts, completions)]
         suffix_ids = torch.full((len(suffixes), max(map(len, suffixes))), pad_id, dtype=torch.long)
@@ -477,10 +477,10 @@ def _modules(*linears):
     return lambda x: torch.cat([linear(x) for linear in linears], dim=-1)
 
 
-# Devices on which a decoded token's attention folds each kv head's query heads into query rows of
-# that head, so SDPA is asked no GQA: on CUDA a mask with GQA leaves only the math kernel, which
-# copies the keys and values per query head (not measured here: no GPU). On CPU GQA is faster:
-# 163 vs 203 us at 32 rows of 300 keys.
+# Devices on which a decoded token's attention (with a mask) folds each kv head's query heads into
+# query rows of that head, so SDPA is asked no GQA: on CUDA a mask with GQA leaves only the math
+# kernel, which copies the keys and values per query head (not measured here: no GPU). On CPU GQA
+# is faster: 163 us against the fold's 203 at 32 rows of 300 keys.
 _FOLD_ONE_QUERY_ON = ("cuda",)
 
 
@@ -553,7 +553,7 @@ class _Qwen3Forward:
                     break
                 x, qk, bias, causal = x[:, keep], qk[:, :, keep], bias[:, :, keep], False
             q = qk[:, :heads]
-            if q.shape[2] == 1 and x.device.type in _FOLD_ONE_QUERY_ON:
+            if q.shape[2] == 1 and not causal and x.device.type in _FOLD_ONE_QUERY_ON:
                 q = q.reshape(rows, kv_heads, -1, head_dim)  # each kv head's query heads as its query rows
             o = F.scaled_dot_product_attention(q, keys, values, attn_mask=None if causal else bias, is_causal=causal,
                                                scale=layer.self_attn.scaling, enable_gqa=q.shape[1] != kv_heads)
