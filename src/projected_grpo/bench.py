@@ -181,7 +181,7 @@ def step_split(preset: str, steps: int, *args: str, src: str | None = None) -> d
     length, past two warm-up steps."""
     env = {**os.environ, "PROJECTED_GRPO_CACHE": os.path.abspath("out/cache")}
     if src:
-        env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [os.environ.get("PYTHONPATH")])])
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))
     with tempfile.TemporaryDirectory() as scratch:
         cmd = [sys.executable, "-m", "projected_grpo.train", preset, f"--steps={steps}", "--run_name=bench",
                f"--out_dir={scratch}/runs", *args]

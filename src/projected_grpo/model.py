@@ -233,19 +233,19 @@ class PromptFirst:
         # Each prompt's forward runs over its own tokens, unpadded; its keys and values (rows, kv_heads,
         # length, d) are zero-padded on the left to the longest prefix where rows take copies (the
         # mask hides the pads). A one-token prompt has no prefix and no forward.
-        self.prompt_caches = []  # each distinct prompt's keys and values, in the graph of its forward (or None)
+        self.prompt_caches = []  # each distinct prompt's keys and values, in the graph of its forward ([]: none)
         for prefix in prefixes:
+            cache = []
             if prefix:
-                forward = _forward(model)
-                ones = torch.ones((1, len(prefix)), dtype=torch.long, device=device)
+                forward, ones = _forward(model), torch.ones((1, len(prefix)), dtype=torch.long, device=device)
                 forward.hidden(torch.tensor([prefix], device=device), ones, positions_of(ones), keep=None)
-                self.prompt_caches.append(forward.cache_tensors())
-            else:
-                self.prompt_caches.append(None)
+                cache = forward.cache_tensors()
+            self.prompt_caches.append(cache)
         width = prefix_mask.shape[1]
-        some = next((c for c in self.prompt_caches if c is not None), [])
-        padded = [[F.pad(t.detach(), (0, 0, width - t.shape[2], 0)) for t in cache] if cache is not None
-                  else [t.new_zeros((*t.shape[:2], width, t.shape[3])) for t in some] for cache in self.prompt_caches]
+        like = next((c for c in self.prompt_caches if c), [])
+        empty = [t[:, :, :0] for t in like]  # a one-token prompt's keys and values: none, padded to zeros
+        padded = [[F.pad(t.detach(), (0, 0, width - t.shape[2], 0)) for t in (cache or empty)]
+                  for cache in self.prompt_caches]
         self.row_cache = [torch.cat(copies).requires_grad_(torch.is_grad_enabled())
                           for copies in zip(*(padded[j] for j in self.of_row))]
         suffixes = [p[-1:] + c for p, c in zip(prompts, completions)]
@@ -280,7 +280,7 @@ class PromptFirst:
         for j, cache in enumerate(self.prompt_caches):
             rows = [i for i, k in enumerate(self.of_row) if k == j]
             # a cache tensor no param reaches (adapters only past that layer's keys and values) has no graph
-            reached = [n for n, t in enumerate(cache or []) if t.requires_grad]
+            reached = [n for n, t in enumerate(cache) if t.requires_grad]
             if not reached:
                 continue
             columns = [torch.cat([summed[n][rows].sum(0, keepdim=True)[None], per_row[n][rows][:, None]])
