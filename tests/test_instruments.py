@@ -184,11 +184,12 @@ def test_the_update_path_works_under_the_smoothed_gate():
     V = torch.eye(3)[:2]
     before = {"a": torch.zeros(3)}
     layer = types.SimpleNamespace(delta_s=torch.nn.Parameter(torch.tensor([-1.0, -1.0, -1.0])))
-    # A step of -1 on every coordinate (descent +1: hack-ward on both rows); only row 0's trend is hack-ward.
-    projection.project_update(before, {"a": layer}, {"a": V}, "smoothed", trend={"a": torch.tensor([0.5, -0.5])})
+    # A step of -1 on every coordinate (descent +1: hack-ward on both rows); only row 0's trend V ḡ is hack-ward.
+    projection.project_update(before, {"a": layer}, {"a": V}, "smoothed",
+                              grad_mean={"a": torch.tensor([0.5, -0.5, 3.0])})
     torch.testing.assert_close(layer.delta_s.detach(), torch.tensor([0.0, -1.0, -1.0]))
     layer.delta_s.data.fill_(-1.0)
-    projection.project_update(before, {"a": layer}, {"a": V}, "smoothed", trend={})  # no trend: nothing acts
+    projection.project_update(before, {"a": layer}, {"a": V}, "smoothed", grad_mean={})  # no memory: nothing acts
     torch.testing.assert_close(layer.delta_s.detach(), torch.tensor([-1.0, -1.0, -1.0]))
     cfg = make_config("smoke", {"gate": "smoothed", "adam_leak": "update"})  # no longer refused
     assert cfg.gate == "smoothed"

@@ -90,3 +90,22 @@ def test_inoculation_is_in_training_prompts_only():
                for name, arm in interventions.REGISTRY.items() if name != "inoculate" for t in (True, False))
     custom = make_config("smoke", {"intervention": "inoculate", "inoculation_prompt": "Anything goes."})
     assert arm.messages(problem, custom, training=True)[0]["content"].endswith("\n\nAnything goes.")
+
+
+def test_arms_compose_where_no_two_replace_the_same_hook_and_carry_a_gate():
+    both = interventions.get("screen+erase")
+    assert both.name == "screen+erase" and both.uses_basis and not both.quarantine
+    assert both.advantages.__self__ is interventions.REGISTRY["screen"]
+    assert both.gradient.__self__ is both.update.__self__ is interventions.REGISTRY["erase"]
+    assert interventions.get("screen+route").quarantine
+    assert interventions.parse("screen+erase@no_gate:random") == ("screen+erase@no_gate", "random")
+    check = interventions.check(make_config("smoke", {"intervention": "screen+erase", "control": "random"}))
+    assert check.name == "screen+erase"
+    for text, message in (("erase+route", "erase and route both replace the gradient hook"),
+                          ("screen+penalty", "screen and penalty both replace the advantages hook"),
+                          ("erase+erase", "names an arm twice"), ("erase@sideways", "unknown gate 'sideways'"),
+                          ("screen+bogus", "unknown intervention 'bogus' in arm 'screen\\+bogus'")):
+        with pytest.raises(ConfigError, match=message):
+            interventions.parse(text)
+    with pytest.raises(ConfigError, match="--control: screen does not use the hack basis"):
+        interventions.check(make_config("smoke", {"intervention": "screen", "control": "random"}))

@@ -312,11 +312,11 @@ def test_trusted_keeps_a_gradient_inside_t_and_removes_one_orthogonal_to_it():
 def _drift(gate, signal, steps=400, seed=11):
     """Mean component along v of the projected gradient, over noisy steps g = signal * v + noise."""
     V = random_basis(3, 20, seed)
-    wrappers, trend, along = {"a": FakeLayer(20)}, {}, []
+    wrappers, grad_mean, along = {"a": FakeLayer(20)}, {}, []
     noise = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         wrappers["a"].delta_s.grad = signal * V[0] + torch.randn(20, generator=noise)
-        project_all(wrappers, {"a": V}, erase=True, gate=gate, trend=trend, trend_beta=0.9)
+        project_all(wrappers, {"a": V}, erase=True, gate=gate, grad_mean=grad_mean, gate_beta=0.9)
         along.append(float(wrappers["a"].delta_s.grad @ V[0]))
     return sum(along) / steps
 
@@ -332,12 +332,16 @@ def test_smoothed_gate_does_not_turn_noise_into_drift_and_still_removes_a_steady
         project(torch.randn(20), random_basis(3, 20), gate="smoothed")
 
 
-def test_smoothed_gate_keeps_a_trend_for_the_capacity_controls_quarantine_too():
-    wrappers, trend = make_layers(), {}
+def test_smoothed_gate_keeps_one_knob_space_mean_a_layer_that_serves_the_quarantine_rows_too():
+    # ḡ is the raw gradient's running mean, r floats a layer, kept for every layer with a gradient (b has no V
+    # yet); the capacity control's rows read their trend from the same ḡ.
     basis = {"a": random_basis(3, 20, 1)}
     R = random_like(basis, seed=2)
-    for _ in range(3):
-        wrappers = make_layers()
-        project_all(wrappers, basis, route=True, gate="smoothed", quarantine=R, trend=trend)
-    assert set(trend) == {"a", "a#quarantine"} and trend["a"].shape == trend["a#quarantine"].shape == (3,)
-    assert not torch.equal(trend["a"], trend["a#quarantine"])
+    grad_mean, raw = {}, []
+    for seed in range(3):
+        wrappers = make_layers(seed=seed)
+        raw.append({n: w.delta_s.grad.clone() for n, w in wrappers.items()})
+        project_all(wrappers, basis, route=True, gate="smoothed", quarantine=R, grad_mean=grad_mean, gate_beta=0.5)
+    assert set(grad_mean) == set(raw[0]) and grad_mean["a"].shape == (20,)
+    for n in grad_mean:
+        torch.testing.assert_close(grad_mean[n], 0.25 * raw[0][n] * 0.5 + 0.25 * raw[1][n] + 0.5 * raw[2][n])

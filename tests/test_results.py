@@ -6,6 +6,7 @@ import pytest
 
 from projected_grpo.results import (
     DEFAULT_HYPOTHESIS,
+    FIGURES,
     INCONCLUSIVE,
     MISSING,
     NOT_LOGGED,
@@ -15,7 +16,10 @@ from projected_grpo.results import (
     Claim,
     ResultsError,
     build_report,
+    held_out_run_mean,
     last_mean,
+    late_slope,
+    load_run,
     main,
     mean_interval,
     parse_hypothesis,
@@ -222,12 +226,49 @@ def test_cli_writes_out_file_and_fails_on_empty_root(tmp_path, capsys):
 
 
 def test_repeated_seed_counts_once_and_is_flagged(tmp_path):
-    # two vanilla runs on seed 0 that differ only outside the question key (the gate)
-    make_run(tmp_path, "van_a", hack=0.2, gate="one_sided")
-    make_run(tmp_path, "van_b", hack=0.4, gate="no_gate")
+    # two vanilla runs on seed 0 that differ only outside the question key and the arm (the learning rate)
+    make_run(tmp_path, "van_a", hack=0.2, lr=0.01)
+    make_run(tmp_path, "van_b", hack=0.4, lr=0.02)
     report = build_report(tmp_path)
     assert table_rows(report, "## preset=fast")["none"][:2] == ["1", "0.300 (n=1)"]
     assert "arm none at fast/tiny/mix_ratio=0.5/run_tests,sentinel has repeated seeds" in report
+
+
+def test_a_gate_other_than_the_presets_is_another_arm_that_a_claim_can_name(tmp_path):
+    # The fast preset's gate is Config's default (one_sided): written only when another gate ran.
+    for seed in (1, 2):
+        make_run(tmp_path, f"van{seed}", seed=seed, hack=0.5, gate="one_sided")
+        make_run(tmp_path, f"e{seed}", seed=seed, intervention="erase", hack=0.4, gate="one_sided")
+        make_run(tmp_path, f"n{seed}", seed=seed, intervention="erase", hack=0.1 * seed, gate="no_gate")
+        make_run(tmp_path, f"r{seed}", seed=seed, intervention="erase", control="random", hack=0.3, gate="no_gate")
+    hypothesis = parse_hypothesis({"name": "h", "claims": [
+        {"arm": "erase@no_gate", "vs": "erase@no_gate:random", "metric": "hack", "at_most": -0.05}]}, "h.json")
+    report = build_report(tmp_path, hypothesis)
+    rows = table_rows(report, "## preset=fast")
+    assert rows["erase"][1].startswith("0.400") and rows["erase@no_gate"][1].startswith("0.150")
+    assert "erase@no_gate:random" in rows
+    assert "Δhack(erase@no_gate - erase@no_gate:random) ≤ -0.050: -0.150 [" in report
+    with pytest.raises(ResultsError, match="unknown gate 'sideways'"):
+        parse_hypothesis({"name": "h", "claims": [{"arm": "erase@sideways", "vs": "none", "metric": "hack",
+                                                   "at_most": 0}]}, "h.json")
+
+
+def test_the_figures_table_gives_the_late_slope_the_held_out_mode_and_the_final_evaluation(tmp_path):
+    steps = 100
+    for seed, rise in ((1, 0.002), (2, 0.004)):  # hack_s rises by `rise` a step, on every step
+        hack = [0.1 + rise * i for i in range(steps)]
+        make_run(tmp_path, f"van{seed}", seed=seed, hack=hack, steps=steps,
+                 fields={"hack_s/exit_code": 0.25, "update_hackward": 0.3})
+        summary = json.loads((tmp_path / f"van{seed}" / "summary.json").read_text())
+        summary["eval"] = {"eval_deployed_hack": 0.1 * seed}
+        (tmp_path / f"van{seed}" / "summary.json").write_text(json.dumps(summary))
+    run = load_run(tmp_path / "van1")
+    assert late_slope(run) == pytest.approx(0.2) and held_out_run_mean(run) == pytest.approx(0.25)
+    row = table_rows(build_report(tmp_path), "and the final evaluation:")["none"]
+    cells = dict(zip(["n", *FIGURES], row))
+    assert cells["hack_late_slope"].startswith("0.300 [") and cells["heldout_run_mean"].startswith("0.250 [")
+    assert cells["update_hackward_run_mean"].startswith("0.300") and cells["null_run_mean"].startswith("0.100")
+    assert cells["eval_deployed_hack"].startswith("0.150 [") and cells["eval_kept_hack"] == MISSING
 
 
 # --- statistics
@@ -368,7 +409,7 @@ def test_hypothesis_file_replaces_the_default(tmp_path, capsys):
     ({"arm": "erase", "vs": "none", "metric": "hack"}, r"claims\[0\]: needs arm, vs, metric and exactly one"),
     ({"arm": "erase", "vs": "none", "metric": "hack", "at_most": -0.1, "within": 0.1}, r"exactly one"),
     ({"arm": "erase", "vs": "none", "metric": "hack", "at_most": "-0.1"}, r"at_most must be a number"),
-    ({"arm": "erase", "vs": "none", "metric": "reward", "at_most": -0.1}, r"metric 'reward' is not one of"),
+    ({"arm": "erase", "vs": "none", "metric": "loss", "at_most": -0.1}, r"metric 'loss' is not one of"),
     ({"arm": "erase:bogus", "vs": "none", "metric": "hack", "at_most": -0.1}, r"unknown control 'bogus' in arm"),
     ({"arm": "project", "vs": "none", "metric": "hack", "at_most": -0.1}, r"unknown intervention 'project' in arm"),
 ])

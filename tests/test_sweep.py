@@ -251,3 +251,13 @@ def test_a_real_sweep_runs_skips_when_done_and_results_reads_it(workdir, capsys)
     assert "0 to start, 0 to resume, 2 already complete" in capsys.readouterr().out
     assert (sweep_dir / "logs" / "smoke-none-s1.log").read_text().count("=== ") == 1
     assert "2 complete runs, 0 incomplete" in build_report(sweep_dir)
+
+
+def test_an_arm_with_a_gate_runs_under_it_and_is_named_for_it(tmp_path):
+    runs = sweep.expand_grid("organism", sweep.parse_arms("erase@no_gate:random,screen+erase"), [1], None, {},
+                             tmp_path)
+    assert [r.name for r in runs] == ["organism-erase@no_gate-random-s1", "organism-screen+erase-s1"]
+    assert runs[0].overrides["gate"] == "no_gate" and runs[0].overrides["intervention"] == "erase"
+    assert "gate" not in runs[1].overrides and runs[1].overrides["intervention"] == "screen+erase"
+    with pytest.raises(sweep.SweepError, match="give a run's gate once"):
+        sweep.expand_grid("organism", sweep.parse_arms("erase@no_gate"), [1], None, {"gate": "smoothed"}, tmp_path)

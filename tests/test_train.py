@@ -539,3 +539,32 @@ def test_inoculation_reaches_every_student_training_prompt_and_no_other(workdir,
     carries = [[DEFAULT_INOCULATION in t for t in texts] for texts in sampled]
     assert [all(c) for c in carries] == [True, False, False, True, False, False]
     assert [any(c) for c in carries] == [True, False, False, True, False, False]
+
+
+class _Zeroed(interventions.Intervention):
+    """A second arm that exists only in this test: it zeroes every knob gradient after measuring it."""
+    name = "zeroed"
+
+    def gradient(self, run):
+        stats = super().gradient(run)
+        for layer in run.wrappers.values():
+            layer.delta_s.grad.zero_()
+        return stats
+
+
+def test_two_arms_registered_at_run_time_compose_and_both_act(workdir, monkeypatch, capsys):
+    monkeypatch.setattr(interventions, "REGISTRY", dict(interventions.REGISTRY))
+    halved = interventions.register(_Recorded())
+    interventions.register(_Zeroed())
+    with pytest.raises(ConfigError, match="halved and zeroed both replace the gradient hook"):
+        train.run(_cfg(intervention="halved+zeroed", run_name="clash", steps=1))
+    monkeypatch.setattr(_Recorded, "gradient", interventions.Intervention.gradient)  # now only zeroed replaces it
+    summary = train.run(_cfg(intervention="halved+zeroed", steps=2))
+    assert summary["run_name"] == "smoke-halved+zeroed-s0" and summary["intervention"] == "halved+zeroed"
+    assert [c for c in halved.calls if c[0] != "messages"] == [("advantages",), ("update",)] * 2  # halved acted
+    rows = _rows(workdir / "out/runs/smoke-halved+zeroed-s0")
+    assert all(r["cin"] > 0 and r["grad_norm"] == 0 and r["dS_norm"] == 0 for r in rows)  # and so did zeroed
+    capsys.readouterr()
+    assert train.main(["smoke", "--intervention=erase+trusted", "--run_name=x"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: --intervention: erase+trusted cannot compose: erase and "
+                                               "trusted both replace the gradient hook")

@@ -54,17 +54,17 @@ class Run:
     workers: int | None  # parallel graders
     basis: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # the usable V per layer
     quarantine: dict[str, torch.Tensor] | None = None  # the capacity control's random rows for delta_s_hack
-    trend: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # the smoothed gate's running means
+    grad_mean: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # the smoothed gate's memory, ḡ:
+    # each layer's running mean of the raw knob gradient, in knob space, so no new V changes it
     live: list[tuple[int, dict]] = dataclasses.field(default_factory=list)  # pairs=live: (step, per-layer
     # difference of a group's flagged and unflagged log-likelihood gradients), the last live_window steps'
     notes: dict = dataclasses.field(default_factory=dict)  # what the summary reports of V's making
 
-    def set_basis(self, basis: dict[str, torch.Tensor], trend: dict[str, torch.Tensor] | None = None) -> None:
-        """A new V, and what depends on it: the capacity control's rows, and the smoothed gate's running
-        means, which mean nothing for new rows (`trend` is a checkpoint's, kept with its basis)."""
+    def set_basis(self, basis: dict[str, torch.Tensor]) -> None:
+        """A new V, and the capacity control's rows drawn for its shapes. The smoothed gate's memory
+        is in knob space and stays as it is: its trend is V ḡ for whatever V is current."""
         self.basis = on_device(basis, self.cfg.device)
         self.quarantine = quarantine_basis(self.cfg, self.basis)
-        self.trend = on_device(trend or {}, self.cfg.device)
 
 
 # ----------------------------------------------------------------------------- problems, pool, pairs
@@ -408,7 +408,8 @@ def assemble(cfg: Config, world: World, model_path: str, train, held_out,
               workers, notes=notes)
     if checkpoint is not None:
         state = checkpoints.load(checkpoint, wrappers, optimizer, scheduler)
-        run.set_basis(state["basis"], state.get("trend", {}))
+        run.set_basis(state["basis"])
+        run.grad_mean = on_device(state["grad_mean"], cfg.device)
         run.live = state.get("live", [])
         run.notes.update(state.get("notes", {}))
         return run, state

@@ -2,7 +2,7 @@
 
 A run's checkpoints are RUN_DIR/checkpoints/step_NNNNNN/, each holding knobs.safetensors
 (delta_s and delta_s_hack per layer) and state.pt (optimizer, scheduler, RNG, the basis,
-the smoothed gate's trend and the metrics rows up to that step). A directory ending in
+the smoothed gate's memory ḡ and the metrics rows up to that step). A directory ending in
 `.tmp` is a write in progress and one ending in `.old` the copy it replaces: neither is a
 checkpoint.
 """
@@ -44,14 +44,15 @@ def _rng_state() -> tuple:
     return torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
 
 
-def training_state(wrappers, optimizer, scheduler, basis: dict, trend: dict, live: list, notes: dict) -> dict:
+def training_state(wrappers, optimizer, scheduler, basis: dict, grad_mean: dict, live: list, notes: dict) -> dict:
     """A copy of everything a checkpoint holds, taken now: knobs, optimizer, scheduler, RNG, basis, the
-    smoothed gate's trend, (pairs=live) the buffered differences V is rebuilt from, and the notes the
+    smoothed gate's memory ḡ, (pairs=live) the buffered differences V is rebuilt from, and the notes the
     summary gives of V (Run.notes). Knobs and their Adam moments are small (r per layer), so taking one
     before every step is cheap."""
     return {"knobs": adapter.knob_state(wrappers), "optimizer": copy.deepcopy(optimizer.state_dict()),
             "scheduler": copy.deepcopy(scheduler.state_dict()), "rng": _rng_state(), "basis": basis,
-            "trend": {n: t.clone() for n, t in trend.items()}, "live": list(live), "notes": copy.deepcopy(notes)}
+            "grad_mean": {n: t.clone() for n, t in grad_mean.items()}, "live": list(live),
+            "notes": copy.deepcopy(notes)}
 
 
 def save(run_dir: Path, step: int, state: dict, rows: list[dict]) -> Path:
@@ -65,7 +66,7 @@ def save(run_dir: Path, step: int, state: dict, rows: list[dict]) -> Path:
     adapter.save_tensors(state["knobs"], tmp / "knobs.safetensors")
     torch.save({"step": step, "optimizer": state["optimizer"], "scheduler": state["scheduler"],
                 "torch_rng": cpu_rng, "cuda_rng": cuda_rng, "basis": {n: v.cpu() for n, v in state["basis"].items()},
-                "trend": {n: t.cpu() for n, t in state["trend"].items()}, "live": state["live"],
+                "grad_mean": {n: t.cpu() for n, t in state["grad_mean"].items()}, "live": state["live"],
                 "notes": state["notes"],
                 "rows": [r for r in rows if r["step"] <= step]}, tmp / "state.pt")
     for path in tmp.iterdir():
@@ -81,7 +82,7 @@ def save(run_dir: Path, step: int, state: dict, rows: list[dict]) -> Path:
 
 def load(checkpoint: Path, wrappers, optimizer, scheduler) -> dict:
     """Knobs, optimizer, scheduler and the RNG from a checkpoint; returns its state (step, rows, basis,
-    trend, live, notes)."""
+    grad_mean, live, notes)."""
     try:
         adapter.load_knobs(wrappers, checkpoint / "knobs.safetensors")
         state = torch.load(checkpoint / "state.pt", weights_only=False, map_location="cpu")
@@ -93,4 +94,9 @@ def load(checkpoint: Path, wrappers, optimizer, scheduler) -> dict:
     except (OSError, EOFError, KeyError, TypeError, ValueError, RuntimeError, pickle.UnpicklingError) as e:
         raise ConfigError(f"--resume: checkpoint {checkpoint} cannot be loaded ({e}); delete it to resume from "
                           f"the one before, or start the run again") from None
+    if "grad_mean" not in state:
+        # Its gate kept its memory in V's coordinates, cleared at each refresh: another method, not resumable here.
+        raise ConfigError(f"--resume: checkpoint {checkpoint} was written before the smoothed gate kept its memory "
+                          f"in knob space (it has no grad_mean); finish the run with the version that started it, "
+                          f"or start it again")
     return state

@@ -259,16 +259,26 @@ def run_name(preset: str, intervention: str, control: str, seed: int, left_out: 
 
 
 def arm_name(intervention: str, control: str) -> str:
-    """How an arm is written everywhere (sweep, tables, hypothesis files): intervention[:control]."""
+    """How an arm is written everywhere (sweep, tables, hypothesis files): intervention[@gate][:control], the
+    gate written only where it is not the preset's (split_gate)."""
     return intervention if control == "none" else f"{intervention}:{control}"
 
 
+def split_gate(intervention: str) -> tuple[str, str | None]:
+    """`erase@no_gate` -> ("erase", "no_gate"); `erase` -> ("erase", None): the preset's gate. A gate is a
+    factor that can change a study's answer, so an arm run under another gate is another arm."""
+    name, at, gate = intervention.partition("@")
+    if at and gate not in GATES:
+        raise ConfigError(f"unknown gate {gate!r} in arm {intervention!r}; allowed: {', '.join(GATES)}")
+    return name, gate or None
+
+
 def parse_arm(text: str) -> tuple[str, str]:
-    """arm_name's inverse, the control checked (controls are the basis's, config's to know);
+    """arm_name's inverse, the control and gate checked (controls are the basis's, config's to know);
     interventions.parse checks the intervention against the registry too."""
     intervention, _, control = text.partition(":")
     control = control or "none"
-    if not intervention:
+    if not split_gate(intervention)[0]:
         raise ConfigError(f"arm {text!r} names no intervention")
     if control not in CONTROLS:
         raise ConfigError(f"unknown control {control!r} in arm {text!r}; allowed: {', '.join(CONTROLS)}")

@@ -15,14 +15,20 @@ subclass here passed to `register`, its tests and a line in docs/experiments.md.
 
 Controls (random, shuffled, nonhack, capacity) are a property of the basis, not an arm: they
 replace V for an arm that uses it and are written `arm:control` (config.arm_name).
+
+Arms compose: `screen+erase` is one run with screen's advantages and erase's gradient and update.
+Each hook is the one part's that replaces it (the default where none does), so two parts that both
+replace the same hook (erase+trusted: both rewrite the gradient) cannot compose.
 """
 
 from __future__ import annotations
 
 from . import projection
-from .config import Config, ConfigError, parse_arm
+from .config import Config, ConfigError, parse_arm, split_gate
 from .grpo import Rollout, detected, group_advantages
 from .problems import Problem
+
+HOOKS = ("messages", "advantages", "gradient", "update")  # in the order a step calls them
 
 
 class Intervention:
@@ -48,30 +54,65 @@ class Intervention:
         """Act on the knobs after the optimizer step; `before` holds each delta_s before it."""
 
 
+def replaced_hooks(arm: Intervention) -> list[str]:
+    """The hooks an arm's class replaces (the rest are Intervention's defaults)."""
+    return [hook for hook in HOOKS if getattr(type(arm), hook) is not getattr(Intervention, hook)]
+
+
+class Composite(Intervention):
+    """Registered arms in one run (`screen+erase`): each hook is its part's that replaces it, the
+    default where none does; a flag is set when any part sets it."""
+
+    def __init__(self, parts: list[Intervention]):
+        self.name = "+".join(part.name for part in parts)
+        self.uses_basis = any(part.uses_basis for part in parts)
+        self.quarantine = any(part.quarantine for part in parts)
+        self.trusted_subspace = any(part.trusted_subspace for part in parts)
+        owners: dict[str, Intervention] = {}
+        for part in parts:
+            for hook in replaced_hooks(part):
+                if hook in owners:
+                    raise ConfigError(f"--intervention: {self.name} cannot compose: {owners[hook].name} and "
+                                      f"{part.name} both replace the {hook} hook")
+                owners[hook] = part
+                setattr(self, hook, getattr(part, hook))
+
+
 REGISTRY: dict[str, Intervention] = {}
 
 
 def register(intervention: Intervention) -> Intervention:
-    if not intervention.name or ":" in intervention.name:
-        raise ValueError(f"an intervention needs a name without ':' (that separates a control), "
-                         f"got {intervention.name!r}")
+    if not intervention.name or any(c in intervention.name for c in ":+@"):
+        raise ValueError(f"an intervention needs a name without ':', '+' or '@' (they separate a control, the parts "
+                         f"of a composite and a gate), got {intervention.name!r}")
     REGISTRY[intervention.name] = intervention
     return intervention
 
 
 def get(name: str) -> Intervention:
-    if name not in REGISTRY:
-        raise ConfigError(f"--intervention: {name!r} is not one of {', '.join(REGISTRY)} (the registered "
-                          f"interventions)")
-    return REGISTRY[name]
+    """A registered arm, or a composite of registered arms (`screen+erase`)."""
+    names = name.split("+")
+    for part in names:
+        if part not in REGISTRY:
+            joined = f"; {name!r} joins them with '+'" if len(names) > 1 else ""
+            raise ConfigError(f"--intervention: {part!r} is not one of {', '.join(REGISTRY)} (the registered "
+                              f"interventions{joined})")
+    if len(names) == 1:
+        return REGISTRY[name]
+    if len(set(names)) < len(names):
+        raise ConfigError(f"--intervention: {name!r} names an arm twice")
+    return Composite([REGISTRY[n] for n in names])
 
 
 def parse(text: str) -> tuple[str, str]:
-    """An arm's text (`intervention[:control]`) checked against the registry and config's controls."""
+    """An arm's text (`intervention[@gate][:control]`) checked against the registry and config's controls
+    and gates; a composite's parts must compose."""
     intervention, control = parse_arm(text)
-    if intervention not in REGISTRY:
-        raise ConfigError(f"unknown intervention {intervention!r} in arm {text!r}; registered: "
-                          f"{', '.join(REGISTRY)}")
+    name = split_gate(intervention)[0]
+    for part in name.split("+"):
+        if part not in REGISTRY:
+            raise ConfigError(f"unknown intervention {part!r} in arm {text!r}; registered: {', '.join(REGISTRY)}")
+    get(name)
     return intervention, control
 
 
@@ -94,7 +135,7 @@ def _project_all(run, erase: bool = False, route: bool = False) -> dict:
     cfg = run.cfg
     return projection.project_all(run.wrappers, run.basis, erase=erase, route=route, gate=cfg.gate,
                                   overshoot=cfg.overshoot, preserve_magnitude=cfg.preserve_magnitude,
-                                  quarantine=run.quarantine, trend=run.trend, trend_beta=cfg.gate_beta)
+                                  quarantine=run.quarantine, grad_mean=run.grad_mean, gate_beta=cfg.gate_beta)
 
 
 # ----------------------------------------------------------------------------- the arms
@@ -119,7 +160,8 @@ class Erase(Intervention):
 
     def update(self, run, before: dict) -> None:
         if run.cfg.adam_leak == "update":
-            projection.project_update(before, run.wrappers, run.basis, run.cfg.gate, run.cfg.overshoot, run.trend)
+            projection.project_update(before, run.wrappers, run.basis, run.cfg.gate, run.cfg.overshoot,
+                                      run.grad_mean)
 
 
 class Route(Erase):

@@ -48,8 +48,8 @@ def project(g: torch.Tensor, V: torch.Tensor, gate: str = "one_sided", overshoot
     """Return `(g_proj, removed, cin, cout)` for one layer's gradient g, shape (r,) or (n, r).
 
     V is (k, r), or (n, k, r) for n layers of one shape stacked (g then (n, r)).
-    Computed in V's dtype (fp32), whatever the gradient's dtype. `trend` (shaped like V g): the
-    running mean of the coordinates before this step, which the smoothed gate decides from. Its
+    Computed in V's dtype (fp32), whatever the gradient's dtype. `trend` (shaped like V g): V ḡ, the
+    coordinates of the raw gradient's running mean before this step, which the smoothed gate decides from. Its
     decision does not depend on this step's noise, so noise that is independent from step to step
     is removed as often with either sign: no drift (one_sided removes only its positive half: a
     steady bias). Noise correlated across steps correlates with the trend, and a smaller bias
@@ -87,8 +87,8 @@ def null_cin(k: int, r: int) -> float:
 @torch.no_grad()
 def project_all(wrappers: dict, basis: dict[str, torch.Tensor], erase: bool = False, route: bool = False,
                 gate: str = "one_sided", overshoot: float = 1.0, preserve_magnitude: bool = False,
-                quarantine: dict[str, torch.Tensor] | None = None, trend: dict[str, torch.Tensor] | None = None,
-                trend_beta: float = 0.9) -> dict:
+                quarantine: dict[str, torch.Tensor] | None = None, grad_mean: dict[str, torch.Tensor] | None = None,
+                gate_beta: float = 0.9) -> dict:
     """Project every layer's `delta_s.grad` and return the step's aggregates.
 
     Neither flag: measure only, gradients untouched. erase: delta_s.grad = g_proj. route (implies
@@ -97,9 +97,13 @@ def project_all(wrappers: dict, basis: dict[str, torch.Tensor], erase: bool = Fa
     what route puts there: its gradient is cleared in every other case (no route, layers without a
     basis). Layers with no gradient or no basis are otherwise skipped.
 
-    `trend` (smoothed gate): per layer, the running mean of V g, read before and updated after
-    this step (beta `trend_beta`; a layer not in it starts at 0, so nothing is removed on its first
-    step). The caller keeps it with the checkpoint and clears it when the basis changes.
+    `grad_mean` (smoothed gate): per layer, ḡ, the running mean of the raw knob gradient (beta
+    `gate_beta`), kept in knob space so that it means the same whatever V is: the gate's trend is
+    V ḡ for the current V (and Q ḡ for the capacity control's quarantine rows), read before this
+    step and ḡ updated after it, for every layer with a gradient, in the basis or not. A layer not
+    in it starts at 0 (nothing is removed on its first step). Nothing about it depends on V, so
+    a refresh, a control's redraw or a resume leaves it as it is; the caller keeps it with the
+    checkpoint.
 
     `quarantine` (the capacity control, route only): rows of the same per-layer shape as `basis`
     along which the quarantine is fed instead, the gated component of g along them; delta_s is still
@@ -111,24 +115,25 @@ def project_all(wrappers: dict, basis: dict[str, torch.Tensor], erase: bool = Fa
     only measured), `cin_null` (the null baseline over the same layers) and the count `layers`.
     """
     erase = erase or route
-    if gate == "smoothed" and trend is None:
-        raise ValueError("the smoothed gate needs a trend dict to keep its running means in")
+    if gate == "smoothed" and grad_mean is None:
+        raise ValueError("the smoothed gate needs a grad_mean dict to keep its running mean in")
     for name, layer in wrappers.items():
         if not route or name not in basis:
             layer.delta_s_hack.grad = None
+    # ḡ before this step, and this step's raw gradients (the projection below rewrites them in place).
+    before = dict(grad_mean) if gate == "smoothed" else {}
+    raw = {n: layer.delta_s.grad.detach().float().clone() for n, layer in wrappers.items()
+           if gate == "smoothed" and layer.delta_s.grad is not None}
     cins, couts, fired, nulls = [], [], [], []
     acting = rows_total = 0
 
-    def gated(g, rows, names, tag=""):
-        """project() along `rows`, keeping the smoothed gate's trend of their coordinates under name + tag."""
+    def gated(g, rows, names, preserve):
+        """project() along `rows`; under the smoothed gate its trend is rows ḡ, ḡ as it was before this step."""
         running = None
         if gate == "smoothed":
-            running = torch.stack([trend.get(n + tag, rows.new_zeros(rows.shape[1])).to(rows.device) for n in names])
-        out = project(g, rows, gate, overshoot, preserve_magnitude and not tag, running)
+            running = _coords(torch.stack([before.get(n, g.new_zeros(g.shape[-1])).to(rows) for n in names]), rows)
+        out = project(g, rows, gate, overshoot, preserve, running)
         c = _coords(g.to(rows.dtype), rows)
-        if running is not None:
-            for i, n in enumerate(names):
-                trend[n + tag] = trend_beta * running[i] + (1 - trend_beta) * c[i]
         return (*out, int(_gated(c, gate, running).ne(0).sum()))
 
     # Layers of one shape are projected together: a few batched ops, not a dozen per layer.
@@ -136,12 +141,12 @@ def project_all(wrappers: dict, basis: dict[str, torch.Tensor], erase: bool = Fa
         grads = [wrappers[n].delta_s.grad for n in names]
         g = torch.stack(grads)
         V = V.to(grads[0].device)
-        g_proj, removed, cin, cout, gated_rows = gated(g, V, names)
+        g_proj, removed, cin, cout, gated_rows = gated(g, V, names, preserve_magnitude)
         acting += gated_rows * erase
         rows_total += V.shape[0] * V.shape[1]
         to_quarantine = removed
         if route and quarantine is not None:
-            to_quarantine = gated(g, torch.stack([quarantine[n] for n in names]).to(V.device), names, "#quarantine")[1]
+            to_quarantine = gated(g, torch.stack([quarantine[n] for n in names]).to(V.device), names, False)[1]
         for i, name in enumerate(names):
             if erase:
                 grads[i].copy_(g_proj[i])
@@ -151,6 +156,8 @@ def project_all(wrappers: dict, basis: dict[str, torch.Tensor], erase: bool = Fa
         couts += (cout if erase else cin).tolist()
         fired += (removed.ne(0).any(-1) & erase).float().tolist()
         nulls += [null_cin(V.shape[1], V.shape[2])] * len(names)
+    for name, g in raw.items():
+        grad_mean[name] = gate_beta * before.get(name, torch.zeros_like(g)).to(g) + (1 - gate_beta) * g
 
     def mean(xs):
         return sum(xs) / len(xs) if xs else 0.0
@@ -251,21 +258,22 @@ def update_hackward_fraction(before: dict[str, torch.Tensor], wrappers: dict,
 
 @torch.no_grad()
 def project_update(before: dict[str, torch.Tensor], wrappers: dict, basis: dict[str, torch.Tensor],
-                   gate: str = "one_sided", overshoot: float = 1.0, trend: dict[str, torch.Tensor] | None = None):
+                   gate: str = "one_sided", overshoot: float = 1.0, grad_mean: dict[str, torch.Tensor] | None = None):
     """Call after `optimizer.step()`: gate the step itself, delta_s = before - project(before - after).
 
     Exact whatever the optimizer did (moments, preconditioner, weight decay), at the price of a step
     whose size Adam did not choose. Under the smoothed gate the decision is the raw gradient's, not
-    the step's: a row acts on the step while `trend` (project_all's running mean of the raw
-    gradient's coordinates, this step's included) is hack-ward; a layer without one acts nowhere.
+    the step's: a row acts on the step while its trend V ḡ is hack-ward, ḡ being project_all's
+    running mean of the raw gradient, this step's included; a layer without one acts nowhere.
     """
     steps = _descent(before, wrappers)
     for name, V in basis.items():
         if name not in steps:
             continue
         delta_s = wrappers[name].delta_s
+        V = V.to(delta_s.device)
         running = None
         if gate == "smoothed":
-            running = trend.get(name, V.new_zeros(V.shape[0])).to(delta_s.device)
-        step_proj = project(steps[name], V.to(delta_s.device), gate, overshoot, trend=running)[0]
+            running = V @ grad_mean[name].to(V) if name in grad_mean else V.new_zeros(V.shape[0])
+        step_proj = project(steps[name], V, gate, overshoot, trend=running)[0]
         delta_s.copy_(before[name] - step_proj.to(delta_s.dtype))

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from projected_grpo.config import CONTROLS, MODES, arm_name
+from projected_grpo.config import CONTROLS, MODES, PRESETS, Config, arm_name
 
 LAST_STEPS = 5
 ROLLING = 10  # steps in the trailing mean that times the rise, and in vanilla's first and last windows
@@ -48,7 +48,7 @@ COLUMNS = {"hack": "hack_s", "solve": "gt_s", "cin_s": "cin_s", "cin_t": "cin_t"
 # the time course of hack_s, as hypothesis metrics and table columns; the delay is in steps
 RUN_MEAN, EARLY, DELAY = "hack_run_mean", "hack_early", "hack_delay"
 TIME_COURSE = (RUN_MEAN, EARLY, DELAY)
-METRICS = (*COLUMNS, *TIME_COURSE)
+LATE_FROM = 50  # the slope of hack_s past this step: "prevents" and "delays" differ in whether it still rises
 # projection figures, each beside the null it is read against: cin_s and update_hackward against
 # cin_null_s (a random direction, concatenated over layers), cout against cin_null (its per-layer mean)
 BESIDE_NULLS = ("cin_s", "cin_null_s", "update_hackward", "cout", "cin_null")
@@ -87,13 +87,17 @@ class Run:
     rows: list[dict]
     problem: str | None  # why the run is incomplete; None when complete
     notes: list[str] = field(default_factory=list)
+    summary: dict | None = None  # summary.json: the final evaluation lives there
 
     @property
     def arm(self) -> tuple[str, str]:
-        """(intervention, control); a run whose basis knew the oracle's labels is its intervention's ceiling."""
-        if is_ceiling(self.config):
-            return (self.config["intervention"], CEILING)
-        return (self.config["intervention"], self.config["control"])
+        """(intervention[@gate], control): the gate written where it is not the preset's, so two gates are two
+        arms; a run whose basis knew the oracle's labels is its intervention's ceiling."""
+        config = self.config
+        preset_gate = PRESETS.get(config["preset"], {}).get("gate", Config.gate)
+        gate = config.get("gate", preset_gate)
+        intervention = config["intervention"] + ("" if gate == preset_gate else f"@{gate}")
+        return (intervention, CEILING if is_ceiling(config) else config["control"])
 
 
 def is_ceiling(config: dict) -> bool:
@@ -159,7 +163,7 @@ def load_run(run_dir: Path) -> Run:
         problem = f"metrics.jsonl has {len(rows)} rows, summary.json says steps_done={summary.get('steps_done')}"
     else:
         problem = None
-    return Run(run_dir.name, config, rows, problem, notes)
+    return Run(run_dir.name, config, rows, problem, notes, summary)
 
 
 def load_runs(runs_root: Path) -> list[Run]:
@@ -259,11 +263,48 @@ def censored_note(deltas: dict[int, float], runs: list[Run], baseline: list[Run]
     return f" ({len(censored)} censored)" if censored else ""
 
 
+def late_slope(run: Run) -> float | None:
+    """The least-squares slope of hack_s over the steps after LATE_FROM, per 100 steps."""
+    points = [(step, hack) for step, hack in zip(*hack_curve(run)) if step > LATE_FROM]
+    if len(points) < 2:
+        return None
+    mean_step, mean_hack = statistics.fmean(s for s, _ in points), statistics.fmean(h for _, h in points)
+    spread = sum((s - mean_step) ** 2 for s, _ in points)
+    return 100 * sum((s - mean_step) * (h - mean_hack) for s, h in points) / spread
+
+
+def held_out_run_mean(run: Run) -> float | None:
+    """hack_s over every step on the trained modes the basis (and the detector) never saw, pooled by step."""
+    unseen = set(_split_modes(run.config.get("modes", ""))) - set(_split_modes(run.config["basis_modes"]))
+    values = [row[f"hack_s/{mode}"] for row in run.rows for mode in sorted(unseen) if f"hack_s/{mode}" in row]
+    return statistics.fmean(values) if values else None
+
+
+def final_evaluation(key: str) -> Callable[[Run], float | None]:
+    """A figure of the run's final held-out evaluation (summary.json's eval)."""
+    return lambda run: ((run.summary or {}).get("eval") or {}).get(key)
+
+
+# more figures of each run, as hypothesis metrics and a table: reward and code-block rate (last steps); the held-out
+# mode and the update's hack-ward fraction (beside its null) over every step; the late slope; the final evaluation
+# of the deployed (and kept) model
+FIGURES = {"reward": final("reward"), "format": final("format_s"),
+           "heldout_run_mean": held_out_run_mean, "hack_late_slope": late_slope,
+           "update_hackward_run_mean": lambda run: mean_of(run.rows, "update_hackward"),
+           "null_run_mean": lambda run: mean_of(run.rows, "cin_null_s"),
+           "eval_deployed_hack": final_evaluation("eval_deployed_hack"),
+           "eval_kept_hack": final_evaluation("eval_kept_hack"),
+           "eval_deployed_solve": final_evaluation("eval_deployed_solve")}
+METRICS = (*COLUMNS, *TIME_COURSE, *FIGURES)
+
+
 def metric_of(metric: str, arms: dict[tuple, list[Run]], early_steps: int | None) -> Callable[[Run], float | None]:
-    """A run's value of a hypothesis metric: a COLUMNS one's last-steps mean, or a point of the time course
-    (the delay timed against vanilla's rise on the run's seed)."""
+    """A run's value of a hypothesis metric: a COLUMNS one's last-steps mean, a whole-run figure, or a point of
+    the time course (the delay timed against vanilla's rise on the run's seed)."""
     if metric in COLUMNS:
         return final(COLUMNS[metric])
+    if metric in FIGURES:
+        return FIGURES[metric]
     if metric == RUN_MEAN:
         return run_mean
     if metric == EARLY:
@@ -425,7 +466,7 @@ class Hypothesis:
 
 
 def parse_arm(text: str) -> tuple[str, str]:
-    """An arm as a claim names it: `intervention[:control]`, or `intervention:ceiling`, which is no control
+    """An arm as a claim names it: `intervention[@gate][:control]`, or `intervention:ceiling`, which is no control
     (config's controls rightly lack it), so it is taken off before the registry checks the rest."""
     from projected_grpo import interventions  # the registry's names; only a hypothesis needs them (torch)
 
@@ -582,6 +623,19 @@ def _time_course_table(arms: dict[tuple, list[Run]], early_steps: int | None) ->
     return _table(["arm", "n", *TIME_COURSE, *(f"Δ{metric}" for metric in TIME_COURSE)], body)
 
 
+def _figures_table(arms: dict[tuple, list[Run]]) -> list[str]:
+    """Each FIGURES figure across seeds, then its paired Δ against vanilla (the null's has none)."""
+    vanilla = arms.get(VANILLA, [])
+    paired = [m for m in FIGURES if m != "null_run_mean"]
+    body = []
+    for arm in sorted(arms, key=arm_rank):
+        runs, n = arms[arm], _seed_count(arms[arm])
+        body.append([arm_name(*arm), str(n)] + [_fmt(_across_seeds(runs, FIGURES[m])) for m in FIGURES]
+                    + [_delta_cell({} if arm == VANILLA else paired_deltas(runs, vanilla, FIGURES[m]), n)
+                       for m in paired])
+    return _table(["arm", "n", *FIGURES, *(f"Δ{m}" for m in paired)], body)
+
+
 def _rise_line(vanilla: list[Run]) -> str:
     """Vanilla's rise per seed, which the delays are timed against, or why there is none."""
     rises = vanilla_rises(vanilla)
@@ -707,9 +761,17 @@ not log the key (older runs).
   cin_null_s, what a random direction gives over the concatenated layers; cout beside cin_null, the per-layer
   mean of the same null. A figure says V is acting only where it beats its null here and the arm's random
   control in the same column.
+- **The figures table**: **reward** and **format** (the code-block rate, format_s), last {LAST_STEPS} steps; over the
+  whole run, **heldout_run_mean**, hack_s over every step on the trained modes the basis leaves out
+  (the detector never flags them); **hack_late_slope**, the least-squares slope of hack_s over the steps after
+  {LATE_FROM}, per 100 steps (an arm that delays hacking still rises there, one that prevents it does not);
+  **update_hackward_run_mean** beside **null_run_mean** (cin_null_s), the hack-ward fraction of the actual update
+  over every step and what a random direction gives; **eval_deployed_hack / eval_kept_hack / eval_deployed_solve**,
+  the final held-out evaluation (hint prompts) with the quarantine ablated (deployed) or kept. Δ: paired with
+  vanilla as above.
 - **Per-mode tables**: hack (or solve) rate for each loophole mode; † marks a mode held out of the hack basis.
 - **Verdict**: each claim bounds a paired delta (arm minus the compared arm, same seed) of a main-table metric
-  (its last-{LAST_STEPS} mean) or of {RUN_MEAN}, {EARLY} or {DELAY}. A claim is *supported*
+  (its last-{LAST_STEPS} mean), of {RUN_MEAN}, {EARLY} or {DELAY}, or of a whole-run figure. A claim is *supported*
   when its whole 95% interval keeps the bound, *not supported* when the whole interval breaks it, and
   *inconclusive* when the interval straddles the threshold, fewer than 2 seeds pair up, or an arm is missing
   (named). The question is not supported if any claim on a method is not, supported if all are, else
@@ -756,6 +818,8 @@ def build_report(runs_root: str | Path, hypothesis: Hypothesis | None = None, pl
         out += [f"Time course of hack ({EARLY}: the first {' or '.join(map(str, windows))} steps):", "",
                 *_time_course_table(arms, early_steps), "", _rise_line(arms.get(VANILLA, [])), ""]
         out += ["Projection figures beside their nulls:", "", *_nulls_table(arms), ""]
+        out += [f"Reward and format (last {LAST_STEPS}), over the whole run (the held-out mode, the slope past step "
+                f"{LATE_FROM}, the update beside its null) and the final evaluation:", "", *_figures_table(arms), ""]
         out += verdict(hypothesis, arms, early_steps) + [""]
         for metric, label in (("hack_s", "hack"), ("gt_s", "solve")):
             if mode_table := _mode_table(arms, question[3], metric):

@@ -3,7 +3,8 @@
     python -m projected_grpo.sweep PRESET [--arms none,erase,route] [--seeds 1,2,3] [--jobs N]
         [--devices cuda:0,cuda:1] [--name NAME] [--lomo] [--force] [--field=value ...]
 
-An arm is `intervention[:control]`: `erase:random` is the erase arm on a random basis. Each run is
+An arm is `intervention[@gate][:control]`: `erase:random` is the erase arm on a random basis,
+`erase@no_gate:random` the same under --gate=no_gate, `screen+erase` two arms composed. Each run is
 a child `python -m projected_grpo.train PRESET ...` writing out/sweeps/<name>/<run_name>/ (the
 name defaults to the preset), with its output in out/sweeps/<name>/logs/<run_name>.log, so that
 `python -m projected_grpo.results out/sweeps/<name>` tables the study. Running the same command
@@ -29,7 +30,7 @@ from datetime import datetime
 from pathlib import Path
 
 from . import __version__, checkpoints, interventions, reporting
-from .config import Config, ConfigError, InputError, arm_name, make_config, parse_overrides, run_name
+from .config import Config, ConfigError, InputError, arm_name, make_config, parse_overrides, run_name, split_gate
 from .distributed import available_cores
 from .files import write_atomically
 
@@ -101,8 +102,11 @@ def expand_grid(preset: str, arms: list[tuple[str, str]], seeds: list[int], lomo
             for intervention, control in arms:
                 name = run_name(preset, intervention, control, seed, left_out,
                                 ceiling=overrides.get("live_labels") == "oracle")
-                run_fields = {**overrides, "seed": str(seed), "intervention": intervention, "control": control,
-                              "run_name": name, "out_dir": str(sweep_dir)}
+                arm, gate = split_gate(intervention)
+                if gate and "gate" in overrides:
+                    raise SweepError(f"--arms {intervention} and --gate={overrides['gate']}: give a run's gate once")
+                run_fields = {**overrides, "seed": str(seed), "intervention": arm, "control": control,
+                              "run_name": name, "out_dir": str(sweep_dir), **({"gate": gate} if gate else {})}
                 if left_out:
                     run_fields["basis_modes"] = ",".join(m for m in lomo_modes if m != left_out)
                 runs.append(PlannedRun(name, run_fields))
@@ -393,7 +397,8 @@ def _parser() -> argparse.ArgumentParser:
                                      epilog="any other --field=value goes to every run")
     parser.add_argument("preset", nargs="?", help="smoke, fast or full (or --preset NAME)")
     parser.add_argument("--preset", dest="preset_option", metavar="PRESET", help=argparse.SUPPRESS)
-    parser.add_argument("--arms", default="none,erase,route", help="intervention[:control],... (default: %(default)s)")
+    parser.add_argument("--arms", default="none,erase,route",
+                        help="intervention[@gate][:control],... (default: %(default)s)")
     parser.add_argument("--seeds", default="1,2,3", help="comma-separated (default: %(default)s)")
     parser.add_argument("--jobs", type=int, help="runs at a time on CPU, the cores split between them (default 1)")
     parser.add_argument("--devices", default="", help="GPUs to spread runs over, one run each: cuda:0,cuda:1")

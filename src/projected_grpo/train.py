@@ -277,8 +277,8 @@ def _step(run: Run, step: int) -> tuple[dict, StepResult]:
 
 
 def _state(run: Run) -> dict:
-    return checkpoints.training_state(run.wrappers, run.optimizer, run.scheduler, run.basis, run.trend, run.live,
-                                      run.notes)
+    return checkpoints.training_state(run.wrappers, run.optimizer, run.scheduler, run.basis, run.grad_mean,
+                                      run.live, run.notes)
 
 
 def _loop(run: Run, run_dir: Path, rows: list[dict], stop: list, report: reporting.Report | None) -> None:
