@@ -86,6 +86,29 @@ fair-test-tables:
             --out $dir.md
     done
 
+# the gate study on the organism (docs/hypotheses/gate-study.md): every arm on seeds 1-3 with a live V, the gate a
+# factor (erase under the smoothed gate and under no_gate, each with its random control and its ceiling), screen+erase,
+# route judged deployed; then its tables in out/gate-study/<question>.md (each sweep skips what is done)
+gate-study seeds="1,2,3":
+    #!/usr/bin/env bash
+    set -euo pipefail
+    S="python -m projected_grpo.sweep organism --jobs 2 --adam_leak=update --pairs=live --refresh_every=5 --eval_samples=32"
+    $S --seeds {{seeds}} --name gate-study --arms none,screen,erase,erase:random,erase@no_gate,erase@no_gate:random,screen+erase@no_gate,screen+erase@no_gate:random,route,route:capacity
+    $S --seeds {{seeds}} --name gate-study-ceiling --arms erase,erase@no_gate --live_labels=oracle
+    just gate-study-tables
+
+# the gate study's tables: out/gate-study links both sweeps' runs; one report per registered question
+gate-study-tables:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    rm -rf out/gate-study && mkdir -p out/gate-study
+    for run in out/sweeps/gate-study/organism-* out/sweeps/gate-study-ceiling/organism-*; do ln -s "$PWD/$run" out/gate-study/; done
+    python -m projected_grpo.plots out/gate-study --out out/gate-study-plots
+    for question in mechanism smoothed no_gate against-screen route; do
+        python -m projected_grpo.results out/gate-study --hypothesis docs/hypotheses/gate-study/$question.json \
+            --plots out/gate-study-plots --out out/gate-study/$question.md
+    done
+
 # one GPU: Qwen3 in bf16, erase arm
 fast *args:
     python -m projected_grpo.train fast --intervention=erase {{args}}
