@@ -1,14 +1,14 @@
 """The smoothed gate's memory lives in knob space: a V that is replaced (a refresh, a control's redraw,
 a resume) or turned within its span leaves what the gate knows, and what it lets through, as it was.
 
-Each test drives the run's own hooks (the erase arm's gradient and update, Run.set_basis) on
+Each test drives the run's own hooks (the erase arm's gradient and update, Basis.set) on
 synthetic knob gradients, with AdamW and --adam_leak=update as the organism study runs them.
 """
 
 import pytest
 import torch
 
-from projected_grpo import assembly, distributed, interventions, projection
+from projected_grpo import assembly, basis, distributed, interventions, projection
 from projected_grpo.config import make_config
 
 R, K = 24, 4
@@ -33,8 +33,8 @@ def make_run(gate: str) -> assembly.Run:
     params = [wrappers["a"].delta_s, wrappers["a"].delta_s_hack]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    return assembly.Run(cfg, interventions.get("erase"), distributed.SINGLE, None, None, wrappers, [], [], None, [],
-                        None, optimizer, scheduler, None)
+    return assembly.Run(cfg, interventions.get("erase"), distributed.SINGLE, None, None, wrappers, [], [], None, None,
+                        optimizer, scheduler, None, basis.Basis(cfg, distributed.SINGLE, []))
 
 
 def train(gate: str, grads: list[torch.Tensor], basis_at) -> tuple[list[torch.Tensor], list[float]]:
@@ -44,7 +44,7 @@ def train(gate: str, grads: list[torch.Tensor], basis_at) -> tuple[list[torch.Te
     knobs, hackward = [], []
     for step, g in enumerate(grads):
         if (V := basis_at(step)) is not None:
-            run.set_basis({"a": V})
+            run.basis.set({"a": V})
         run.optimizer.zero_grad(set_to_none=True)
         run.wrappers["a"].delta_s.grad = g.clone()
         run.arm.gradient(run)
@@ -52,7 +52,7 @@ def train(gate: str, grads: list[torch.Tensor], basis_at) -> tuple[list[torch.Te
         run.optimizer.step()
         run.arm.update(run, before)
         knobs.append(run.wrappers["a"].delta_s.detach().clone())
-        hackward.append(projection.update_hackward_fraction(before, run.wrappers, run.basis))
+        hackward.append(projection.update_hackward_fraction(before, run.wrappers, run.basis.V))
     return knobs, hackward
 
 
@@ -83,7 +83,7 @@ def test_turning_v_within_its_span_leaves_the_gradient_and_the_update_as_they_we
 def projected_gradient(gate: str, V: torch.Tensor, grads: list[torch.Tensor]) -> torch.Tensor:
     """The erase arm's gradient hook on each of `grads` in turn (no optimizer step); the last one projected."""
     run = make_run(gate)
-    run.set_basis({"a": V})
+    run.basis.set({"a": V})
     for g in grads:
         run.wrappers["a"].delta_s.grad = g.clone()
         run.arm.gradient(run)

@@ -6,7 +6,8 @@ import types
 import pytest
 import torch
 
-from projected_grpo import adapter, assembly, checkpoints, grpo, hack_basis, interventions, projection
+from projected_grpo import adapter, checkpoints, distributed, grpo, hack_basis, interventions, projection
+from projected_grpo import basis as run_basis
 from projected_grpo.config import ConfigError, make_config
 from projected_grpo.model import load_model_and_tokenizer, pad_batch, token_logprobs
 from projected_grpo.problems import builtin_problems, default_pairs, wrong_completion
@@ -93,14 +94,14 @@ def test_a_live_v_from_planted_group_differences_recovers_the_direction():
     for step in range(6):
         group = _group("run_tests", [True, False, True, False])
         g = torch.randn(4, r, generator=gen) * 0.1 + torch.tensor([1.0, 0, 1.0, 0])[:, None] * direction
-        live.append((step, assembly.live_differences(cfg, group, {"layer": g})))
+        live.append((step, run_basis.live_differences(cfg, group, {"layer": g})))
     assert all(len(d) == 1 for _, d in live)
-    basis = assembly.live_basis(cfg, live)
+    basis = run_basis.live_basis(cfg, live)
     assert float(basis.V["layer"][0] @ direction) > 0.95  # the row, oriented hack-ward
-    random_basis = assembly.live_basis(make_config("smoke", {"pairs": "live", "refresh_every": "1",
+    random_basis = run_basis.live_basis(make_config("smoke", {"pairs": "live", "refresh_every": "1",
                                                              "control": "random", "basis_k": "2"}), live)
     assert abs(float(random_basis.V["layer"][0] @ direction)) < 0.8
-    assert assembly.live_basis(cfg, []) is None
+    assert run_basis.live_basis(cfg, []) is None
 
 
 def test_nothing_that_trains_reads_a_held_out_modes_label_and_the_ceiling_reads_every_mode():
@@ -121,14 +122,14 @@ def test_nothing_that_trains_reads_a_held_out_modes_label_and_the_ceiling_reads_
     cfg = make_config("smoke", {"group": "2", "mix_ratio": "0", "pairs": "live", "refresh_every": "1",
                                 "basis_modes": "run_tests"})
     grads = {"layer": torch.randn(4, 8)}
-    assert len(assembly.live_differences(cfg, held + known, grads)) == 1  # the known group only
+    assert len(run_basis.live_differences(cfg, held + known, grads)) == 1  # the known group only
     for name in ("screen", "penalty"):  # nor do the detector's other readers, which train on it
         interventions.get(name).advantages(held + known, cfg)
     ceiling = make_config("smoke", {"group": "2", "mix_ratio": "0", "pairs": "live", "refresh_every": "1",
                                     "basis_modes": "run_tests", "live_labels": "oracle"})
     assert ceiling.run_name == "smoke-erase-ceiling-s0"
     oracle_group = _group("exit_code", [True, False])
-    assert len(assembly.live_differences(ceiling, oracle_group + known, grads)) == 2
+    assert len(run_basis.live_differences(ceiling, oracle_group + known, grads)) == 2
 
 
 def test_failed_contrast_sets_a_hack_against_an_honest_failure(problems):
@@ -161,22 +162,22 @@ def test_self_pairs_pair_flagged_with_unflagged_samples_and_are_cached(tmp_path,
                 grades.append(Reward(1.25 if hack else 0.25, hack, False, hack, "x", True, p.mode))
         return [[1]] * len(texts), None, texts, grades, {}
 
-    monkeypatch.setattr(assembly, "sample_graded", planted)
-    pairs, report = assembly.self_pairs(cfg, model, tok, wrappers, train, 1, "model#1")
+    monkeypatch.setattr(run_basis, "sample_graded", planted)
+    pairs, report = run_basis.self_pairs(cfg, model, tok, wrappers, train, 1, "model#1")
     assert calls == [[p.id for p in known]]  # only the known modes' problems are sampled
     assert [(p.hack, p.clean) for p in pairs] == [(f"{p.id}-hack", f"{p.id}-fail") for p in known[::2]]
     assert report == {"pairs": len(known[::2]), "problems": len(known),
                       "problems_without_a_pair": [p.id for p in known[1::2]]}
-    again, _ = assembly.self_pairs(cfg, model, tok, wrappers, train, 1, "model#1")  # a hit: no sampling
+    again, _ = run_basis.self_pairs(cfg, model, tok, wrappers, train, 1, "model#1")  # a hit: no sampling
     assert again == pairs and len(calls) == 1
     cached = next((tmp_path / "out/pairs").iterdir())
     record = json.loads(cached.read_text())
     record["request"]["samples"] = 99
     cached.write_text(json.dumps(record))
     with pytest.raises(ConfigError, match="sampled for a different request \\(samples differ\\)"):
-        assembly.self_pairs(cfg, model, tok, wrappers, train, 1, "model#1")
+        run_basis.self_pairs(cfg, model, tok, wrappers, train, 1, "model#1")
     with pytest.raises(ConfigError, match="fewer than basis_k=8; raise --self_samples"):
-        assembly.self_pairs(make_config("smoke", {"pairs": "self", "basis_modes": "run_tests"}),
+        run_basis.self_pairs(make_config("smoke", {"pairs": "self", "basis_modes": "run_tests"}),
                             model, tok, wrappers, train, 1, "model#2")
 
 
@@ -220,34 +221,40 @@ def test_instrument_fields_are_validated(overrides, message):
         make_config("smoke", overrides)
 
 
-def test_a_checkpoint_keeps_the_live_buffer_and_the_notes_on_v(tmp_path, tiny):
+def test_a_checkpoint_keeps_v_the_gates_memory_the_live_buffer_and_the_notes_on_v(tmp_path, tiny):
     _, _, wrappers = tiny
     params = [p for layer in wrappers.values() for p in (layer.delta_s, layer.delta_s_hack)]
     optimizer = torch.optim.AdamW(params)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    live = [(3, [{"layer": torch.arange(4.0)}])]
-    notes = {"basis_margins": {"pairs": 5, "rows": {"layer": [(4, 1)]}}}
-    state = checkpoints.training_state(wrappers, optimizer, scheduler, {}, {}, live, notes)
-    path = checkpoints.save(tmp_path, 3, state, [{"step": 3}])
-    loaded = checkpoints.load(path, wrappers, optimizer, scheduler)
-    assert loaded["live"][0][0] == 3 and torch.equal(loaded["live"][0][1][0]["layer"], torch.arange(4.0))
-    assert loaded["notes"] == notes
+    cfg = make_config("smoke", {"pairs": "live", "refresh_every": "5"})
+    saved = run_basis.Basis(cfg, distributed.SINGLE, [], live=[(3, [{"layer": torch.arange(4.0)}])],
+                            grad_mean={"layer": torch.arange(6.0)},
+                            notes={"basis_margins": {"pairs": 5, "rows": {"layer": [(4, 1)]}}})
+    saved.set({"layer": torch.eye(6)[:2]})
+    path = checkpoints.save(tmp_path, 3, checkpoints.training_state(wrappers, optimizer, scheduler, saved.state()),
+                            [{"step": 3}])
+    restored = run_basis.Basis(cfg, distributed.SINGLE, [])
+    restored.restore(checkpoints.load(path, wrappers, optimizer, scheduler))
+    assert restored.live[0][0] == 3 and torch.equal(restored.live[0][1][0]["layer"], torch.arange(4.0))
+    assert torch.equal(restored.V["layer"], torch.eye(6)[:2]) and torch.equal(restored.grad_mean["layer"],
+                                                                             torch.arange(6.0))
+    assert restored.notes == saved.notes
 
 
 def test_a_v_emptied_by_its_filters_is_an_error_not_a_silent_vanilla_run():
     D = {"layer": torch.randn(6, 8, generator=torch.Generator().manual_seed(0))}
     basis = hack_basis.basis_from_differences(D, 2, 0.0)
     cfg = make_config("smoke", {"basis_k": "2"})
-    assert assembly.usable(cfg, basis)["layer"].shape == (2, 8)
+    assert run_basis.usable(cfg, basis)["layer"].shape == (2, 8)
     with pytest.raises(ConfigError, match="no row of V is left"):
-        assembly.usable(make_config("smoke", {"basis_k": "2", "basis_min_margin": "10"}), basis)
+        run_basis.usable(make_config("smoke", {"basis_k": "2", "basis_min_margin": "10"}), basis)
 
 
 def test_a_refreshed_random_control_draws_new_rows():
     cfg = make_config("smoke", {"pairs": "live", "refresh_every": "1", "control": "random", "basis_k": "2",
                                 "group": "2", "mix_ratio": "0", "basis_modes": "run_tests"})
     live = [(1, [{"layer": torch.randn(8)} for _ in range(3)])]
-    first = assembly.live_basis(cfg, live).V["layer"]
-    again = assembly.live_basis(cfg, live).V["layer"]
-    later = assembly.live_basis(cfg, [*live, (6, [])]).V["layer"]
+    first = run_basis.live_basis(cfg, live).V["layer"]
+    again = run_basis.live_basis(cfg, live).V["layer"]
+    later = run_basis.live_basis(cfg, [*live, (6, [])]).V["layer"]
     assert torch.equal(first, again) and not torch.allclose(first, later)

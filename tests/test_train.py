@@ -7,7 +7,7 @@ import signal
 import pytest
 import torch
 
-from projected_grpo import adapter, assembly, checkpoints, distributed, grpo, interventions, projection, train
+from projected_grpo import adapter, assembly, basis, checkpoints, distributed, grpo, interventions, projection, train
 from projected_grpo import evaluate as evaluate_mod
 from projected_grpo import step as step_mod
 from projected_grpo.config import DEFAULT_INOCULATION, ConfigError, make_config, parse_overrides
@@ -262,8 +262,8 @@ def test_refresh_in_the_loop_replaces_the_basis_on_the_models_device(workdir, mo
 
     def spy(run, step):
         device = next(run.model.parameters()).device
-        seen.append((step, run.basis))
-        assert all(v.device == device for v in run.basis.values())
+        seen.append((step, run.basis.V))
+        assert all(v.device == device for v in run.basis.V.values())
         return real_step(run, step)
 
     monkeypatch.setattr(train, "train_step", spy)
@@ -284,22 +284,26 @@ def test_refresh_counts_a_dropped_layer_as_zero_and_warns_on_a_rotated_basis(wor
     cfg = _cfg()
     run, _ = assembly.assemble(cfg, distributed.SINGLE, cfg.model, *assembly.split_problems(cfg))
     # What the refresh will find:
-    fresh = assembly.usable(cfg, assembly.extract(cfg, run.model, run.tok, run.wrappers, run.pairs))
-    run.basis = fresh
-    assert assembly.refresh_basis(run, 1) == pytest.approx(1.0, abs=1e-5)
-    assert run.basis.keys() == fresh.keys()
+    fresh = basis.usable(cfg, basis.extract(cfg, run.model, run.tok, run.wrappers, run.basis.pairs))
+
+    def refresh():
+        return run.basis.refresh(1, run.model, run.tok, run.wrappers)
+
+    run.basis.V = fresh
+    assert refresh() == pytest.approx(1.0, abs=1e-5)
+    assert run.basis.V.keys() == fresh.keys()
     # The old basis had one more layer, which the refresh dropped: 1 of len+1 layers counts 0.
-    run.basis = {**fresh, "gone.layer": fresh[name := next(iter(fresh))]}
-    assert assembly.refresh_basis(run, 1) == pytest.approx(len(fresh) / (len(fresh) + 1), abs=1e-5)
+    run.basis.V = {**fresh, "gone.layer": fresh[name := next(iter(fresh))]}
+    assert refresh() == pytest.approx(len(fresh) / (len(fresh) + 1), abs=1e-5)
     # An old basis orthogonal to the new one: overlap 0 and a warning.
     orthogonal = {}
     for n, V in fresh.items():
         complement = torch.eye(V.shape[1]) - V.T @ V
         orthogonal[n] = torch.linalg.qr(complement @ torch.randn(V.shape[1], V.shape[0]))[0].T
-    run.basis = orthogonal
+    run.basis.V = orthogonal
     with pytest.warns(UserWarning, match="rotated the basis away"):
-        assert assembly.refresh_basis(run, 1) < 1e-5
-    assert assembly.basis_overlap({name: fresh[name]}, {}) == 0.0
+        assert refresh() < 1e-5
+    assert basis.basis_overlap({name: fresh[name]}, {}) == 0.0
 
 
 def test_evaluation_samples_deployed_without_the_quarantine_and_leaves_the_training_rng(workdir, monkeypatch):
@@ -341,7 +345,8 @@ def test_evaluation_samples_deployed_without_the_quarantine_and_leaves_the_train
 
 @pytest.mark.parametrize("where", ["refresh", "evaluate"])
 def test_a_crash_in_refresh_or_evaluation_keeps_the_pre_step_state(workdir, monkeypatch, where):
-    real = getattr(train, f"{'refresh_basis' if where == 'refresh' else 'evaluate'}")
+    owner, name = (basis.Basis, "refresh") if where == "refresh" else (train, "evaluate")
+    real = getattr(owner, name)
     calls = []
 
     def flaky(*args):
@@ -350,15 +355,14 @@ def test_a_crash_in_refresh_or_evaluation_keeps_the_pre_step_state(workdir, monk
             raise RuntimeError(f"{where} failed (simulated)")
         return real(*args)
 
-    name = "refresh_basis" if where == "refresh" else "evaluate"
     kw = dict(steps=4, checkpoint_every=25, refresh_every=1, eval_every=1)
-    monkeypatch.setattr(train, name, flaky)
+    monkeypatch.setattr(owner, name, flaky)
     with pytest.raises(RuntimeError, match="simulated"):
         train.run(_cfg(run_name=f"crash-{where}", **kw))
     run_dir = workdir / "out/runs" / f"crash-{where}"
     assert checkpoints.latest(run_dir).name == "step_000001"
     assert [r["step"] for r in _rows(run_dir)] == [1]
-    monkeypatch.setattr(train, name, real)
+    monkeypatch.setattr(owner, name, real)
     train.run(_cfg(run_name=f"crash-{where}", resume="true", **kw))
     train.run(_cfg(run_name=f"straight-{where}", **kw))
     strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]  # noqa: E731

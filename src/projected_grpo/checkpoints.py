@@ -44,15 +44,13 @@ def _rng_state() -> tuple:
     return torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
 
 
-def training_state(wrappers, optimizer, scheduler, basis: dict, grad_mean: dict, live: list, notes: dict) -> dict:
-    """A copy of everything a checkpoint holds, taken now: knobs, optimizer, scheduler, RNG, basis, the
-    smoothed gate's memory ḡ, (pairs=live) the buffered differences V is rebuilt from, and the notes the
-    summary gives of V (Run.notes). Knobs and their Adam moments are small (r per layer), so taking one
-    before every step is cheap."""
+def training_state(wrappers, optimizer, scheduler, basis_state: dict) -> dict:
+    """A copy of everything a checkpoint holds, taken now: knobs, optimizer, scheduler, RNG, and V's
+    (basis.Basis.state: V, the smoothed gate's memory ḡ, the live buffer V is rebuilt from, the notes
+    the summary gives of V). Knobs and their Adam moments are small (r per layer), so taking one before
+    every step is cheap."""
     return {"knobs": adapter.knob_state(wrappers), "optimizer": copy.deepcopy(optimizer.state_dict()),
-            "scheduler": copy.deepcopy(scheduler.state_dict()), "rng": _rng_state(), "basis": basis,
-            "grad_mean": {n: t.clone() for n, t in grad_mean.items()}, "live": list(live),
-            "notes": copy.deepcopy(notes)}
+            "scheduler": copy.deepcopy(scheduler.state_dict()), "rng": _rng_state(), **basis_state}
 
 
 def save(run_dir: Path, step: int, state: dict, rows: list[dict]) -> Path:
@@ -65,9 +63,8 @@ def save(run_dir: Path, step: int, state: dict, rows: list[dict]) -> Path:
     cpu_rng, cuda_rng = state["rng"]
     adapter.save_tensors(state["knobs"], tmp / "knobs.safetensors")
     torch.save({"step": step, "optimizer": state["optimizer"], "scheduler": state["scheduler"],
-                "torch_rng": cpu_rng, "cuda_rng": cuda_rng, "basis": {n: v.cpu() for n, v in state["basis"].items()},
-                "grad_mean": {n: t.cpu() for n, t in state["grad_mean"].items()}, "live": state["live"],
-                "notes": state["notes"],
+                "torch_rng": cpu_rng, "cuda_rng": cuda_rng, "basis": state["basis"], "grad_mean": state["grad_mean"],
+                "live": state["live"], "notes": state["notes"],
                 "rows": [r for r in rows if r["step"] <= step]}, tmp / "state.pt")
     for path in tmp.iterdir():
         with open(path, "rb") as f:

@@ -89,7 +89,7 @@ def detected(r: Rollout, known_modes: tuple[str, ...]) -> bool:
     This is the one oracle-derived signal training may read: in the advantages of the baselines a
     user would otherwise pick (rl-rewardhacking's screening and penalty with a monitor:
     interventions.py), and in choosing the pairs of a V built from the model's own samples or
-    rollouts (pairs=self, pairs=live: assembly.py).
+    rollouts (pairs=self, pairs=live: basis.py).
     """
     return not r.teacher and r.problem.mode in known_modes and r.exploited  # a held-out mode's label is never read
 

@@ -21,7 +21,7 @@ re-orthonormalised: the real rows' values with their alignment destroyed),
 
 D is moved to the CPU before its SVD: it is small (pairs x r), the float64 SVD is
 exact and device-independent there, and the run puts the usable V on the model's
-device in one place (assembly.py).
+device in one place (basis.py).
 """
 
 from __future__ import annotations

@@ -133,9 +133,10 @@ def check(cfg: Config) -> Intervention:
 
 def _project_all(run, erase: bool = False, route: bool = False) -> dict:
     cfg = run.cfg
-    return projection.project_all(run.wrappers, run.basis, erase=erase, route=route, gate=cfg.gate,
+    return projection.project_all(run.wrappers, run.basis.V, erase=erase, route=route, gate=cfg.gate,
                                   overshoot=cfg.overshoot, preserve_magnitude=cfg.preserve_magnitude,
-                                  quarantine=run.quarantine, grad_mean=run.grad_mean, gate_beta=cfg.gate_beta)
+                                  quarantine=run.basis.quarantine, grad_mean=run.basis.grad_mean,
+                                  gate_beta=cfg.gate_beta)
 
 
 # ----------------------------------------------------------------------------- the arms
@@ -155,13 +156,13 @@ class Erase(Intervention):
     def gradient(self, run) -> dict:
         stats = _project_all(run, erase=True, route=self.route)
         if run.cfg.adam_leak == "moments":  # clip scales the gradient, not the moments: either order
-            projection.project_adam_moments(run.optimizer, run.wrappers, run.basis)
+            projection.project_adam_moments(run.optimizer, run.wrappers, run.basis.V)
         return stats
 
     def update(self, run, before: dict) -> None:
         if run.cfg.adam_leak == "update":
-            projection.project_update(before, run.wrappers, run.basis, run.cfg.gate, run.cfg.overshoot,
-                                      run.grad_mean)
+            projection.project_update(before, run.wrappers, run.basis.V, run.cfg.gate, run.cfg.overshoot,
+                                      run.basis.grad_mean)
 
 
 class Route(Erase):
@@ -200,7 +201,7 @@ class Trusted(Intervention):
     def gradient(self, run) -> dict:
         stats = _project_all(run)
         projection.keep_trusted(run.wrappers, *run.trusted)
-        stats["cout"] = projection.project_all(run.wrappers, run.basis)["cin"]
+        stats["cout"] = projection.project_all(run.wrappers, run.basis.V)["cin"]
         return stats
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from . import distributed, projection
-from .assembly import Run, live_differences
+from .assembly import Run
 from .config import MODES
 from .evaluate import metrics_row as evaluation_row
 from .grpo import SUMS, Rollout, auroc, backward_rollouts, collect_rollouts, detector_stats, repeated_fraction
@@ -79,7 +79,7 @@ def _backward(run: Run, rollouts: list[Rollout], zero_spread: int) -> dict:
 
 def train_step(run: Run, step: int) -> StepResult:
     """One optimizer step on `run`, its hooks called where its intervention acts."""
-    cfg, arm, wrappers, basis = run.cfg, run.arm, run.wrappers, run.basis
+    cfg, arm, wrappers, basis = run.cfg, run.arm, run.wrappers, run.basis.V
     start = time.perf_counter()
     problems = random.Random(f"{cfg.seed}-{step}").sample(run.train, cfg.prompts_per_step)
     rollouts, timings = collect_rollouts(run.model, run.tok, wrappers, distributed.share(run.world, problems),
@@ -100,10 +100,7 @@ def train_step(run: Run, step: int) -> StepResult:
         for r, score in zip(rollouts, projection.hackward_fraction(scored["nll_grad"], basis).tolist()):
             r.hack_score = score
     stats = arm.gradient(run)
-    if cfg.pairs == "live":  # every rank's groups, so every rank rebuilds the same V from them
-        mine = live_differences(cfg, rollouts, scored["nll_grad"])
-        differences = [d for share in distributed.all_gather(run.world, mine) for d in share]
-        run.live = [(s, d) for s, d in run.live if s > step - cfg.live_window] + [(step, differences)]
+    run.basis.observe(step, rollouts, scored["nll_grad"])
     timings["t_project"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoints, distributed, hack_basis, interventions, reporting, sandbox
-from .assembly import Run, assemble, refresh_basis, split_problems
+from .assembly import Run, assemble, split_problems
 from .config import MODES, Config, ConfigError, InputError, make_config, parse_overrides
 from .distributed import World
 from .evaluate import evaluate, metrics_row, save_evaluation
@@ -124,7 +124,7 @@ def _margins_line(margins: dict) -> str:
 
 def summarize(cfg: Config, rows: list[dict], final_eval: dict, complete: bool,
               hack_auroc: float | None = None, notes: dict | None = None) -> tuple[dict, str]:
-    """summary.json content and the plain-text table printed at the end; `notes` (Run.notes) says how
+    """summary.json content and the plain-text table printed at the end; `notes` (Basis.notes) says how
     V was made (its rows' orientation margins, the self pairs)."""
     notes = notes or {}
     tail = rows[-5:]
@@ -268,8 +268,8 @@ def _step(run: Run, step: int) -> tuple[dict, StepResult]:
     cfg = run.cfg
     result = train_step(run, step)
     overlap = evaluation = None
-    if cfg.refresh_every and step % cfg.refresh_every == 0 and step < cfg.steps:
-        overlap = refresh_basis(run, step)
+    if run.basis.due(step):
+        overlap = run.basis.refresh(step, run.model, run.tok, run.wrappers)
     if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps and run.world.main:
         evaluation = evaluate(run.model, run.tok, run.wrappers, run.held_out, cfg, step, cfg.eval_samples,
                               run.workers)
@@ -277,8 +277,7 @@ def _step(run: Run, step: int) -> tuple[dict, StepResult]:
 
 
 def _state(run: Run) -> dict:
-    return checkpoints.training_state(run.wrappers, run.optimizer, run.scheduler, run.basis, run.grad_mean,
-                                      run.live, run.notes)
+    return checkpoints.training_state(run.wrappers, run.optimizer, run.scheduler, run.basis.state())
 
 
 def _loop(run: Run, run_dir: Path, rows: list[dict], stop: list, report: reporting.Report | None) -> None:
@@ -357,7 +356,7 @@ def _run(cfg: Config, preset: str, world: World) -> dict:
         save_evaluation(run_dir, result, cfg.steps, cfg.eval_samples, run.held_out)
         evaluation = metrics_row(result)
         summary, table = summarize(cfg, rows, evaluation, complete=len(rows) == cfg.steps,
-                                   hack_auroc=run_auroc(run_dir), notes=run.notes)
+                                   hack_auroc=run_auroc(run_dir), notes=run.basis.notes)
         write_atomically(run_dir / "summary.json", json.dumps(summary, indent=2))
         write_atomically(run_dir / "summary.txt", table + "\n")
         report.end(cfg.steps, evaluation, summary)
