@@ -3,8 +3,9 @@ buffer it is rebuilt from, its refresh, the controls' redraw, and the smoothed g
 
 `Basis` holds all of it for a run; `assembly` makes one, a step reads `Basis.V` (and the arm's hooks
 its `quarantine` and `grad_mean`), adds to its live buffer (`observe`), and the loop refreshes it
-(`refresh`) when it is due. `cfg.pairs` and `cfg.refresh_every` are read here and nowhere else at
-run time.
+(`refresh`) when it is due. What `cfg.pairs` and `cfg.refresh_every` do to V is decided here alone
+(elsewhere `pairs` is only validated, checked against the trusted baseline, asked whether a pool is
+needed, and printed in the summary's title).
 
 Every V enters the run through `Basis.set` (cached, extracted, refreshed, resumed) on the model's
 device. The gate's memory ḡ is in knob space (docs/method.md, "Projection"): nothing here clears
