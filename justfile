@@ -56,7 +56,8 @@ organism *args:
     python -m projected_grpo.plots out/sweeps/organism
     python -m projected_grpo.results out/sweeps/organism
 
-# the fair test's ladder on the organism (docs/hypotheses/fair-test.md), as run: seed 1 for every rung, seeds 2-3
+# the fair test's ladder on the organism (docs/hypotheses/fair-test.md; superseded by the gate study: it ran at 59c1fff,
+# whose smoothed gate forgot at every refresh, and today's code runs the fixed gate), as run: seed 1 for every rung, seeds 2-3
 # for the references and for each rung that reached the registered 10 points on seed 1 (each sweep skips what is done)
 fair-test:
     #!/usr/bin/env bash
@@ -89,24 +90,40 @@ fair-test-tables:
 # the gate study on the organism (docs/hypotheses/gate-study.md): every arm on seeds 1-3 with a live V, the gate a
 # factor (erase under the smoothed gate and under no_gate, each with its random control and its ceiling), screen+erase,
 # route judged deployed; then its tables in out/gate-study/<question>.md (each sweep skips what is done)
-gate-study seeds="1,2,3":
+gate-study:
     #!/usr/bin/env bash
     set -euo pipefail
     S="python -m projected_grpo.sweep organism --jobs 2 --adam_leak=update --pairs=live --refresh_every=5 --eval_samples=32"
-    $S --seeds {{seeds}} --name gate-study --arms none,screen,erase,erase:random,erase@no_gate,erase@no_gate:random,screen+erase@no_gate,screen+erase@no_gate:random,route,route:capacity
-    $S --seeds {{seeds}} --name gate-study-ceiling --arms erase,erase@no_gate --live_labels=oracle
+    $S --seeds 1,2,3 --name gate-study --arms none,screen,erase,erase:random,erase@no_gate,erase@no_gate:random,screen+erase@no_gate,screen+erase@no_gate:random,route,route:capacity
+    $S --seeds 1,2,3 --name gate-study-ceiling --arms erase,erase@no_gate --live_labels=oracle
+    # seeds 4 and 5 for both arms of every contrast whose interval straddled its bound at n = 3, as registered
+    $S --seeds 4,5 --name gate-study-seeds45 --arms none,erase,erase@no_gate,route,route:capacity
     just gate-study-tables
 
-# the gate study's tables: out/gate-study links both sweeps' runs; one report per registered question
+# the gate study's tables: out/gate-study links seeds 1-3 of every arm (each question's registered reading),
+# out/gate-study-n5 adds seeds 4-5 (the registered reading of the contrasts that straddled their bound at n = 3); one
+# report per registered question in each; plots of each question's arms beside vanilla and screen in
+# out/gate-study-plots/<view>
 gate-study-tables:
     #!/usr/bin/env bash
     set -euo pipefail
-    rm -rf out/gate-study && mkdir -p out/gate-study
+    rm -rf out/gate-study out/gate-study-n5 out/gate-study-views out/gate-study-plots
+    mkdir -p out/gate-study out/gate-study-n5
     for run in out/sweeps/gate-study/organism-* out/sweeps/gate-study-ceiling/organism-*; do ln -s "$PWD/$run" out/gate-study/; done
-    python -m projected_grpo.plots out/gate-study --out out/gate-study-plots
-    for question in mechanism smoothed no_gate against-screen route; do
-        python -m projected_grpo.results out/gate-study --hypothesis docs/hypotheses/gate-study/$question.json \
-            --plots out/gate-study-plots --out out/gate-study/$question.md
+    for run in out/sweeps/gate-study*/organism-*; do ln -s "$PWD/$run" out/gate-study-n5/; done
+    for reading in gate-study gate-study-n5; do
+        for question in mechanism smoothed no_gate against-screen route; do
+            python -m projected_grpo.results out/$reading --hypothesis docs/hypotheses/gate-study/$question.json \
+                --out out/$reading/$question.md
+        done
+    done
+    declare -A views=([smoothed]="erase-s erase-random-s erase-ceiling-s" [no_gate]="erase@no_gate-s erase@no_gate-random-s erase@no_gate-ceiling-s" [screen]="screen+erase@no_gate-s screen+erase@no_gate-random-s" [route]="route-s route-capacity-s")
+    for view in "${!views[@]}"; do
+        mkdir -p out/gate-study-views/$view
+        for arm in none-s screen-s ${views[$view]}; do
+            for run in out/gate-study/organism-$arm[0-9]*; do ln -s "$(readlink -f $run)" out/gate-study-views/$view/; done
+        done
+        python -m projected_grpo.plots out/gate-study-views/$view --out out/gate-study-plots/$view
     done
 
 # one GPU: Qwen3 in bf16, erase arm
