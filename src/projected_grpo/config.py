@@ -87,7 +87,7 @@ class Config:
     gate: str = "one_sided"  # one_sided: remove only hack-ward motion; no_gate: both signs; reverse: flip it;
     # smoothed: remove a row's component while the running mean of that coordinate is hack-ward (one_sided on
     # minibatch noise rectifies it into a steady drift, which Adam turns into lr-sized steps: docs/organism.md)
-    gate_beta: float = 0.9  # smoothed gate: decay of the running mean of each row's coordinate c = V g
+    gate_beta: float = 0.9  # smoothed gate: decay of ḡ, the running mean of the raw knob gradient (the trend is V ḡ)
     overshoot: float = 1.0  # scale of what is removed (>1 pushes away from hacking)
     preserve_magnitude: bool = False  # rescale the projected gradient to the original norm
     adam_leak: str = "none"  # none; moments: clear span(V) from Adam's exp_avg; update: project the step itself
