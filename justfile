@@ -56,8 +56,9 @@ organism *args:
     python -m projected_grpo.plots out/sweeps/organism
     python -m projected_grpo.results out/sweeps/organism
 
-# the fair test's ladder on the organism (docs/hypotheses/fair-test.md; superseded by the gate study: it ran at 59c1fff,
-# whose smoothed gate forgot at every refresh, and today's code runs the fixed gate), as run: seed 1 for every rung, seeds 2-3
+# the fair test's ladder on the organism (docs/hypotheses/fair-test.md; it ran at 59c1fff, whose smoothed gate forgot at
+# every refresh: rungs a-c never refreshed and rebuild as they were, the live rungs d-f, superseded by the gate study, now
+# run under the fixed gate), as run: seed 1 for every rung, seeds 2-3
 # for the references and for each rung that reached the registered 10 points on seed 1 (each sweep skips what is done)
 fair-test:
     #!/usr/bin/env bash

@@ -258,3 +258,21 @@ def test_a_refreshed_random_control_draws_new_rows():
     again = run_basis.live_basis(cfg, live).V["layer"]
     later = run_basis.live_basis(cfg, [*live, (6, [])]).V["layer"]
     assert torch.equal(first, again) and not torch.allclose(first, later)
+
+
+def test_a_checkpoint_from_before_the_knob_space_gate_resumes_only_if_its_gate_remembered_nothing(tmp_path, tiny):
+    _, _, wrappers = tiny
+    optimizer = torch.optim.AdamW([p for layer in wrappers.values() for p in (layer.delta_s, layer.delta_s_hack)])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    empty = run_basis.Basis(make_config("smoke"), distributed.SINGLE, [])
+    state = checkpoints.training_state(wrappers, optimizer, scheduler, empty.state())
+    path = checkpoints.save(tmp_path, 2, state, [{"step": 2}])
+    for trend, resumes in (({}, True), ({"layer": torch.ones(3)}, False)):
+        old = torch.load(path / "state.pt", weights_only=False)
+        old.pop("grad_mean", None)
+        torch.save({**old, "trend": trend}, path / "state.pt")
+        if resumes:
+            assert checkpoints.load(path, wrappers, optimizer, scheduler)["grad_mean"] == {}
+        else:
+            with pytest.raises(ConfigError, match="before the smoothed gate kept its memory in knob space"):
+                checkpoints.load(path, wrappers, optimizer, scheduler)

@@ -248,6 +248,9 @@ def test_a_gate_other_than_the_presets_is_another_arm_that_a_claim_can_name(tmp_
     assert rows["erase"][1].startswith("0.400") and rows["erase@no_gate"][1].startswith("0.150")
     assert "erase@no_gate:random" in rows
     assert "Δhack(erase@no_gate - erase@no_gate:random) ≤ -0.050: -0.150 [" in report
+    # vanilla's gate changes nothing it trains: it stays vanilla, the arm every Δ is taken against
+    make_run(tmp_path, "van3", seed=3, hack=0.5, gate="no_gate")
+    assert table_rows(build_report(tmp_path, hypothesis), "## preset=fast")["none"][0] == "3"
     with pytest.raises(ResultsError, match="unknown gate 'sideways'"):
         parse_hypothesis({"name": "h", "claims": [{"arm": "erase@sideways", "vs": "none", "metric": "hack",
                                                    "at_most": 0}]}, "h.json")

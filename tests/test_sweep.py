@@ -261,3 +261,10 @@ def test_an_arm_with_a_gate_runs_under_it_and_is_named_for_it(tmp_path):
     assert "gate" not in runs[1].overrides and runs[1].overrides["intervention"] == "screen+erase"
     with pytest.raises(sweep.SweepError, match="give a run's gate once"):
         sweep.expand_grid("organism", sweep.parse_arms("erase@no_gate"), [1], None, {"gate": "smoothed"}, tmp_path)
+    with pytest.raises(sweep.SweepError, match="smoothed is the organism preset's gate; write the arm without"):
+        sweep.expand_grid("organism", sweep.parse_arms("erase@smoothed"), [1], None, {}, tmp_path)
+    with pytest.raises(sweep.SweepError, match="none does not train with V"):
+        sweep.parse_arms("none@no_gate")
+    # A gate given to the whole sweep names its runs as the arm label results will give them.
+    runs = sweep.expand_grid("organism", sweep.parse_arms("erase"), [1], None, {"gate": "no_gate"}, tmp_path)
+    assert runs[0].name == "organism-erase@no_gate-s1"

@@ -92,8 +92,10 @@ def load(checkpoint: Path, wrappers, optimizer, scheduler) -> dict:
         raise ConfigError(f"--resume: checkpoint {checkpoint} cannot be loaded ({e}); delete it to resume from "
                           f"the one before, or start the run again") from None
     if "grad_mean" not in state:
-        # Its gate kept its memory in V's coordinates, cleared at each refresh: another method, not resumable here.
-        raise ConfigError(f"--resume: checkpoint {checkpoint} was written before the smoothed gate kept its memory "
-                          f"in knob space (it has no grad_mean); finish the run with the version that started it, "
-                          f"or start it again")
+        if state.get("trend"):
+            # Its smoothed gate kept its memory in V's coordinates, cleared at each refresh: another method.
+            raise ConfigError(f"--resume: checkpoint {checkpoint} was written before the smoothed gate kept its "
+                              f"memory in knob space (it has a trend, no grad_mean); finish the run with the version "
+                              f"that started it, or start it again")
+        state["grad_mean"] = {}  # an older checkpoint whose gate remembered nothing loses nothing
     return state

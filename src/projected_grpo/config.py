@@ -243,7 +243,8 @@ def make_config(preset: str, overrides: dict[str, str] | None = None) -> Config:
             raise ConfigError(f"unknown field --{name}{hint}")
         values[name] = _parse_value(by_name[name], raw)
     cfg = Config(**values)
-    cfg.run_name = cfg.run_name or run_name(preset, cfg.intervention, cfg.control, cfg.seed,
+    gate = "" if cfg.gate == PRESETS[preset].get("gate", Config.gate) else f"@{cfg.gate}"  # as sweeps name it
+    cfg.run_name = cfg.run_name or run_name(preset, cfg.intervention + gate, cfg.control, cfg.seed,
                                             ceiling=cfg.live_labels == "oracle")
     validate(cfg)
     return cfg
@@ -259,8 +260,8 @@ def run_name(preset: str, intervention: str, control: str, seed: int, left_out: 
 
 
 def arm_name(intervention: str, control: str) -> str:
-    """How an arm is written everywhere (sweep, tables, hypothesis files): intervention[@gate][:control], the
-    gate written only where it is not the preset's (split_gate)."""
+    """How an arm is written everywhere (sweep, tables, hypothesis files): intervention[:control], where the
+    intervention may carry a gate other than its preset's (`erase@no_gate`, split_gate)."""
     return intervention if control == "none" else f"{intervention}:{control}"
 
 

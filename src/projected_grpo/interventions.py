@@ -108,11 +108,12 @@ def parse(text: str) -> tuple[str, str]:
     """An arm's text (`intervention[@gate][:control]`) checked against the registry and config's controls
     and gates; a composite's parts must compose."""
     intervention, control = parse_arm(text)
-    name = split_gate(intervention)[0]
+    name, gate = split_gate(intervention)
     for part in name.split("+"):
         if part not in REGISTRY:
             raise ConfigError(f"unknown intervention {part!r} in arm {text!r}; registered: {', '.join(REGISTRY)}")
-    get(name)
+    if not get(name).uses_basis and gate:
+        raise ConfigError(f"arm {text!r}: {name} does not train with V, so a gate would change only its logging")
     return intervention, control
 
 

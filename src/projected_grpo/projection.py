@@ -266,6 +266,8 @@ def project_update(before: dict[str, torch.Tensor], wrappers: dict, basis: dict[
     the step's: a row acts on the step while its trend V ḡ is hack-ward, ḡ being project_all's
     running mean of the raw gradient, this step's included; a layer without one acts nowhere.
     """
+    if gate == "smoothed" and grad_mean is None:
+        raise ValueError("the smoothed gate needs the raw gradient's running mean (grad_mean)")
     steps = _descent(before, wrappers)
     for name, V in basis.items():
         if name not in steps:

@@ -25,6 +25,7 @@ rest are listed with the reason, so a crashed or running job can never skew a nu
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -91,13 +92,26 @@ class Run:
 
     @property
     def arm(self) -> tuple[str, str]:
-        """(intervention[@gate], control): the gate written where it is not the preset's, so two gates are two
-        arms; a run whose basis knew the oracle's labels is its intervention's ceiling."""
+        """(intervention[@gate], control): the gate written where it is not the preset's and the arm trains with V
+        (only there can it change a run), so two gates are two arms; a run whose basis knew the oracle's labels is
+        its intervention's ceiling."""
         config = self.config
         preset_gate = PRESETS.get(config["preset"], {}).get("gate", Config.gate)
         gate = config.get("gate", preset_gate)
-        intervention = config["intervention"] + ("" if gate == preset_gate else f"@{gate}")
-        return (intervention, CEILING if is_ceiling(config) else config["control"])
+        shown = gate != preset_gate and _uses_basis(config["intervention"])
+        return (config["intervention"] + (f"@{gate}" if shown else ""), CEILING if is_ceiling(config) else
+                config["control"])
+
+
+@functools.cache
+def _uses_basis(intervention: str) -> bool:
+    """Whether V shapes the arm's update; an arm the registry does not know (one a test registered) is assumed to."""
+    from projected_grpo import interventions  # the registry (torch): only a run under another gate needs it
+
+    try:
+        return interventions.get(intervention).uses_basis
+    except ValueError:
+        return True
 
 
 def is_ceiling(config: dict) -> bool:
