@@ -243,9 +243,8 @@ def make_config(preset: str, overrides: dict[str, str] | None = None) -> Config:
             raise ConfigError(f"unknown field --{name}{hint}")
         values[name] = _parse_value(by_name[name], raw)
     cfg = Config(**values)
-    gate = "" if cfg.gate == PRESETS[preset].get("gate", Config.gate) else f"@{cfg.gate}"  # as sweeps name it
-    cfg.run_name = cfg.run_name or run_name(preset, cfg.intervention + gate, cfg.control, cfg.seed,
-                                            ceiling=cfg.live_labels == "oracle")
+    cfg.run_name = cfg.run_name or run_name(preset, with_gate(cfg.intervention, cfg.gate, preset), cfg.control,
+                                            cfg.seed, ceiling=cfg.live_labels == "oracle")
     validate(cfg)
     return cfg
 
@@ -263,6 +262,11 @@ def arm_name(intervention: str, control: str) -> str:
     """How an arm is written everywhere (sweep, tables, hypothesis files): intervention[:control], where the
     intervention may carry a gate other than its preset's (`erase@no_gate`, split_gate)."""
     return intervention if control == "none" else f"{intervention}:{control}"
+
+
+def with_gate(intervention: str, gate: str, preset: str) -> str:
+    """`erase@no_gate` where the gate is not the preset's, else `erase`: how runs are named and labelled."""
+    return intervention if gate == PRESETS.get(preset, {}).get("gate", Config.gate) else f"{intervention}@{gate}"
 
 
 def split_gate(intervention: str) -> tuple[str, str | None]:

@@ -37,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from projected_grpo.config import CONTROLS, MODES, PRESETS, Config, arm_name
+from projected_grpo.config import CONTROLS, MODES, arm_name, with_gate
 
 LAST_STEPS = 5
 ROLLING = 10  # steps in the trailing mean that times the rise, and in vanilla's first and last windows
@@ -95,12 +95,11 @@ class Run:
         """(intervention[@gate], control): the gate written where it is not the preset's and the arm trains with V
         (only there can it change a run), so two gates are two arms; a run whose basis knew the oracle's labels is
         its intervention's ceiling."""
-        config = self.config
-        preset_gate = PRESETS.get(config["preset"], {}).get("gate", Config.gate)
-        gate = config.get("gate", preset_gate)
-        shown = gate != preset_gate and _uses_basis(config["intervention"])
-        return (config["intervention"] + (f"@{gate}" if shown else ""), CEILING if is_ceiling(config) else
-                config["control"])
+        config, intervention = self.config, self.config["intervention"]
+        labelled = with_gate(intervention, config["gate"], config["preset"]) if "gate" in config else intervention
+        if labelled != intervention and not _uses_basis(intervention):
+            labelled = intervention
+        return (labelled, CEILING if is_ceiling(config) else config["control"])
 
 
 @functools.cache

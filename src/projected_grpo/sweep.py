@@ -31,7 +31,6 @@ from pathlib import Path
 
 from . import __version__, checkpoints, interventions, reporting
 from .config import (
-    PRESETS,
     Config,
     ConfigError,
     InputError,
@@ -40,6 +39,7 @@ from .config import (
     parse_overrides,
     run_name,
     split_gate,
+    with_gate,
 )
 from .distributed import available_cores
 from .files import write_atomically
@@ -106,22 +106,21 @@ def expand_grid(preset: str, arms: list[tuple[str, str]], seeds: list[int], lomo
                 overrides: dict[str, str], sweep_dir: Path) -> list[PlannedRun]:
     """One run per (left-out mode,) seed and arm. Seeds vary slowest within a mode, so a sweep cut
     short already holds every arm of its first seeds: complete same-seed comparisons."""
-    runs, preset_gate = [], PRESETS.get(preset, {}).get("gate", Config.gate)
+    runs = []
     for left_out in lomo_modes or [None]:
         for seed in seeds:
             for intervention, control in arms:
                 arm, gate = split_gate(intervention)
                 if gate and "gate" in overrides:
                     raise SweepError(f"--arms {intervention} and --gate={overrides['gate']}: give a run's gate once")
-                if gate == preset_gate:
+                if gate and with_gate(arm, gate, preset) == arm:
                     raise SweepError(f"--arms {intervention}: {gate} is the {preset} preset's gate; write the arm "
                                      f"without @{gate}")
-                gate = gate or overrides.get("gate", preset_gate)
-                name = run_name(preset, arm if gate == preset_gate else f"{arm}@{gate}", control, seed, left_out,
+                run_gate = gate or overrides.get("gate")  # the arm's, or the one every run of the sweep gets
+                name = run_name(preset, with_gate(arm, run_gate, preset) if run_gate else arm, control, seed, left_out,
                                 ceiling=overrides.get("live_labels") == "oracle")
                 run_fields = {**overrides, "seed": str(seed), "intervention": arm, "control": control,
-                              "run_name": name, "out_dir": str(sweep_dir),
-                              **({"gate": gate} if gate != preset_gate else {})}
+                              "run_name": name, "out_dir": str(sweep_dir), **({"gate": gate} if gate else {})}
                 if left_out:
                     run_fields["basis_modes"] = ",".join(m for m in lomo_modes if m != left_out)
                 runs.append(PlannedRun(name, run_fields))
