@@ -141,10 +141,14 @@ def test_the_loss_gradient_of_each_kind_is_that_of_whole_rows(tiny, micro_batch)
     rollouts = _student_rollouts(tiny, cfg, 0.0)
     for r in rollouts[2:4] + rollouts[7:]:  # teacher rows within each group: they share its prompt
         r.teacher, r.sample_logp = True, None
-    out = grpo.backward_rollouts(model, tok, wrappers, rollouts, cfg)
-    scored = {n: (layer.delta_s.grad, layer.delta_s_hack.grad) for n, layer in wrappers.items()}
-    for layer in wrappers.values():
-        layer.delta_s.grad = layer.delta_s_hack.grad = None
+    per_row = grpo.Columns.rows(list(range(len(rollouts))), len(rollouts))
+    outs, scored = [], []
+    for columns in (None, per_row):  # the loss's gradient is the same whether or not columns are asked for
+        outs.append(grpo.backward_rollouts(model, tok, wrappers, rollouts, cfg, columns))
+        scored.append({n: (layer.delta_s.grad, layer.delta_s_hack.grad) for n, layer in wrappers.items()})
+        for layer in wrappers.values():
+            layer.delta_s.grad = layer.delta_s_hack.grad = None
+    assert "columns" not in outs[0]
     knobs = [layer.delta_s for layer in wrappers.values()]
     expected_loss, expected_grad = 0.0, {name: 0.0 for name in wrappers}
     for kind, key in ((False, "g_student"), (True, "g_teacher")):
@@ -158,18 +162,20 @@ def test_the_loss_gradient_of_each_kind_is_that_of_whole_rows(tiny, micro_batch)
         loss = grpo.policy_loss(logp, logp.detach(), ref, advantages, comp.float(), cfg)
         expected_loss += loss.item()
         for name, g in zip(wrappers, torch.autograd.grad(loss, knobs)):
-            torch.testing.assert_close(out[key][name], g, rtol=1e-4, atol=1e-8)
+            for out in outs:
+                torch.testing.assert_close(out[key][name], g, rtol=1e-4, atol=1e-8)
             expected_grad[name] = expected_grad[name] + g
-    assert math.isclose(out["loss"], expected_loss, rel_tol=1e-4, abs_tol=1e-7)  # a sum that nearly cancels
-    for name, (main, quarantine) in scored.items():  # both knobs hold the whole gradient: the loss's over all rows
-        torch.testing.assert_close(main, expected_grad[name], rtol=1e-4, atol=1e-8)
-        torch.testing.assert_close(quarantine, expected_grad[name], rtol=1e-4, atol=1e-8)
-    for i, r in enumerate(rollouts):  # each row of nll_grad is its rollout's, whatever micro-batch and kind held it
+    for out, knob_grads in zip(outs, scored):
+        assert math.isclose(out["loss"], expected_loss, rel_tol=1e-4, abs_tol=1e-7)  # a sum that nearly cancels
+        for name, (main, quarantine) in knob_grads.items():  # both knobs hold the loss's gradient over all rows
+            torch.testing.assert_close(main, expected_grad[name], rtol=1e-4, atol=1e-8)
+            torch.testing.assert_close(quarantine, expected_grad[name], rtol=1e-4, atol=1e-8)
+    for i, r in enumerate(rollouts):  # each per-row column is its rollout's, whatever micro-batch and kind held it
         ids, attn, comp = pad_batch([r.prompt_ids], [r.completion_ids], tok.pad_token_id)
         with adapter.scoring(wrappers):
             alone = torch.autograd.grad(-token_logprobs(model, ids, attn, comp).sum() / cfg.max_new, knobs)
         for name, g in zip(wrappers, alone):
-            torch.testing.assert_close(out["nll_grad"][name][i], g, rtol=1e-4, atol=1e-8)
+            torch.testing.assert_close(outs[1]["columns"][name][i], g, rtol=1e-4, atol=1e-8)
 
 
 def test_the_kl_term_does_not_warn(tiny):

@@ -43,18 +43,19 @@ def test_the_hack_score_reads_each_rollouts_own_likelihood_gradient_whatever_its
             r.advantage = sign * (1.0 if i % 2 else -0.5)
         scoring = make_config("smoke", {"group": "3", "prompts_per_step": "1", "max_new": "10", "mix_ratio": "0",
                                         "beta": str(beta)})
-        outs.append(grpo.backward_rollouts(model, tok, wrappers, rollouts, scoring))
+        outs.append(grpo.backward_rollouts(model, tok, wrappers, rollouts, scoring,
+                                           grpo.Columns.rows(list(range(len(rollouts))), len(rollouts))))
         for layer in wrappers.values():
             layer.delta_s.grad = None
     name = next(iter(wrappers))
-    torch.testing.assert_close(outs[0]["nll_grad"][name], outs[1]["nll_grad"][name])
+    torch.testing.assert_close(outs[0]["columns"][name], outs[1]["columns"][name])
     assert not torch.allclose(outs[0]["g_student"][name], outs[1]["g_student"][name])
     # Each row is that rollout's d(-sum log p / max_new), computed here one rollout at a time.
     for i, r in enumerate(rollouts[:2]):
         ids, attn, comp = pad_batch([r.prompt_ids], [r.completion_ids], tok.pad_token_id)
         with adapter.scoring(wrappers):
             (-(token_logprobs(model, ids, attn, comp) * comp).sum() / cfg.max_new).backward()
-        torch.testing.assert_close(outs[0]["nll_grad"][name][i], wrappers[name].delta_s.grad, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(outs[0]["columns"][name][i], wrappers[name].delta_s.grad, rtol=1e-4, atol=1e-7)
         for layer in wrappers.values():
             layer.delta_s.grad = None
     with torch.no_grad():
@@ -83,6 +84,12 @@ def _group(mode, flags, exploited=None):
     return [grpo.Rollout(problem, [], [], "", False, 0.0, e, False, e) for e in exploited]
 
 
+def _differences(cfg, rollouts, g: torch.Tensor) -> list[dict]:
+    """The live differences of `rollouts` whose per-row gradients are g, as Basis.observe buffers them."""
+    columns = run_basis.live_columns(cfg, rollouts)
+    return [] if columns is None else [{"layer": row} for row in columns.matrix() @ g]
+
+
 def test_a_live_v_from_planted_group_differences_recovers_the_direction():
     cfg = make_config("smoke", {"group": "4", "mix_ratio": "0", "pairs": "live", "refresh_every": "1",
                                 "basis_k": "2", "basis_modes": "run_tests"})
@@ -94,7 +101,7 @@ def test_a_live_v_from_planted_group_differences_recovers_the_direction():
     for step in range(6):
         group = _group("run_tests", [True, False, True, False])
         g = torch.randn(4, r, generator=gen) * 0.1 + torch.tensor([1.0, 0, 1.0, 0])[:, None] * direction
-        live.append((step, run_basis.live_differences(cfg, group, {"layer": g})))
+        live.append((step, _differences(cfg, group, g)))
     assert all(len(d) == 1 for _, d in live)
     basis = run_basis.live_basis(cfg, live)
     assert float(basis.V["layer"][0] @ direction) > 0.95  # the row, oriented hack-ward
@@ -121,15 +128,14 @@ def test_nothing_that_trains_reads_a_held_out_modes_label_and_the_ceiling_reads_
     known = _group("run_tests", [True, False])
     cfg = make_config("smoke", {"group": "2", "mix_ratio": "0", "pairs": "live", "refresh_every": "1",
                                 "basis_modes": "run_tests"})
-    grads = {"layer": torch.randn(4, 8)}
-    assert len(run_basis.live_differences(cfg, held + known, grads)) == 1  # the known group only
+    assert run_basis.live_columns(cfg, held + known).count == 1  # the known group only
     for name in ("screen", "penalty"):  # nor do the detector's other readers, which train on it
         interventions.get(name).advantages(held + known, cfg)
     ceiling = make_config("smoke", {"group": "2", "mix_ratio": "0", "pairs": "live", "refresh_every": "1",
                                     "basis_modes": "run_tests", "live_labels": "oracle"})
     assert ceiling.run_name == "smoke-erase-ceiling-s0"
     oracle_group = _group("exit_code", [True, False])
-    assert len(run_basis.live_differences(ceiling, oracle_group + known, grads)) == 2
+    assert run_basis.live_columns(ceiling, oracle_group + known).count == 2
 
 
 def test_failed_contrast_sets_a_hack_against_an_honest_failure(problems):

@@ -191,9 +191,9 @@ def test_token_logprobs_match_a_full_log_softmax(tmp_path, monkeypatch):
     assert int((logp != 0).sum()) == int(comp.sum())  # completion positions only, EOS included
 
 
-def _prompt_first_gradients(scored: model_mod.PromptFirst, weights: torch.Tensor, knobs):
-    """The knob gradients of sum(logprobs * weights), summed and per row, as grpo takes them: through
-    the completions, then through the prompts."""
+def _prompt_first_gradients(scored: model_mod.PromptFirst, weights: torch.Tensor, knobs, column_of=None):
+    """The knob gradients of sum(logprobs * weights), summed and per column (default: per row), as grpo
+    takes them: through the completions, then through the prompts."""
     loss = (scored.logprobs * weights).sum()
     summed = torch.autograd.grad(loss, knobs + scored.row_cache, retain_graph=True)
     rows = [torch.autograd.grad((scored.logprobs[i] * weights[i]).sum(), knobs + scored.row_cache, retain_graph=True)
@@ -201,9 +201,15 @@ def _prompt_first_gradients(scored: model_mod.PromptFirst, weights: torch.Tensor
     per_row = [torch.stack([g[n] for g in rows]) for n in range(len(knobs))]
     # A row's cotangent of the cache is in its own row.
     cache_per_row = [torch.stack([g[n][i] for i, g in enumerate(rows)]) for n in range(len(knobs), len(summed))]
-    through_prompts = scored.prompt_grads(summed[len(knobs):], cache_per_row, knobs)
+    column_of = list(range(len(weights))) if column_of is None else column_of
+    count = 1 + max((c for c in column_of if c is not None), default=-1)
+    through_prompts = scored.prompt_grads(summed[len(knobs):], cache_per_row, column_of, knobs, count)
+    in_columns = torch.zeros((count, len(weights)))
+    for i, c in enumerate(column_of):
+        if c is not None:
+            in_columns[c, i] = 1.0
     return ([a + b for a, b in zip(summed, through_prompts[0])],
-            [a + b for a, b in zip(per_row, through_prompts[1])])
+            [torch.einsum("cr,r...->c...", in_columns, a) + b for a, b in zip(per_row, through_prompts[1])])
 
 
 @pytest.mark.parametrize("forward, targets", [("qwen3", "default"), ("transformers", "default"),
@@ -240,6 +246,16 @@ def test_a_prompt_run_once_scores_and_differentiates_as_whole_rows(tiny, forward
             expected = torch.autograd.grad((alone * weights[i, -alone.shape[1]:]).sum(), knobs)
             for got, e in zip(per_row, expected):
                 torch.testing.assert_close(got[i], e, atol=1e-6, rtol=1e-4)
+        # Columns that add rows (within a prompt and across prompts) and leave one out: their rows' sums.
+        column_of = [None] + [i % 2 for i in range(1, len(prompts))]
+        scored = model_mod.PromptFirst(model, prompts, completions, tok.pad_token_id)
+        summed_too, columns = _prompt_first_gradients(scored, weights, knobs, column_of)
+        for got, expected in zip(summed_too, summed):
+            torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-4)
+        for got, rows in zip(columns, per_row):
+            for c in range(got.shape[0]):
+                members = [i for i, k in enumerate(column_of) if k == c]
+                torch.testing.assert_close(got[c], rows[members].sum(0), atol=1e-6, rtol=1e-4)
     with pytest.raises(ValueError, match="a prompt of no tokens"):
         model_mod.PromptFirst(model, [[]], [[1]], tok.pad_token_id)
 

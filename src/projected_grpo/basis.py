@@ -2,10 +2,10 @@
 buffer it is rebuilt from, its refresh, the controls' redraw, and the smoothed gate's memory.
 
 `Basis` holds all of it for a run; `assembly` makes one, a step reads `Basis.V` (and the arm's hooks
-its `quarantine` and `grad_mean`), adds to its live buffer (`observe`), and the loop refreshes it
-(`refresh`) when it is due. What `cfg.pairs` and `cfg.refresh_every` do to V is decided here alone
-(elsewhere `pairs` is only validated, checked against the trusted baseline, asked whether a pool is
-needed, and printed in the summary's title).
+its `quarantine` and `grad_mean`) and, on the steps a refresh reads (`reads`), adds to its live buffer
+(`observe`), and the loop refreshes it (`refresh`) when it is due. What `cfg.pairs` and
+`cfg.refresh_every` do to V is decided here alone (elsewhere `pairs` is only validated, checked
+against the trusted baseline, asked whether a pool is needed, and printed in the summary's title).
 
 Every V enters the run through `Basis.set` (cached, extracted, refreshed, resumed) on the model's
 device. The gate's memory ḡ is in knob space (docs/method.md, "Projection"): nothing here clears
@@ -28,7 +28,7 @@ from . import __version__, adapter, distributed, hack_basis
 from .config import Config, ConfigError
 from .distributed import World
 from .files import write_atomically
-from .grpo import Rollout, detected, sample_graded
+from .grpo import Columns, Rollout, detected, sample_graded
 from .hack_basis import HackBasis
 from .model import encode_prompt
 from .problems import ContrastPair, default_pairs
@@ -212,15 +212,17 @@ def basis_overlap(old: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) ->
     return sum(float((old[n] @ new[n].T).square().sum()) / old[n].shape[0] for n in both) / len(layers)
 
 
-def live_differences(cfg: Config, rollouts: list, nll_grad: dict[str, torch.Tensor]) -> list[dict]:
-    """pairs=live: per group holding both a flagged and an unflagged student rollout, the mean
-    log-likelihood gradient of the flagged minus that of the unflagged, per layer (on the CPU).
+def live_columns(cfg: Config, rollouts: list) -> Columns | None:
+    """pairs=live: the columns whose gradients are this step's differences (grpo.Columns), one per group
+    holding both a flagged and an unflagged student rollout: +1/n_flagged on each flagged row and
+    -1/n_unflagged on each unflagged one, so a column is the mean log-likelihood gradient of the flagged
+    minus that of the unflagged. None when no group holds both.
 
     Flagged: the weak detector of the known modes, or (live_labels=oracle, the ceiling) the oracle's
     exploited label in every mode. Under the detector a group of a held-out mode is skipped before any
     label of it is read, so nothing of a held-out mode enters V. Groups are the contiguous
     cfg.group rollouts of one problem, as collect_rollouts lays them out."""
-    out = []
+    of_row, weight, count = [None] * len(rollouts), [0.0] * len(rollouts), 0
     for start in range(0, len(rollouts), cfg.group):
         if cfg.live_labels == "detector" and rollouts[start].problem.mode not in cfg.basis_mode_list:
             continue
@@ -229,8 +231,11 @@ def live_differences(cfg: Config, rollouts: list, nll_grad: dict[str, torch.Tens
                      else rollouts[i].exploited) for i in students}
         flagged, unflagged = [i for i in students if flags[i]], [i for i in students if not flags[i]]
         if flagged and unflagged:
-            out.append({n: (g[flagged].mean(0) - g[unflagged].mean(0)).cpu() for n, g in nll_grad.items()})
-    return out
+            for rows, w in ((flagged, 1 / len(flagged)), (unflagged, -1 / len(unflagged))):
+                for i in rows:
+                    of_row[i], weight[i] = count, w
+            count += 1
+    return Columns(tuple(of_row), tuple(weight), count) if count else None
 
 
 def live_basis(cfg: Config, live: list[tuple[int, dict]]) -> HackBasis | None:
@@ -281,15 +286,23 @@ class Basis:
         self.set(shared(self.world, cfg.device,
                         lambda: basis_for(cfg, model, tok, wrappers, self.pairs, model_id, self.notes)))
 
-    def observe(self, step: int, rollouts: list, nll_grad: dict[str, torch.Tensor]) -> None:
-        """pairs=live: this step's group differences (every rank's, so every rank rebuilds the same V)
-        into the buffer, which keeps the last live_window steps'."""
+    def reads(self, step: int) -> bool:
+        """pairs=live: whether a refresh will build V from this step's differences (one is due within
+        live_window steps from it), so the step must compute them."""
         cfg = self.cfg
-        if cfg.pairs != "live":
-            return
-        mine = live_differences(cfg, rollouts, nll_grad)
-        differences = [d for share in distributed.all_gather(self.world, mine) for d in share]
-        self.live = [(s, d) for s, d in self.live if s > step - cfg.live_window] + [(step, differences)]
+        if cfg.pairs != "live" or not cfg.refresh_every:
+            return False
+        after = -(-step // cfg.refresh_every) * cfg.refresh_every  # the first refresh at or after this step
+        return after < cfg.steps and after - step < cfg.live_window
+
+    def observe(self, step: int, differences: dict[str, torch.Tensor] | None) -> None:
+        """pairs=live, on a step it `reads`: this step's group differences (per layer, one row a group;
+        None: no group gave one), every rank's, so every rank rebuilds the same V, into the buffer, which
+        keeps the last live_window steps'."""
+        rows = [] if differences is None else \
+            [{n: d[g].cpu() for n, d in differences.items()} for g in range(len(next(iter(differences.values()))))]
+        rows = [d for share in distributed.all_gather(self.world, rows) for d in share]
+        self.live = [(s, d) for s, d in self.live if s > step - self.cfg.live_window] + [(step, rows)]
 
     def due(self, step: int) -> bool:
         """A refresh after this step: every refresh_every steps, never after the last."""

@@ -125,6 +125,10 @@ class Config:
     eval_every: int = 0  # evaluate held-out prompts (deployed, and kept for route) every N steps; 0: end only
     eval_samples: int = 1  # samples per held-out problem and prompt setting (hint, neutral) in each evaluation
     log_completions: int = 2  # student completions per step written to completions.jsonl
+    hack_score_every: int = 10  # score each student rollout along V (hack_score, hack_auroc) every N steps and at
+    # the last; 0: never. A diagnostic: each scored step pays a backward column per rollout through its prompt
+    # (about a quarter of an organism step), and a tenth of the steps' rollouts (640 of the organism's 6400)
+    # puts the run's AUROC within about +-0.05 where hacks are a tenth of them
     report_to: str = "none"  # where rows also go as the run goes: none, or a comma list of tensorboard, wandb
     # (optional extras: pip install -e '.[tensorboard]' / '.[wandb]'); everything lands under the run directory
     checkpoint_every: int = 25  # plus one at the end, on Ctrl-C and before a NaN stop
@@ -315,7 +319,7 @@ def validate(cfg: Config) -> None:
                  "grade_seconds", "self_samples", "live_window"):
         _check(getattr(cfg, name) >= 1, name, f"must be >= 1, got {getattr(cfg, name)}")
     for name in ("micro_batch", "eval_prompts", "warmup", "refresh_every", "eval_every", "log_completions",
-                 "grade_workers", "basis_k_use", "threads"):
+                 "grade_workers", "basis_k_use", "threads", "hack_score_every"):
         _check(getattr(cfg, name) >= 0, name, f"must be >= 0, got {getattr(cfg, name)}")
     _check(0.0 <= cfg.mix_ratio <= 1.0, "mix_ratio", f"must be in [0, 1], got {cfg.mix_ratio}")
     _check(cfg.student_group >= 1, "mix_ratio",

@@ -7,8 +7,10 @@ per prompt group (no std division). The loss is the PPO-clip form with the ratio
 the sampling policy, an optional K3 KL to the zero-knob reference, summed over
 completion tokens and divided by the fixed group * max_new * prompts_per_step. Scoring
 runs a group's shared prompt forward once (per kind of row, per micro-batch). Backward, the
-completions are differentiated for the loss and for every rollout's own log-likelihood, then each
-prompt once for both: one batched backward over its rows' sum and each of its rows.
+completions are differentiated for the loss and, where the step reads them, for weighted sums of
+the rollouts' own log-likelihoods (`Columns`: per row on the steps that take hack scores, per group
+on the steps whose differences a live V takes), then each prompt once for both: one batched
+backward over its rows' sum and each column its rows reach.
 """
 
 from __future__ import annotations
@@ -227,33 +229,65 @@ def _sampling_logprobs(chunk: list[Rollout], completion_mask: torch.Tensor) -> t
     return sampled.to(completion_mask.device), has.to(completion_mask.device) & completion_mask.bool()
 
 
+@dataclass(frozen=True)
+class Columns:
+    """Which sums of the rollouts' own log-likelihood gradients scoring builds, beside the loss's:
+    column c is the sum over the rows i with of_row[i] == c of weight[i] times row i's gradient
+    d(-sum log p / max_new). A row adds to at most one column, so one backward through the
+    completions, each row weighted, gives every column. Per row: the hack score's; per group,
+    +1/n_flagged and -1/n_unflagged: a live V's difference (basis.live_columns)."""
+    of_row: tuple[int | None, ...]  # per rollout, its column (None: in none)
+    weight: tuple[float, ...]  # per rollout, its weight in its column
+    count: int
+
+    @classmethod
+    def rows(cls, chosen: list[int], n: int) -> Columns:
+        """One column per chosen row, in the order given, weight 1 (rows: n)."""
+        of_row = [None] * n
+        for c, i in enumerate(chosen):
+            of_row[i] = c
+        return cls(tuple(of_row), (1.0,) * n, len(chosen))
+
+    def matrix(self) -> torch.Tensor:
+        """The weights as a (count x rows) matrix: a column is its row of it times the rows' gradients."""
+        out = torch.zeros((self.count, len(self.of_row)))
+        for i, (c, w) in enumerate(zip(self.of_row, self.weight)):
+            if c is not None:
+                out[c, i] = w
+        return out
+
+
 # The sums backward_rollouts returns, with the token counts they are divided by: ranks add them first.
 SUMS = ("loss", "kl", "tokens", "sample_kl", "sample_dlogp", "is_truncated", "sampled_tokens")
 
 
-def backward_rollouts(model, tokenizer, wrappers, rollouts: list[Rollout], cfg: Config) -> dict:
+def backward_rollouts(model, tokenizer, wrappers, rollouts: list[Rollout], cfg: Config,
+                      columns: Columns | None = None) -> dict:
     """Score every rollout, backpropagate the loss, and keep what the step reads of the gradient.
 
     Each micro-batch's rows of each kind (students, teachers: the two sums stay apart) are scored
     in one forward that runs each group's prompt once (`PromptFirst`), and so is the reference
-    forward. Two gradients are taken from it: the loss's, and every rollout's own log-likelihood
-    gradient d(-sum log p / max_new), which no advantage and no KL term touch (what the hack score
-    and a live V read). Both go back through the completions (the adapter keeping the second per
-    row) and then through each prompt in one batched backward, its rows' sum and each row.
+    forward. The loss's gradient is always taken; `columns`, when given, asks for sums of the
+    rollouts' own log-likelihood gradients d(-sum log p / max_new), which no advantage and no KL
+    term touch (the hack score's per row, a live V's per group). Both go back through the
+    completions (the adapter keeping the second per row), then through each prompt in one batched
+    backward over its rows' sum and each column its rows reach. A part of no column's rows pays for
+    neither the second backward nor any column through its prompt.
 
     Returns the loss, per-layer g_student and g_teacher (r each: their share of the loss gradient,
-    advantage-weighted, KL included), per-layer nll_grad (n_rollouts x r, rollout order), and sums
-    with their token counts (so ranks can add them before dividing): `kl` (K3 to the reference, over
-    `tokens` completion tokens) and the sampler/scorer mismatch over `sampled_tokens` student
-    tokens: with delta = log p_score - log p_sample, `sample_kl` = sum(exp(delta) - 1 - delta)
-    (K3 of KL(sample || score)), `sample_dlogp` = sum |delta|, `is_truncated` = the count of
-    tokens whose ratio exceeds is_cap. Under `is_correction` each student token's policy loss is
-    weighted by min(exp(delta), is_cap), detached. delta_s.grad and delta_s_hack.grad are set to
-    g_student + g_teacher.
+    advantage-weighted, KL included), per-layer `columns` (columns.count x r; absent without
+    `columns`), and sums with their token counts (so ranks can add them before dividing): `kl`
+    (K3 to the reference, over `tokens` completion tokens) and the sampler/scorer mismatch over
+    `sampled_tokens` student tokens: with delta = log p_score - log p_sample, `sample_kl` =
+    sum(exp(delta) - 1 - delta) (K3 of KL(sample || score)), `sample_dlogp` = sum |delta|,
+    `is_truncated` = the count of tokens whose ratio exceeds is_cap. Under `is_correction` each
+    student token's policy loss is weighted by min(exp(delta), is_cap), detached. delta_s.grad and
+    delta_s_hack.grad are set to g_student + g_teacher.
     """
     pad = tokenizer.pad_token_id
     knobs = [layer.delta_s for layer in wrappers.values()]
-    nll_grad = {name: layer.delta_s.new_zeros((len(rollouts), layer.r)) for name, layer in wrappers.items()}
+    count = columns.count if columns else 0
+    by_column = {name: layer.delta_s.new_zeros((count, layer.r)) for name, layer in wrappers.items()}
     kind_grads = {kind: [torch.zeros_like(k) for k in knobs] for kind in (False, True)}  # by r.teacher
     sums = dict.fromkeys(SUMS, 0.0)
     size = cfg.micro_batch or len(rollouts)
@@ -261,28 +295,32 @@ def backward_rollouts(model, tokenizer, wrappers, rollouts: list[Rollout], cfg: 
         for start in range(0, len(rollouts), size):
             chunk = rollouts[start:start + size]
             for kind in (False, True):
-                part = [i for i, r in enumerate(chunk) if r.teacher == kind]
+                part = [start + i for i, r in enumerate(chunk) if r.teacher == kind]
                 if part:
                     where = f"the {('student', 'teacher')[kind]} rows of rollouts {start}..{start + len(chunk) - 1}"
-                    grads, own, part_sums = _score_part(model, wrappers, [chunk[i] for i in part], cfg, pad, where)
+                    weights = ([columns.of_row[i] for i in part], [columns.weight[i] for i in part]) if columns \
+                        else ([None] * len(part), [0.0] * len(part))
+                    grads, own, part_sums = _score_part(model, wrappers, [rollouts[i] for i in part], *weights,
+                                                        count, cfg, pad, where)
                     for total, g in zip(kind_grads[kind], grads):
                         total += g
                     for name, g in own.items():
-                        nll_grad[name][start + torch.tensor(part)] = g
+                        by_column[name] += g
                     for key, value in part_sums.items():
                         sums[key] += value
     for layer, g_student, g_teacher in zip(wrappers.values(), *kind_grads.values()):
         layer.delta_s.grad = g_student + g_teacher
         layer.delta_s_hack.grad = layer.delta_s.grad.clone()  # dL/d delta_s_hack = dL/d delta_s: both add into s
     return {"g_student": dict(zip(wrappers, kind_grads[False])), "g_teacher": dict(zip(wrappers, kind_grads[True])),
-            "nll_grad": nll_grad, **sums}
+            **({"columns": by_column} if columns else {}), **sums}
 
 
-def _score_part(model, wrappers, part: list[Rollout], cfg: Config, pad: int,
-                where: str) -> tuple[list[torch.Tensor], dict[str, torch.Tensor], dict]:
-    """The knob gradients of the loss of `part` (rows of one kind), each rollout's own log-likelihood
-    gradient d(-sum log p / max_new) per layer (rows x r), and the part's sums (backward_rollouts
-    names them), from one forward with each group's prompt run once (`PromptFirst`)."""
+def _score_part(model, wrappers, part: list[Rollout], column_of: list[int | None], weight: list[float], count: int,
+                cfg: Config, pad: int, where: str) -> tuple[list[torch.Tensor], dict[str, torch.Tensor], dict]:
+    """The knob gradients of the loss of `part` (rows of one kind), this part's share of the `count`
+    columns (backward_rollouts: row i adds weight[i] times its own log-likelihood gradient to column
+    column_of[i]) per layer (count x r), and the part's sums (backward_rollouts names them), from one
+    forward with each group's prompt run once (`PromptFirst`)."""
     device = next(model.parameters()).device
     prompts, completions = [r.prompt_ids for r in part], [r.completion_ids for r in part]
     comp = pad_batch(prompts, completions, pad, device)[2]
@@ -305,14 +343,24 @@ def _score_part(model, wrappers, part: list[Rollout], cfg: Config, pad: int,
     if not torch.isfinite(loss):
         raise FloatingPointError(f"non-finite loss {loss.item()} in {where}")
     sums["loss"] = loss.item()
-    # Backward through the completions twice (the loss; each row's log-likelihood, which no advantage and
-    # no KL term touch, kept per row by the adapter), then through each prompt once for both.
+    # Backward through the completions for the loss and (when a row is in a column) for the rows' own
+    # log-likelihoods, each weighted, which no advantage and no KL term touch, kept per row by the adapter;
+    # then through each prompt once for both.
     knobs = [layer.delta_s for layer in wrappers.values()]
-    loss_grads = torch.autograd.grad(loss, knobs + scored.row_cache, retain_graph=True)
-    with adapter.per_sample_grads(wrappers):  # log-probs are zero off the completions: their sum is the rows'
-        own_grads = torch.autograd.grad(-logp.sum() / cfg.max_new, knobs + scored.row_cache)
-        own = {name: layer.grad_sample for name, layer in wrappers.items()}
-        adapter.clear_grad_samples(wrappers)
-    prompt_loss, prompt_own = scored.prompt_grads(loss_grads[len(knobs):], own_grads[len(knobs):], knobs)
+    in_column = [i for i, c in enumerate(column_of) if c is not None]
+    loss_grads = torch.autograd.grad(loss, knobs + scored.row_cache, retain_graph=bool(in_column))
+    own = {name: layer.delta_s.new_zeros((count, layer.r)) for name, layer in wrappers.items()}
+    weighted = None
+    if in_column:
+        w = torch.tensor(weight, dtype=torch.float32, device=device)
+        with adapter.per_sample_grads(wrappers):  # log-probs are zero off the completions: their sum is the rows'
+            weighted = torch.autograd.grad(-(logp.sum(1) * w).sum() / cfg.max_new, knobs + scored.row_cache)
+            rows = torch.tensor(in_column, device=device)
+            targets = torch.tensor([column_of[i] for i in in_column], device=device)
+            for name, layer in wrappers.items():
+                own[name].index_add_(0, targets, layer.grad_sample[rows])
+            adapter.clear_grad_samples(wrappers)
+        weighted = weighted[len(knobs):]
+    prompt_loss, prompt_own = scored.prompt_grads(loss_grads[len(knobs):], weighted, column_of, knobs, count)
     return ([g + p for g, p in zip(loss_grads, prompt_loss)],
             {name: own[name] + p for name, p in zip(wrappers, prompt_own)}, sums)

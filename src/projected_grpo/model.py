@@ -221,7 +221,8 @@ class PromptFirst:
     of a pass over whole rows, runs once for the group. With gradients the copies are leaves
     (`row_cache`): a backward from `logprobs` stops there, and `prompt_grads` carries their
     gradients on through each prompt's forward, both summed over its rows (what a loss needs) and
-    kept per row (each rollout's own gradient), in one batched backward per prompt."""
+    summed over the rows of each column asked for (a rollout's own gradient, a group's weighted
+    sum), in one batched backward per prompt."""
 
     def __init__(self, model, prompts: list[list[int]], completions: list[list[int]], pad_id: int):
         if not all(prompts):
@@ -268,30 +269,38 @@ class PromptFirst:
         self.logprobs[row, width - lengths[row] + col] = _chosen_logprobs(model, hidden[:, :-1][row, col],
                                                                           suffix_ids[:, 1:][row, col])
 
-    def prompt_grads(self, summed: list[torch.Tensor], per_row: list[torch.Tensor],
-                     params: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def prompt_grads(self, summed: list[torch.Tensor], weighted: list[torch.Tensor] | None,
+                     column_of: list[int | None], params: list[torch.Tensor],
+                     columns: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The gradients of `params` through the prompts' forwards: their sum over every row (one
-        tensor per param), and each row's own (rows x the param's shape, row order). `summed` and
-        `per_row` are two cotangents of row_cache, one tensor per row_cache tensor, the first
-        added over the rows and the second kept per row. Each prompt's forward is differentiated
-        once for its rows' sum and each of its rows: one batched backward."""
+        tensor per param), and `columns` sums of rows (columns x the param's shape): column c adds
+        the rows i with column_of[i] == c. `summed` and `weighted` are two cotangents of row_cache,
+        one tensor per row_cache tensor, the first added over all rows and the second over each
+        column's rows (None: no column). Each prompt's forward is differentiated once for its rows'
+        sum and each column its rows reach: one batched backward."""
         total = [torch.zeros_like(p) for p in params]
-        rows_grads = [p.new_zeros((len(self.of_row), *p.shape)) for p in params]
+        by_column = [p.new_zeros((columns, *p.shape)) for p in params]
         for j, cache in enumerate(self.prompt_caches):
             rows = [i for i, k in enumerate(self.of_row) if k == j]
             # a cache tensor no param reaches (adapters only past that layer's keys and values) has no graph
             reached = [n for n, t in enumerate(cache) if t.requires_grad]
             if not reached:
                 continue
-            columns = [torch.cat([summed[n][rows].sum(0, keepdim=True)[None], per_row[n][rows][:, None]])
-                       [..., -cache[n].shape[2]:, :] for n in reached]  # the prompt's own columns, not the pads
-            grads = torch.autograd.grad([cache[n] for n in reached], params, columns, is_grads_batched=True,
-                                        allow_unused=True)
+            mine = sorted({column_of[i] for i in rows} - {None})
+            members = [[i for i in rows if column_of[i] == c] for c in mine]
+            cotangents = [torch.stack([summed[n][rows].sum(0, keepdim=True)] +
+                                      [weighted[n][m].sum(0, keepdim=True) for m in members])
+                          [..., -cache[n].shape[2]:, :] for n in reached]  # the prompt's own columns, not the pads
+            grads = torch.autograd.grad([cache[n] for n in reached], params,
+                                        cotangents if mine else [c[0] for c in cotangents],
+                                        is_grads_batched=bool(mine), allow_unused=True)
             for p, g in enumerate(grads):
-                if g is not None:  # a param the prompt never reached (the last layer past its keys and values)
-                    total[p] += g[0]
-                    rows_grads[p][rows] = g[1:]
-        return total, rows_grads
+                if g is None:  # a param the prompt never reached (the last layer past its keys and values)
+                    continue
+                total[p] += g[0] if mine else g
+                if mine:
+                    by_column[p][mine] += g[1:]
+        return total, by_column
 
 
 def _distinct(keys: list) -> tuple[list[int], list[int]]:

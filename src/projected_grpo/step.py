@@ -1,9 +1,10 @@
 """One training step on a Run (docs/design.md, "One step"), and the metrics row it leaves.
 
-prompts (the arm's) -> rollouts, graded -> advantages (the arm's) -> scoring: each rollout's own
-log-likelihood gradient, the loss's student and teacher gradients -> cin of the student and teacher
-gradients, each rollout's hack score -> the arm's
-gradient hook -> clip -> AdamW -> the arm's update hook -> schedule. Under torchrun each rank
+prompts (the arm's) -> rollouts, graded -> advantages (the arm's) -> scoring: the loss's student and
+teacher gradients, and the columns of the rollouts' own log-likelihood gradients this step reads (each
+student rollout's on the steps that take hack scores, each group's flagged-minus-unflagged difference
+on the steps a live V takes) -> cin of the student and teacher gradients, each rollout's hack score ->
+the arm's gradient hook -> clip -> AdamW -> the arm's update hook -> schedule. Under torchrun each rank
 collects its share of the prompt groups; the knob gradients and the sums the row needs are added
 across ranks before anything reads them.
 """
@@ -19,9 +20,10 @@ import torch
 
 from . import distributed, projection
 from .assembly import Run
+from .basis import live_columns
 from .config import MODES
 from .evaluate import metrics_row as evaluation_row
-from .grpo import SUMS, Rollout, auroc, backward_rollouts, collect_rollouts, detector_stats, repeated_fraction
+from .grpo import SUMS, Columns, Rollout, auroc, backward_rollouts, collect_rollouts, detector_stats, repeated_fraction
 
 
 @dataclass
@@ -50,13 +52,13 @@ def _knobs(wrappers) -> list[torch.nn.Parameter]:
     return [p for layer in wrappers.values() for p in (layer.delta_s, layer.delta_s_hack)]
 
 
-def _backward(run: Run, rollouts: list[Rollout], zero_spread: int) -> dict:
+def _backward(run: Run, rollouts: list[Rollout], zero_spread: int, columns: Columns | None) -> dict:
     """backward_rollouts, with a non-finite loss on any rank raised on every rank (or the others would
     wait on it forever); the knob gradients, g_s and g_t per layer, the loss sums and the zero-spread
-    group count are added across ranks in one all-reduce."""
+    group count are added across ranks in one all-reduce (the columns are this rank's own)."""
     run.optimizer.zero_grad(set_to_none=True)
     try:
-        scored, failed = backward_rollouts(run.model, run.tok, run.wrappers, rollouts, run.cfg), ""
+        scored, failed = backward_rollouts(run.model, run.tok, run.wrappers, rollouts, run.cfg, columns), ""
     except FloatingPointError as e:
         failed, scored = str(e), None
     if distributed.all_sum(run.world, [torch.tensor(float(bool(failed)))])[0] > 0:
@@ -72,9 +74,22 @@ def _backward(run: Run, rollouts: list[Rollout], zero_spread: int) -> dict:
     n = len(with_grad)
     if not all(bool(torch.isfinite(p.grad).all()) for p in with_grad):
         raise FloatingPointError("non-finite knob gradient")
-    return {"nll_grad": scored["nll_grad"], "g_s": dict(zip(layers, reduced[n:n + len(layers)])),
+    return {"columns": scored.get("columns"), "g_s": dict(zip(layers, reduced[n:n + len(layers)])),
             "g_t": dict(zip(layers, reduced[n + len(layers):-1])),
             **dict(zip((*SUMS, "zero_spread"), reduced[-1].tolist()))}
+
+
+def _group_columns(groups: Columns | None, students: Columns | None, columns: dict | None) -> dict | None:
+    """The groups' columns (a live V's differences) from what scoring built: themselves, or on a step
+    that scored every student, their weighted sums of the students' columns."""
+    if groups is None or students is None:
+        return None if groups is None else columns
+    return {n: (groups.matrix() @ students.matrix().T).to(g) @ g for n, g in columns.items()}
+
+
+def scores_rollouts(cfg, step: int) -> bool:
+    """Whether the step takes each student rollout's hack score: every hack_score_every steps and at the last."""
+    return bool(cfg.hack_score_every) and (step % cfg.hack_score_every == 0 or step == cfg.steps)
 
 
 def train_step(run: Run, step: int) -> StepResult:
@@ -86,21 +101,27 @@ def train_step(run: Run, step: int) -> StepResult:
                                          run.pool, cfg, step, run.workers,
                                          lambda p: arm.messages(p, cfg, training=True))
     zero_spread = arm.advantages(rollouts, cfg)
+    # What the step reads of the rollouts' own gradients: each student's on a scoring step (the hack score;
+    # not before there is a V), each group's difference on a step a live V will take.
+    chosen = [i for i, r in enumerate(rollouts) if not r.teacher]
+    students = Columns.rows(chosen, len(rollouts)) if basis and scores_rollouts(cfg, step) else None
+    groups = live_columns(cfg, rollouts) if run.basis.reads(step) else None
 
     t0 = time.perf_counter()
-    scored = _backward(run, rollouts, zero_spread)
+    scored = _backward(run, rollouts, zero_spread, students if students is not None else groups)
     timings["t_score"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     cin_s = float(projection.hackward_fraction(scored["g_s"], basis))
     cin_t = float(projection.hackward_fraction(scored["g_t"], basis)) if cfg.teacher_group else None
-    # Each rollout's hack score: how hack-ward its own log-likelihood gradient points, whatever its advantage's
-    # sign and without the KL term (logged, not trained on). No V yet (pairs=live): no score, rather than 0.
-    if basis:
-        for r, score in zip(rollouts, projection.hackward_fraction(scored["nll_grad"], basis).tolist()):
-            r.hack_score = score
+    # Each student rollout's hack score: how hack-ward its own log-likelihood gradient points, whatever its
+    # advantage's sign and without the KL term (logged, not trained on).
+    if students is not None:
+        for i, score in zip(chosen, projection.hackward_fraction(scored["columns"], basis).tolist()):
+            rollouts[i].hack_score = score
     stats = arm.gradient(run)
-    run.basis.observe(step, rollouts, scored["nll_grad"])
+    if run.basis.reads(step):
+        run.basis.observe(step, _group_columns(groups, students, scored["columns"]))
     timings["t_project"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
