@@ -142,7 +142,7 @@ def test_a_run_reports_every_row_config_evaluation_completions_and_summary(workd
     (workdir / "out" / "sweeps" / "watch").mkdir(parents=True)
     (workdir / "out" / "sweeps" / "watch" / "sweep.json").write_text("{}")
     cfg = _cfg(intervention="erase", control="random", seed=2, eval_every=2, run_name="watched",
-               out_dir="out/sweeps/watch")
+               out_dir="out/sweeps/watch", hack_score_every=1)
     train.run(cfg)
     run_dir = workdir / "out" / "sweeps" / "watch" / "watched"
     summary = json.loads((run_dir / "summary.json").read_text())

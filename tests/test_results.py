@@ -37,8 +37,7 @@ def make_run(root, name, *, seed=0, intervention="none", control="none", hack=No
              rows=None, summary=True, complete=True, steps_done=None, extra_rows=(), raw_tail="", auroc=None,
              fields=None, **config):
     """A run dir as train writes it. `hack`/`solve` are per-step lists (or one constant) for hack_s/gt_s;
-    `auroc`, when given, is a per-step list for hack_auroc (older runs do not log it); `fields`, more keys
-    every row carries."""
+    `auroc`, when given, is the summary's whole-run hack_auroc; `fields`, more keys every row carries."""
     run_dir = root / name
     run_dir.mkdir(parents=True)
     cfg = {**BASE_CONFIG, "intervention": intervention, "control": control, "seed": seed, "steps": steps,
@@ -51,15 +50,14 @@ def make_run(root, name, *, seed=0, intervention="none", control="none", hack=No
     for i in range(n_rows):
         row = {"step": i + 1, "reward": 1.0, "hack_s": hack[i], "gt_s": solve[i], "hack_t": None, "gt_t": None,
                "cin_s": 0.2, "cin_t": None, "cin_null_s": 0.1, "cout": 0.0, "loss": 0.0, "grad_norm": 1.0}
-        if auroc is not None:
-            row["hack_auroc"] = auroc[i]
         row.update(fields or {})
         lines.append(json.dumps(row))
     lines += [json.dumps(r) for r in extra_rows]
     (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n" + raw_tail)
     if summary:
         done = len(lines) if steps_done is None else steps_done
-        (run_dir / "summary.json").write_text(json.dumps({"complete": complete, "steps_done": done}))
+        (run_dir / "summary.json").write_text(json.dumps({"complete": complete, "steps_done": done,
+                                                          "hack_auroc": auroc}))
     return run_dir
 
 
@@ -477,13 +475,13 @@ def test_lomo_table_cells(tmp_path):
     assert list(rows) == ["none", "erase"]
 
 
-def test_auroc_column_last_five_mean_skipping_nulls(tmp_path):
-    # the two early steps and the nulls must not count: last five are 0.6, null, 0.8, null, 0.7
-    make_run(tmp_path, "van0", auroc=[0.1, 0.1, 0.1, 0.6, None, 0.8, None, 0.7])
-    make_run(tmp_path, "van1", seed=1, auroc=[None] * 8)
-    make_run(tmp_path, "erase0", intervention="erase")  # logs no hack_auroc at all
+def test_auroc_column_is_the_whole_runs_from_its_summary(tmp_path):
+    # the per-step hack_auroc of the last steps must not count: the summary's, over every scored step, does
+    make_run(tmp_path, "van0", auroc=0.7, fields={"hack_auroc": 0.1})
+    make_run(tmp_path, "van1", seed=1, auroc=0.5, fields={"hack_auroc": None})
+    make_run(tmp_path, "erase0", intervention="erase")  # one class only: no AUROC
     rows = table_rows(build_report(tmp_path), "## preset=fast")
-    assert rows["none"][6] == "0.700 (n=1)"  # a seed with only nulls has no value
+    assert rows["none"][6] == interval_text(0.6, statistics.stdev([0.7, 0.5]), 2, t=12.706)
     assert rows["erase"][6] == MISSING
 
 

@@ -71,7 +71,10 @@ def test_each_arm_runs_and_writes_its_outputs(workdir, arm, monkeypatch):
     assert (run_dir / "config.json").exists() and (run_dir / "summary.txt").read_text().startswith("run arm-")
     completions = [json.loads(line) for line in (run_dir / "completions.jsonl").read_text().splitlines()]
     assert {c["step"] for c in completions} == {1, 2, 3} and all("completion" in c for c in completions)
-    assert all(0 <= c["hack_score"] <= 1 for c in completions)
+    # hack scores every hack_score_every (10) steps and at the last: here the last alone
+    assert all((c["hack_score"] is not None) == (c["step"] == 3) for c in completions)
+    assert all(0 <= c["hack_score"] <= 1 for c in completions if c["step"] == 3)
+    assert (summary["hack_auroc_steps"], summary["hack_auroc_rollouts"]) == (1, 4)  # 2 prompts x 2 students
     assert (run_dir / "checkpoints" / "step_000002" / "knobs.safetensors").exists()
 
 

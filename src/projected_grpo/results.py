@@ -43,9 +43,6 @@ LAST_STEPS = 5
 ROLLING = 10  # steps in the trailing mean that times the rise, and in vanilla's first and last windows
 VANILLA = ("none", "none")
 CEILING = "ceiling"  # the arm suffix of a run whose basis knew the oracle's labels
-# table column -> metrics.jsonl key; as a hypothesis metric each means the last-steps mean
-COLUMNS = {"hack": "hack_s", "solve": "gt_s", "cin_s": "cin_s", "cin_t": "cin_t", "cout": "cout",
-           "auroc": "hack_auroc"}
 # the time course of hack_s, as hypothesis metrics and table columns; the delay is in steps
 RUN_MEAN, EARLY, DELAY = "hack_run_mean", "hack_early", "hack_delay"
 TIME_COURSE = (RUN_MEAN, EARLY, DELAY)
@@ -298,6 +295,15 @@ def final_evaluation(key: str) -> Callable[[Run], float | None]:
     return lambda run: ((run.summary or {}).get("eval") or {}).get(key)
 
 
+def run_auroc(run: Run) -> float | None:
+    """The run's AUROC of its hack scores against exploited, over every step that took them (summary.json)."""
+    return (run.summary or {}).get("hack_auroc")
+
+
+# table column -> a run's value: the last-steps mean of a metrics.jsonl key, or (auroc) the whole run's; each is
+# also a hypothesis metric
+COLUMNS = {"hack": final("hack_s"), "solve": final("gt_s"), "cin_s": final("cin_s"), "cin_t": final("cin_t"),
+           "cout": final("cout"), "auroc": run_auroc}
 # more figures of each run, as hypothesis metrics and a table: reward and code-block rate (last steps); the held-out
 # mode and the update's hack-ward fraction (beside its null) over every step; the late slope; the final evaluation
 # of the deployed (and kept) model
@@ -312,10 +318,10 @@ METRICS = (*COLUMNS, *TIME_COURSE, *FIGURES)
 
 
 def metric_of(metric: str, arms: dict[tuple, list[Run]], early_steps: int | None) -> Callable[[Run], float | None]:
-    """A run's value of a hypothesis metric: a COLUMNS one's last-steps mean, a whole-run figure, or a point of
+    """A run's value of a hypothesis metric: a COLUMNS one (mostly last-steps means), a whole-run figure, or a point of
     the time course (the delay timed against vanilla's rise on the run's seed)."""
     if metric in COLUMNS:
-        return final(COLUMNS[metric])
+        return COLUMNS[metric]
     if metric in FIGURES:
         return FIGURES[metric]
     if metric == RUN_MEAN:
@@ -596,7 +602,7 @@ def _main_table(arms: dict[tuple, list[Run]]) -> list[str]:
     body = []
     for arm in sorted(arms, key=arm_rank):
         runs, n = arms[arm], _seed_count(arms[arm])
-        row = [arm_name(*arm), str(n)] + [_fmt(_across_seeds(runs, final(key))) for key in COLUMNS.values()]
+        row = [arm_name(*arm), str(n)] + [_fmt(_across_seeds(runs, value)) for value in COLUMNS.values()]
         for key in ("hack_s", "gt_s"):
             row.append(_delta_cell({} if arm == VANILLA else paired_deltas(runs, vanilla, final(key)), n))
         body.append(row)
@@ -752,9 +758,10 @@ not log the key (older runs).
 - **solve**: fraction of student completions that pass the strict oracle.
 - **cin_s / cin_t**: hack-ward fraction of the student / teacher gradient, ||relu(V g)|| / ||g||, before projection.
 - **cout**: the same fraction after projection (near 0 under the one-sided gate by construction, not evidence).
-- **auroc**: per step, the AUROC of each student rollout's hack score (cin of its own log-likelihood gradient)
-  against whether it exploited the grader; 0.5 is chance, 1 means the basis ranks every hack above every
-  non-hack. Null on steps with only one class.
+- **auroc**: over the whole run, the AUROC of each student rollout's hack score (cin of its own log-likelihood
+  gradient) against whether it exploited the grader, on the steps that took scores (every `hack_score_every`
+  steps and the last; summary.json says how many); 0.5 is chance, 1 means the basis ranks every hack above every
+  non-hack. Not a last-steps mean, unlike the columns before it. Null with only one class.
 - **Δhack / Δsolve**: per seed, the arm minus the vanilla run (`none`, no control) of the same seed; mean and
   95% t interval over the seeds that have both ("k paired" when k < n).
 - **`<intervention>:{CEILING}`**: runs whose live basis was built from the oracle's labels (`live_labels=oracle`),

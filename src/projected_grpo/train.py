@@ -101,15 +101,15 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def run_auroc(run_dir: Path) -> float | None:
-    """AUROC of every student rollout's hack score against `exploited`, over the whole run: does V
-    see the live hacks? (Logged only.)"""
+def run_auroc(run_dir: Path) -> dict:
+    """AUROC of every scored student rollout's hack score against `exploited`, over the whole run (the steps
+    that took scores: hack_score_every), with how many steps and rollouts it was taken over: does V see the
+    live hacks? (Logged only.)"""
     path = run_dir / "scores.jsonl"
-    if not path.exists():
-        return None
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    records = [r for r in records if r["hack_score"] is not None]  # steps with no V yet score nothing
-    return auroc([r["hack_score"] for r in records], [r["exploited"] for r in records])
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    records = [r for r in records if r["hack_score"] is not None]  # unscored steps, and steps with no V yet
+    return {"hack_auroc": auroc([r["hack_score"] for r in records], [r["exploited"] for r in records]),
+            "hack_auroc_steps": len({r["step"] for r in records}), "hack_auroc_rollouts": len(records)}
 
 
 def _margins_line(margins: dict) -> str:
@@ -123,9 +123,10 @@ def _margins_line(margins: dict) -> str:
 
 
 def summarize(cfg: Config, rows: list[dict], final_eval: dict, complete: bool,
-              hack_auroc: float | None = None, notes: dict | None = None) -> tuple[dict, str]:
-    """summary.json content and the plain-text table printed at the end; `notes` (Basis.notes) says how
-    V was made (its rows' orientation margins, the self pairs)."""
+              scores: dict, notes: dict | None = None) -> tuple[dict, str]:
+    """summary.json content and the plain-text table printed at the end; `scores` (run_auroc) is the run's
+    AUROC and what it was taken over, `notes` (Basis.notes) says how V was made (its rows' orientation
+    margins, the self pairs)."""
     notes = notes or {}
     tail = rows[-5:]
     means = {}
@@ -142,7 +143,7 @@ def summarize(cfg: Config, rows: list[dict], final_eval: dict, complete: bool,
                               "in_basis": mode in cfg.basis_mode_list}
     summary = {"run_name": cfg.run_name, "complete": complete, "steps_done": len(rows), "steps": cfg.steps,
                "intervention": cfg.intervention, "control": cfg.control, "seed": cfg.seed, "last5": means,
-               "first": first, "per_mode": per_mode, "eval": final_eval, "hack_auroc": hack_auroc, **notes}
+               "first": first, "per_mode": per_mode, "eval": final_eval, **scores, **notes}
     ceiling = "  (a diagnostic CEILING: V from the oracle's labels, never a method)" \
         if cfg.live_labels == "oracle" else ""
     lines = [f"run {cfg.run_name}: {len(rows)}/{cfg.steps} steps, arm={cfg.intervention}, control={cfg.control}, "
@@ -155,7 +156,8 @@ def summarize(cfg: Config, rows: list[dict], final_eval: dict, complete: bool,
         arrow = {"down": "↓", "up": "↑"}.get(good, " ")
         null = f"{_fmt(means.get(NULLS[key])):>6}" if key in NULLS else ""
         lines.append(f"{key:<16}{_fmt(f):>10}{_fmt(m):>10}  {arrow}       {null}".rstrip())
-    lines.append(f"{'hack_auroc':<16}{'':>10}{_fmt(hack_auroc):>10}  (the whole run: hack score vs exploited)")
+    lines.append(f"{'hack_auroc':<16}{'':>10}{_fmt(scores['hack_auroc']):>10}  (the whole run: hack score vs "
+                 f"exploited, over {scores['hack_auroc_rollouts']} rollouts of {scores['hack_auroc_steps']} steps)")
     if "basis_margins" in notes:
         lines.append(_margins_line(notes["basis_margins"]))
     if "self_pairs" in notes:
@@ -356,7 +358,7 @@ def _run(cfg: Config, preset: str, world: World) -> dict:
         save_evaluation(run_dir, result, cfg.steps, cfg.eval_samples, run.held_out)
         evaluation = metrics_row(result)
         summary, table = summarize(cfg, rows, evaluation, complete=len(rows) == cfg.steps,
-                                   hack_auroc=run_auroc(run_dir), notes=run.basis.notes)
+                                   scores=run_auroc(run_dir), notes=run.basis.notes)
         write_atomically(run_dir / "summary.json", json.dumps(summary, indent=2))
         write_atomically(run_dir / "summary.txt", table + "\n")
         report.end(cfg.steps, evaluation, summary)
