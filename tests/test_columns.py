@@ -81,8 +81,8 @@ def workdir(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("hack_score_every", ["0", "1"])
 def test_a_live_v_is_the_one_the_per_row_gradients_give(workdir, monkeypatch, hack_score_every):
-    # The tiny model hacks nowhere: the weak detector flags rollouts by the parity of their token ids instead, the same rule
-    # for the run and for the expected V.
+    # The tiny model hacks nowhere: the weak detector flags rollouts by the parity of their token ids instead,
+    # the same rule for the run and for the expected V.
     monkeypatch.setattr(run_basis, "detected", lambda r, modes: not r.teacher and sum(r.completion_ids) % 2 == 0)
     monkeypatch.setattr(grpo, "detected", run_basis.detected)
     cfg = make_config("smoke", {"steps": "5", "max_new": "16", "basis_k": "4", "intervention": "erase",
