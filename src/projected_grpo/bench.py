@@ -14,6 +14,7 @@ import copy
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -185,18 +186,23 @@ def step_split(preset: str, steps: int, *args: str, src: str | None = None) -> d
     with tempfile.TemporaryDirectory() as scratch:
         cmd = [sys.executable, "-m", "projected_grpo.train", preset, f"--steps={steps}", "--run_name=bench",
                f"--out_dir={scratch}/runs", *args]
-        subprocess.run(cmd, check=True, capture_output=True, env=env)
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if done.returncode:
+            tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise SystemExit(f"bench: {' '.join(cmd[2:])} failed on {'the older commit' if src else 'this checkout'}: {tail}")
         rows = [json.loads(line) for line in open(f"{scratch}/runs/bench/metrics.jsonl")][2:]
     return {"step_s": sum(r["step_seconds"] for r in rows) / len(rows),
             "completion_tokens": sum(r["completion_tokens"] for r in rows) / len(rows),
             **{f"split_{part}": share for part, share in split_of(rows).items()}}
 
 
-def turns_case(commit: str, seeds: list[int], steps: int, preset: str = "organism") -> dict[str, float]:
-    """`preset`'s vanilla step on this code against `commit`'s, taking turns seed by seed (the
-    same `steps`-step run, alone, each in its own process; the order flips from seed to seed so
-    drift in the machine's load does not favour one code): per seed each code's mean step and
-    its generate / score seconds, and the ratio now / then; the ratios' geometric mean."""
+def turns_case(commit: str, seeds: list[int], steps: int, train_args: list[str],
+               preset: str = "organism") -> dict[str, float]:
+    """`preset`'s step with `train_args` (an arm and its settings) on this code against `commit`'s,
+    taking turns seed by seed (the same `steps`-step run, alone, each in its own process; the order
+    flips from seed to seed so drift in the machine's load does not favour one code): per seed each
+    code's mean step and its generate / score seconds, and the ratio now / then; the ratios'
+    geometric mean."""
     with tempfile.TemporaryDirectory() as then:
         # `COMMIT:src` names the package's folder from the top of the repository, wherever this runs
         archive = subprocess.run(["git", "archive", f"{commit}:src"], capture_output=True)
@@ -210,7 +216,7 @@ def turns_case(commit: str, seeds: list[int], steps: int, preset: str = "organis
         for n, seed in enumerate(seeds):
             codes = [("then", then), ("now", None)]
             for code, src in codes[::-1] if n % 2 else codes:
-                split = step_split(preset, steps, "--intervention=none", f"--seed={seed}", "--eval_prompts=6",
+                split = step_split(preset, steps, *train_args, f"--seed={seed}", "--eval_prompts=6",
                                    "--eval_samples=1", src=src)
                 out |= {f"s{seed}_{code}_step_s": split["step_s"],
                         **{f"s{seed}_{code}_{part}_s": split["step_s"] * split[f"split_{part}"]
@@ -396,7 +402,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="out/bench.json")
     parser.add_argument("--vs", metavar="COMMIT", help="instead of the cases: the organism step, taking turns "
-                        "with COMMIT's code (alone, vanilla, --seeds, --steps; the other flags do not apply)")
+                        "with COMMIT's code (alone, --arm, --seeds, --steps; the other flags do not apply)")
+    parser.add_argument("--arm", default="--intervention=none",
+                        help="--vs: the training flags both codes run with, in one string (default vanilla), e.g. "
+                             "'--intervention=erase --pairs=live --refresh_every=5' (COMMIT must know them)")
     parser.add_argument("--seeds", default="1,2,3", help="--vs: the seeds, comma-separated")
     parser.add_argument("--steps", type=int, default=30,
                         help="--vs: each run's steps (the preset's schedule fitted to them, the same for both codes)")
@@ -450,8 +459,9 @@ def vs_main(args) -> int:
     if args.steps < 4:
         raise SystemExit(f"--steps={args.steps}: at least 4 (the first two are warm-up)")
     print(f"bench: the organism step, taking turns with {args.vs} ...", file=sys.stderr, flush=True)
-    figures = turns_case(args.vs, seeds, args.steps)
-    lines = [f"organism step (s, mean past 2 warm-up steps of {args.steps}), {args.vs} and now taking turns:", "",
+    figures = turns_case(args.vs, seeds, args.steps, shlex.split(args.arm))
+    lines = [f"organism step (s, mean past 2 warm-up steps of {args.steps}) with {args.arm}, {args.vs} and now "
+             f"taking turns:", "",
              f"| seed | {args.vs}: step / generate / score | now: step / generate / score | now / then |",
              "|---|---|---|---|"]
     for seed in seeds:
@@ -460,7 +470,7 @@ def vs_main(args) -> int:
         lines.append(f"| {seed} | {cells[0]} | {cells[1]} | {figures[f's{seed}_now_over_then']:.2f} |")
     lines.append(f"| all | | | {figures['now_over_then']:.2f} (geometric mean) |")
     print("\n".join(lines))
-    update_record(args.out, {"vs": {"commit": args.vs, "steps": args.steps, "figures": figures}})
+    update_record(args.out, {f"vs {args.arm}": {"commit": args.vs, "steps": args.steps, "figures": figures}})
     return 0
 
 

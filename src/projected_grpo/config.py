@@ -127,8 +127,8 @@ class Config:
     log_completions: int = 2  # student completions per step written to completions.jsonl
     hack_score_every: int = 10  # score each student rollout along V (hack_score, hack_auroc) every N steps and at
     # the last; 0: never. A diagnostic: each scored step pays a backward column per rollout through its prompt
-    # (about a quarter of an organism step), and a tenth of the steps' rollouts (640 of the organism's 6400)
-    # puts the run's AUROC within about +-0.05 where hacks are a tenth of them
+    # (about a quarter of an organism step); a tenth of the steps' rollouts (640 of the organism's 6400) puts the
+    # 95% interval of the run's AUROC (~0.7) at about +-0.07 where a tenth are hacks, +-0.05 where a fifth are
     report_to: str = "none"  # where rows also go as the run goes: none, or a comma list of tensorboard, wandb
     # (optional extras: pip install -e '.[tensorboard]' / '.[wandb]'); everything lands under the run directory
     checkpoint_every: int = 25  # plus one at the end, on Ctrl-C and before a NaN stop
