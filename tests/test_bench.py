@@ -65,16 +65,26 @@ def test_a_step_split_runs_the_package_it_is_pointed_at(tmp_path):
     assert split["split_generate"] == 0.25 and split["split_score"] == 0.5
 
 
+def test_a_step_split_that_fails_names_the_code_and_its_error(tmp_path):
+    package = tmp_path / "src" / "projected_grpo"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "train.py").write_text("import sys; sys.exit('error: --pairs: live is not one of templates')")
+    with pytest.raises(SystemExit, match="failed on the older commit: error: --pairs: live is not one of"):
+        bench.step_split("organism", 4, "--pairs=live", src=str(tmp_path / "src"))
+
+
 def test_taking_turns_runs_each_seed_on_both_codes_in_alternating_order(monkeypatch):
     runs = []
 
     def fake_split(preset, steps, *args, src=None):
+        assert args[0] == "--intervention=erase"  # the arm asked for, on both codes
         runs.append((args[1], "then" if src else "now"))
         assert src is None or (Path(src) / "projected_grpo" / "bench.py").is_file()  # the commit's package
         return {"step_s": 2.0 if src else 1.0, "split_generate": 0.25, "split_score": 0.5}
 
     monkeypatch.setattr(bench, "step_split", fake_split)
-    figures = bench.turns_case("HEAD", [1, 2, 3], 4)
+    figures = bench.turns_case("HEAD", [1, 2, 3], 4, ["--intervention=erase"])
     assert runs == [("--seed=1", "then"), ("--seed=1", "now"), ("--seed=2", "now"), ("--seed=2", "then"),
                     ("--seed=3", "then"), ("--seed=3", "now")]
     assert figures["s2_then_step_s"] == 2.0 and figures["s2_now_generate_s"] == 0.25
@@ -83,6 +93,6 @@ def test_taking_turns_runs_each_seed_on_both_codes_in_alternating_order(monkeypa
 
 def test_taking_turns_with_a_commit_git_cannot_read_names_it():
     with pytest.raises(SystemExit, match="--vs no-such-commit: git cannot read"):
-        bench.turns_case("no-such-commit", [1], 4)
+        bench.turns_case("no-such-commit", [1], 4, [])
     with pytest.raises(SystemExit, match="--seeds=1,x: comma-separated integers"):
         bench.main(["--vs", "HEAD", "--seeds", "1,x"])

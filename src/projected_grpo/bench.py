@@ -189,7 +189,8 @@ def step_split(preset: str, steps: int, *args: str, src: str | None = None) -> d
         done = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if done.returncode:
             tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
-            raise SystemExit(f"bench: {' '.join(cmd[2:])} failed on {'the older commit' if src else 'this checkout'}: {tail}")
+            code = "the older commit" if src else "this checkout"
+            raise SystemExit(f"bench: {' '.join(cmd[2:])} failed on {code}: {tail}")
         rows = [json.loads(line) for line in open(f"{scratch}/runs/bench/metrics.jsonl")][2:]
     return {"step_s": sum(r["step_seconds"] for r in rows) / len(rows),
             "completion_tokens": sum(r["completion_tokens"] for r in rows) / len(rows),
