@@ -91,13 +91,13 @@ def test_a_live_v_is_the_one_the_per_row_gradients_give(workdir, monkeypatch, ha
     expected, made = [], []
     real = step_mod.backward_rollouts
 
-    def both(model, tok, wrappers, rollouts, cfg, columns=None):
+    def both(model, tok, wrappers, rollouts, cfg, columns=None, reference=None):
         every = grpo.Columns.rows(list(range(len(rollouts))), len(rollouts))
         rows = real(model, tok, wrappers, rollouts, cfg, every)["columns"]
         differences = {n: _differences(cfg, rollouts, g) for n, g in rows.items()}
         expected.append([{n: d[g] for n, d in differences.items()}
                          for g in range(len(next(iter(differences.values()))))])
-        return real(model, tok, wrappers, rollouts, cfg, columns)
+        return real(model, tok, wrappers, rollouts, cfg, columns, reference)
 
     real_refresh = run_basis.Basis.refresh
 

@@ -260,6 +260,27 @@ def test_a_prompt_run_once_scores_and_differentiates_as_whole_rows(tiny, forward
         model_mod.PromptFirst(model, [[]], [[1]], tok.pad_token_id)
 
 
+def test_the_reference_prompt_cache_scores_as_a_fresh_forward_and_keeps_at_most_its_limit(tiny, monkeypatch):
+    model, tok = tiny
+    prompts, completions = [[5, 6, 7, 8], [5, 6, 7, 8], [10, 11]], [[1, 2, 3], [4], [9, 9]]
+    cache = model_mod.PromptCache()
+    runs = []
+    real = model_mod._prefix_cache
+    monkeypatch.setattr(model_mod, "_prefix_cache", lambda *a: runs.append(a[1]) or real(*a))
+    with torch.no_grad():
+        fresh = model_mod.PromptFirst(model, prompts, completions, tok.pad_token_id).logprobs
+        for _ in range(2):
+            cached = model_mod.PromptFirst(model, prompts, completions, tok.pad_token_id, cache).logprobs
+            assert torch.equal(cached, fresh)
+    assert runs == [[5, 6, 7], [10], [5, 6, 7], [10]]  # the fresh forward's two, then each prompt once
+    small = model_mod.PromptCache(limit=cache.held - 1)
+    with torch.no_grad():
+        model_mod.PromptFirst(model, prompts, completions, tok.pad_token_id, small)
+    assert list(small.entries) == [(10,)] and small.held <= small.limit  # the older one left to make room
+    with pytest.raises(RuntimeError, match=r"under torch\.no_grad"):
+        model_mod.PromptFirst(model, prompts, completions, tok.pad_token_id, cache)
+
+
 @pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.9)])
 def test_recorded_sampling_logprobs_are_the_scored_ones_whatever_the_checkpoint_config(tiny, temperature, top_p):
     model, tokenizer = tiny

@@ -20,7 +20,7 @@ from .basis import Basis, on_device, pairs_and_pool, self_pairs
 from .config import Config, ConfigError
 from .distributed import World
 from .files import iter_jsonl, write_directory_atomically
-from .model import load_model_and_tokenizer
+from .model import PromptCache, load_model_and_tokenizer
 from .problems import ProblemFormatError, load_problems, split_held_out
 from .teacher_pool import HOW_TO_BUILD, Pool, PoolFormatError, build_pool, load_pool
 
@@ -45,6 +45,8 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     workers: int | None  # parallel graders
     basis: Basis  # V, its live buffer, the gate's memory and the notes on V's making
+    reference: PromptCache = dataclasses.field(default_factory=PromptCache)  # the reference's prompts' keys and
+    # values, which never change: kept across steps so a prompt drawn again is not run again
 
 
 # ----------------------------------------------------------------------------- problems, pool, pairs

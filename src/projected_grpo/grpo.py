@@ -25,6 +25,7 @@ import torch
 from . import adapter, sandbox
 from .config import Config
 from .model import (
+    PromptCache,
     PromptFirst,
     encode_completion,
     encode_prompt,
@@ -262,17 +263,18 @@ SUMS = ("loss", "kl", "tokens", "sample_kl", "sample_dlogp", "is_truncated", "sa
 
 
 def backward_rollouts(model, tokenizer, wrappers, rollouts: list[Rollout], cfg: Config,
-                      columns: Columns | None = None) -> dict:
+                      columns: Columns | None = None, reference: PromptCache | None = None) -> dict:
     """Score every rollout, backpropagate the loss, and keep what the step reads of the gradient.
 
     Each micro-batch's rows of each kind (students, teachers: the two sums stay apart) are scored
     in one forward that runs each group's prompt once (`PromptFirst`), and so is the reference
-    forward. The loss's gradient is always taken; `columns`, when given, asks for sums of the
-    rollouts' own log-likelihood gradients d(-sum log p / max_new), which no advantage and no KL
-    term touch (the hack score's per row, a live V's per group). Both go back through the
-    completions (the adapter keeping the second per row), then through each prompt in one batched
-    backward over its rows' sum and each column its rows reach. A part of no column's rows pays for
-    neither the second backward nor any column through its prompt.
+    forward (over the prompts `reference` keeps from earlier steps, when given). The loss's gradient
+    is always taken; `columns`, when given, asks for sums of the rollouts' own log-likelihood
+    gradients d(-sum log p / max_new), which no advantage and no KL term touch (the hack score's per
+    row, a live V's per group). Both go back through the completions (the adapter keeping the second
+    per row), then through each prompt in one batched backward over its rows' sum and each column
+    its rows reach. A part of no column's rows pays for neither the second backward nor any column
+    through its prompt.
 
     Returns the loss, per-layer g_student and g_teacher (r each: their share of the loss gradient,
     advantage-weighted, KL included), per-layer `columns` (columns.count x r; absent without
@@ -301,7 +303,7 @@ def backward_rollouts(model, tokenizer, wrappers, rollouts: list[Rollout], cfg: 
                     weights = ([columns.of_row[i] for i in part], [columns.weight[i] for i in part]) if columns \
                         else ([None] * len(part), [0.0] * len(part))
                     grads, own, part_sums = _score_part(model, wrappers, [rollouts[i] for i in part], *weights,
-                                                        count, cfg, pad, where)
+                                                        count, cfg, pad, where, reference)
                     for total, g in zip(kind_grads[kind], grads):
                         total += g
                     for name, g in own.items():
@@ -316,7 +318,8 @@ def backward_rollouts(model, tokenizer, wrappers, rollouts: list[Rollout], cfg: 
 
 
 def _score_part(model, wrappers, part: list[Rollout], column_of: list[int | None], weight: list[float], count: int,
-                cfg: Config, pad: int, where: str) -> tuple[list[torch.Tensor], dict[str, torch.Tensor], dict]:
+                cfg: Config, pad: int, where: str,
+                reference: PromptCache | None) -> tuple[list[torch.Tensor], dict[str, torch.Tensor], dict]:
     """The knob gradients of the loss of `part` (rows of one kind), this part's share of the `count`
     columns (backward_rollouts: row i adds weight[i] times its own log-likelihood gradient to column
     column_of[i]) per layer (count x r), and the part's sums (backward_rollouts names them), from one
@@ -329,7 +332,7 @@ def _score_part(model, wrappers, part: list[Rollout], column_of: list[int | None
     sums, ref = {"tokens": int(comp.sum())}, None
     if cfg.beta > 0:
         with torch.no_grad(), adapter.zeroed(wrappers):
-            ref = PromptFirst(model, prompts, completions, pad).logprobs
+            ref = PromptFirst(model, prompts, completions, pad, reference).logprobs
         log_ratio = ref - logp.detach()
         sums["kl"] = float(((torch.exp(log_ratio) - log_ratio - 1) * comp).sum())
     sample_logp, has_sample = _sampling_logprobs(part, comp)

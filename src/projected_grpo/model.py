@@ -212,6 +212,40 @@ def token_logprobs(model, input_ids, attention_mask, completion_mask) -> torch.T
     return logprobs
 
 
+def _prefix_cache(model, prefix: list[int], device) -> list[torch.Tensor]:
+    """The keys and values of `prefix` run alone (cache_tensors' layout)."""
+    forward, ones = _forward(model), torch.ones((1, len(prefix)), dtype=torch.long, device=device)
+    forward.hidden(torch.tensor([prefix], device=device), ones, positions_of(ones), keep=None)
+    return forward.cache_tensors()
+
+
+class PromptCache:
+    """Prompts' keys and values under weights that never change (the reference's: the base model, both
+    knobs zeroed), kept from step to step: a run draws its problems again and again, and their
+    prompts need not be run again. At most `limit` bytes, the least recently used out first (a large
+    model keeps few or none; a run on the CPU organism keeps every prompt, about 0.2 MB each)."""
+
+    def __init__(self, limit: int = 256 << 20):
+        self.limit, self.held, self.entries = limit, 0, {}
+
+    def get(self, prefix: list[int], make) -> list[torch.Tensor]:
+        if torch.is_grad_enabled():
+            raise RuntimeError("PromptCache holds keys and values without a graph: use it under torch.no_grad()")
+        key = tuple(prefix)
+        if key in self.entries:
+            self.entries[key] = self.entries.pop(key)  # most recently used last
+            return self.entries[key]
+        cache = make()
+        size = sum(t.numel() * t.element_size() for t in cache)
+        while self.entries and self.held + size > self.limit:
+            oldest = next(iter(self.entries))
+            self.held -= sum(t.numel() * t.element_size() for t in self.entries.pop(oldest))
+        if size <= self.limit:
+            self.entries[key] = cache
+            self.held += size
+        return cache
+
+
 class PromptFirst:
     """token_logprobs of the rows prompt + completion (`logprobs`, laid out as pad_batch lays them
     out), each distinct prompt run once. A prompt less its last token goes through the decoder alone;
@@ -224,7 +258,8 @@ class PromptFirst:
     summed over the rows of each column asked for (a rollout's own gradient, a group's weighted
     sum), in one batched backward per prompt."""
 
-    def __init__(self, model, prompts: list[list[int]], completions: list[list[int]], pad_id: int):
+    def __init__(self, model, prompts: list[list[int]], completions: list[list[int]], pad_id: int,
+                 prompt_cache: PromptCache | None = None):
         if not all(prompts):
             raise ValueError("a prompt of no tokens: a completion must follow at least one prompt token")
         device = next(model.parameters()).device
@@ -233,15 +268,16 @@ class PromptFirst:
         prefix_mask = pad_batch(prefixes, [[] for _ in first], pad_id, device)[1]
         # Each prompt's forward runs over its own tokens, unpadded; its keys and values (rows, kv_heads,
         # length, d) are zero-padded on the left to the longest prefix where rows take copies (the
-        # mask hides the pads). A one-token prompt has no prefix and no forward.
+        # mask hides the pads). A one-token prompt has no prefix and no forward. Under fixed weights
+        # (`prompt_cache`: the reference's) a prompt seen at an earlier step is not run again.
         self.prompt_caches = []  # each distinct prompt's keys and values, in the graph of its forward ([]: none)
         for prefix in prefixes:
-            cache = []
-            if prefix:
-                forward, ones = _forward(model), torch.ones((1, len(prefix)), dtype=torch.long, device=device)
-                forward.hidden(torch.tensor([prefix], device=device), ones, positions_of(ones), keep=None)
-                cache = forward.cache_tensors()
-            self.prompt_caches.append(cache)
+            if not prefix:
+                self.prompt_caches.append([])
+            elif prompt_cache is None:
+                self.prompt_caches.append(_prefix_cache(model, prefix, device))
+            else:
+                self.prompt_caches.append(prompt_cache.get(prefix, lambda p=prefix: _prefix_cache(model, p, device)))
         width = prefix_mask.shape[1]
         like = next((c for c in self.prompt_caches if c), [])
         empty = [t[:, :, :0] for t in like]  # a one-token prompt's keys and values: none, padded to zeros

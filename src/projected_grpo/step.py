@@ -58,7 +58,8 @@ def _backward(run: Run, rollouts: list[Rollout], zero_spread: int, columns: Colu
     group count are added across ranks in one all-reduce (the columns are this rank's own)."""
     run.optimizer.zero_grad(set_to_none=True)
     try:
-        scored, failed = backward_rollouts(run.model, run.tok, run.wrappers, rollouts, run.cfg, columns), ""
+        scored, failed = backward_rollouts(run.model, run.tok, run.wrappers, rollouts, run.cfg, columns,
+                                           run.reference), ""
     except FloatingPointError as e:
         failed, scored = str(e), None
     if distributed.all_sum(run.world, [torch.tensor(float(bool(failed)))])[0] > 0:
