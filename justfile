@@ -168,10 +168,17 @@ bench-peer *args:
 bench *args:
     python -m projected_grpo.bench {{args}}
 
-# the organism step taking turns with an older commit's code, seeds 1-3 (under "vs" in out/bench.json);
-# 4851086 is the baseline of the speed-up in docs/performance.md; --seeds, --steps
+# the organism step taking turns with an older commit's code, seeds 1-3 (under "vs <arm>" in out/bench.json);
+# 4851086 is the baseline of the speed-up in docs/performance.md; --seeds, --steps, --arm (the training flags, e.g.
+# --arm='--intervention=erase --pairs=live --refresh_every=5 --adam_leak=update', which the commit must know)
 bench-vs commit *args:
     python -m projected_grpo.bench --vs {{commit}} {{args}}
+
+# the device check on a lent GPU (docs/performance.md): the organism 20 steps vanilla and live-V erase on CUDA, the fast
+# preset's dry run on tiny-random in bf16, `bench --device cuda`; one JSON in out/device-check.json, exit 1 naming any
+# part that crashed; --device cpu is the fallback CI runs (smaller: --steps 4 --max_new 32 --bench_repeats 1)
+gpu-check *args:
+    python -m projected_grpo.device_check {{args}}
 
 # style and obvious bugs
 lint:

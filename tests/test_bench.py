@@ -81,13 +81,13 @@ def test_taking_turns_runs_each_seed_on_both_codes_in_alternating_order(monkeypa
         assert args[0] == "--intervention=erase"  # the arm asked for, on both codes
         runs.append((args[1], "then" if src else "now"))
         assert src is None or (Path(src) / "projected_grpo" / "bench.py").is_file()  # the commit's package
-        return {"step_s": 2.0 if src else 1.0, "split_generate": 0.25, "split_score": 0.5}
+        return {"step_s": 2.0 if src else 1.0, "split_generate": 0.25, "split_score": 0.5, "completion_tokens": 9.0}
 
     monkeypatch.setattr(bench, "step_split", fake_split)
     figures = bench.turns_case("HEAD", [1, 2, 3], 4, ["--intervention=erase"])
     assert runs == [("--seed=1", "then"), ("--seed=1", "now"), ("--seed=2", "now"), ("--seed=2", "then"),
                     ("--seed=3", "then"), ("--seed=3", "now")]
-    assert figures["s2_then_step_s"] == 2.0 and figures["s2_now_generate_s"] == 0.25
+    assert figures["s2_then_step_s"] == 2.0 and figures["s2_now_generate_s"] == 0.25 and figures["s1_now_tokens"] == 9
     assert figures["s3_now_over_then"] == 0.5 and figures["now_over_then"] == pytest.approx(0.5)
 
 

@@ -202,8 +202,8 @@ def turns_case(commit: str, seeds: list[int], steps: int, train_args: list[str],
     """`preset`'s step with `train_args` (an arm and its settings) on this code against `commit`'s,
     taking turns seed by seed (the same `steps`-step run, alone, each in its own process; the order
     flips from seed to seed so drift in the machine's load does not favour one code): per seed each
-    code's mean step and its generate / score seconds, and the ratio now / then; the ratios'
-    geometric mean."""
+    code's mean step, its generate / score seconds and its mean completion length (the work: the
+    trajectories part after a few steps), and the ratio now / then; the ratios' geometric mean."""
     with tempfile.TemporaryDirectory() as then:
         # `COMMIT:src` names the package's folder from the top of the repository, wherever this runs
         archive = subprocess.run(["git", "archive", f"{commit}:src"], capture_output=True)
@@ -219,7 +219,7 @@ def turns_case(commit: str, seeds: list[int], steps: int, train_args: list[str],
             for code, src in codes[::-1] if n % 2 else codes:
                 split = step_split(preset, steps, *train_args, f"--seed={seed}", "--eval_prompts=6",
                                    "--eval_samples=1", src=src)
-                out |= {f"s{seed}_{code}_step_s": split["step_s"],
+                out |= {f"s{seed}_{code}_step_s": split["step_s"], f"s{seed}_{code}_tokens": split["completion_tokens"],
                         **{f"s{seed}_{code}_{part}_s": split["step_s"] * split[f"split_{part}"]
                            for part in ("generate", "score")}}
             ratios.append(out[f"s{seed}_now_step_s"] / out[f"s{seed}_then_step_s"])
@@ -463,11 +463,11 @@ def vs_main(args) -> int:
     figures = turns_case(args.vs, seeds, args.steps, shlex.split(args.arm))
     lines = [f"organism step (s, mean past 2 warm-up steps of {args.steps}) with {args.arm}, {args.vs} and now "
              f"taking turns:", "",
-             f"| seed | {args.vs}: step / generate / score | now: step / generate / score | now / then |",
-             "|---|---|---|---|"]
+             f"| seed | {args.vs}: step / generate / score (s), tokens | now: step / generate / score (s), tokens "
+             f"| now / then |", "|---|---|---|---|"]
     for seed in seeds:
         cells = [" / ".join(f"{figures[f's{seed}_{code}_{part}_s']:.3f}" for part in ("step", "generate", "score"))
-                 for code in ("then", "now")]
+                 + f", {figures[f's{seed}_{code}_tokens']:.1f}" for code in ("then", "now")]
         lines.append(f"| {seed} | {cells[0]} | {cells[1]} | {figures[f's{seed}_now_over_then']:.2f} |")
     lines.append(f"| all | | | {figures['now_over_then']:.2f} (geometric mean) |")
     print("\n".join(lines))
