@@ -20,6 +20,15 @@ def process_alive(pid: int) -> bool:
         return False
 
 
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A fresh working directory (runs land in its out/) with its own SVD cache; test_train and
+    test_reporting keep one per module instead."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PROJECTED_GRPO_CACHE", str(tmp_path / "cache"))
+    return tmp_path
+
+
 @functools.cache
 def _builtins():
     return tuple(builtin_problems())

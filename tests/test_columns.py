@@ -72,13 +72,6 @@ def test_a_groups_column_is_its_flagged_mean_minus_its_unflagged_mean(tiny, micr
                                    rtol=1e-4, atol=1e-7)
 
 
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("PROJECTED_GRPO_CACHE", str(tmp_path / "cache"))
-    return tmp_path
-
-
 @pytest.mark.parametrize("hack_score_every", ["0", "1"])
 def test_a_live_v_is_the_one_the_per_row_gradients_give(workdir, monkeypatch, hack_score_every):
     # The tiny model hacks nowhere: the weak detector flags rollouts by the parity of their token ids instead,

@@ -226,13 +226,6 @@ def test_ctrl_c_stops_launching_and_forwards_to_running_children(tmp_path, fake_
     assert runs[0].status == "interrupted" and runs[1].status == "pending"
 
 
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("PROJECTED_GRPO_CACHE", str(tmp_path / "cache"))
-    return tmp_path
-
-
 def test_a_real_sweep_runs_skips_when_done_and_results_reads_it(workdir, capsys):
     args = ["smoke", "--arms", "none,erase", "--seeds", "1", "--jobs", "2", "--steps=2", "--max_new=8",
             "--basis_k=2", "--eval_prompts=6"]

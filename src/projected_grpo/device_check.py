@@ -1,18 +1,19 @@
 """The device check: the package's paths on one accelerator in a few minutes, every figure in one JSON.
 
     python -m projected_grpo.device_check [--device cuda] [--steps 20] [--out out/device-check.json]
-    (just gpu-check; --device cpu is the fallback the suite runs, smaller)
+    (just gpu-check; --device cpu is the fallback: the suite runs its organism part on tiny-random,
+    CI its organism and fast parts)
 
 Each part runs in its own process, as a user would run it:
 1. the organism preset for `steps` steps, vanilla and erase with a live V (pairs=live, refreshed every
    5 steps, the update path): the step and its split;
-2. the fast preset on tiny-random in bf16, as route with a refresh and an evaluation after every step
-   (a dry run of the GPU preset's paths: bf16 scoring, is_correction, leetcode problems, extraction
+2. the fast preset on tiny-random in bf16 for 2 steps, as route with a refresh and an evaluation after
+   the first (a dry run of the GPU preset's paths: bf16 scoring, is_correction, leetcode problems, extraction
    and the quarantine on the device);
 3. `bench --device DEVICE`.
 A part that crashes is recorded with its error and the check exits 1 after the others ran, naming it.
-Nothing downloads: the organism is built here on first use (offline, on the CPU); on a machine that
-must not spend minutes on it, carry a built out/organism along.
+Nothing downloads: the organism's first run builds it (offline, on the CPU, minutes, outside the step
+times); on a machine that must not spend them, carry a built out/organism along.
 """
 
 from __future__ import annotations
@@ -29,18 +30,18 @@ import torch
 
 from .bench import step_split
 from .files import write_atomically
-from .organism import build
 
+PARTS = ("organism", "fast_tiny_bf16", "bench")
 
-def _organism(device: str, steps: int) -> dict:
+def _organism(device: str, steps: int, model: str) -> dict:
     arms = {"none": ["--intervention=none"],
             "erase_live": ["--intervention=erase", "--pairs=live", "--refresh_every=5", "--adam_leak=update"]}
-    return {arm: step_split("organism", steps, *flags, f"--device={device}", "--eval_prompts=6", "--eval_samples=1")
-            for arm, flags in arms.items()}
+    return {arm: step_split("organism", steps, *flags, f"--device={device}", f"--model={model}", "--eval_prompts=6",
+                            "--eval_samples=1") for arm, flags in arms.items()}
 
 
 def _fast_dry_run(device: str, max_new: int) -> dict:
-    return step_split("fast", 3, "--model=tiny-random", "--dtype=bfloat16", f"--device={device}",
+    return step_split("fast", 2, "--model=tiny-random", "--dtype=bfloat16", f"--device={device}",
                       "--intervention=route", "--refresh_every=1", "--eval_every=1", "--eval_prompts=2",
                       "--eval_samples=1", f"--max_new={max_new}", "--checkpoint_every=1")
 
@@ -63,16 +64,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="each organism run's steps (at least 4)")
     parser.add_argument("--max_new", type=int, default=512, help="the fast dry run's completion length")
     parser.add_argument("--bench_repeats", type=int, default=5)
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"which parts, comma-separated: {', '.join(PARTS)}")
+    parser.add_argument("--model", default="organism",
+                        help="the organism runs' model (the suite's quick check: tiny-random, no organism to build)")
     parser.add_argument("--out", default="out/device-check.json")
     args = parser.parse_args(argv)
     if args.steps < 4:
         parser.error(f"--steps={args.steps}: at least 4 (the first two are warm-up)")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device={args.device}: torch sees no CUDA device here (torch {torch.__version__})")
-    build()  # before any timed part, so no part pays for it
-    parts = {"organism": lambda: _organism(args.device, args.steps),
+    asked = args.parts.split(",")
+    if not asked or set(asked) - set(PARTS):
+        parser.error(f"--parts={args.parts}: a comma-separated subset of {', '.join(PARTS)}")
+    parts = {"organism": lambda: _organism(args.device, args.steps, args.model),
              "fast_tiny_bf16": lambda: _fast_dry_run(args.device, args.max_new),
              "bench": lambda: _bench(args.device, args.bench_repeats)}
+    parts = {name: part for name, part in parts.items() if name in asked}
     record = {"device": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu",
               "torch": torch.__version__, "args": vars(args), "parts": {}, "failed": []}
     for name, part in parts.items():
