@@ -65,6 +65,11 @@ def test_a_step_split_runs_the_package_it_is_pointed_at(tmp_path):
     assert split["split_generate"] == 0.25 and split["split_score"] == 0.5
 
 
+def test_a_step_split_needs_a_step_past_its_warm_up():
+    with pytest.raises(ValueError, match="2 steps leave none past the two warm-up steps"):
+        bench.step_split("organism", 2)
+
+
 def test_a_step_split_that_fails_names_the_code_and_its_error(tmp_path):
     package = tmp_path / "src" / "projected_grpo"
     package.mkdir(parents=True)

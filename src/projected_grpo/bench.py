@@ -180,6 +180,8 @@ def step_split(preset: str, steps: int, *args: str, src: str | None = None) -> d
     """Train `preset` for `steps` in a scratch dir (with the package found in `src`, if given,
     instead of this one); the mean step time, each part's share of it and the mean completion
     length, past two warm-up steps."""
+    if steps < 3:
+        raise ValueError(f"step_split: {steps} steps leave none past the two warm-up steps")
     env = {**os.environ, "PROJECTED_GRPO_CACHE": os.path.abspath("out/cache")}
     if src:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))

@@ -7,8 +7,8 @@
 Each part runs in its own process, as a user would run it:
 1. the organism preset for `steps` steps, vanilla and erase with a live V (pairs=live, refreshed every
    5 steps, the update path): the step and its split;
-2. the fast preset on tiny-random in bf16 for 2 steps, as route with a refresh and an evaluation after
-   the first (a dry run of the GPU preset's paths: bf16 scoring, is_correction, leetcode problems, extraction
+2. the fast preset on tiny-random in bf16 for 3 steps, as route with a refresh and an evaluation after
+   each but the last (a dry run of the GPU preset's paths: bf16 scoring, is_correction, leetcode problems, extraction
    and the quarantine on the device);
 3. `bench --device DEVICE`.
 A part that crashes is recorded with its error and the check exits 1 after the others ran, naming it.
@@ -41,7 +41,7 @@ def _organism(device: str, steps: int, model: str) -> dict:
 
 
 def _fast_dry_run(device: str, max_new: int) -> dict:
-    return step_split("fast", 2, "--model=tiny-random", "--dtype=bfloat16", f"--device={device}",
+    return step_split("fast", 3, "--model=tiny-random", "--dtype=bfloat16", f"--device={device}",
                       "--intervention=route", "--refresh_every=1", "--eval_every=1", "--eval_prompts=2",
                       "--eval_samples=1", f"--max_new={max_new}", "--checkpoint_every=1")
 
