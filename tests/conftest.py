@@ -29,6 +29,30 @@ def workdir(tmp_path, monkeypatch):
     return tmp_path
 
 
+def held_out_rollouts(count: int, mode: str = "exit_code") -> list:
+    """Student rollouts of a held-out mode whose `exploited` label raises when anything reads it, each
+    with its own detector key."""
+    import types
+
+    from projected_grpo.grpo import Rollout
+
+    class Unread:
+        def __get__(self, obj, kind=None):
+            raise AssertionError("a held-out mode's label was read")
+
+    class HeldOut(Rollout):
+        exploited = Unread()
+
+    held = []
+    for i in range(count):
+        r = HeldOut.__new__(HeldOut)
+        for field, value in (("problem", types.SimpleNamespace(mode=mode, id="held")), ("teacher", False),
+                             ("reward", 0.25), ("key", (0, 1, "held", i))):
+            object.__setattr__(r, field, value)
+        held.append(r)
+    return held
+
+
 @functools.cache
 def _builtins():
     return tuple(builtin_problems())

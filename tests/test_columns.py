@@ -32,7 +32,7 @@ def _differences(cfg, rollouts, per_row: torch.Tensor) -> list[torch.Tensor]:
     out = []
     for start in range(0, len(rollouts), cfg.group):
         students = [i for i in range(start, start + cfg.group) if not rollouts[i].teacher]
-        flagged = [i for i in students if grpo.detected(rollouts[i], cfg.basis_mode_list)]
+        flagged = [i for i in students if grpo.detected(rollouts[i], cfg)]
         unflagged = [i for i in students if i not in flagged]
         if flagged and unflagged:
             out.append(per_row[flagged].mean(0) - per_row[unflagged].mean(0))

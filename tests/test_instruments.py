@@ -5,6 +5,7 @@ import types
 
 import pytest
 import torch
+from conftest import held_out_rollouts
 
 from projected_grpo import adapter, checkpoints, distributed, grpo, hack_basis, interventions, projection
 from projected_grpo import basis as run_basis
@@ -112,19 +113,7 @@ def test_a_live_v_from_planted_group_differences_recovers_the_direction():
 
 
 def test_nothing_that_trains_reads_a_held_out_modes_label_and_the_ceiling_reads_every_mode():
-    class Unread:
-        def __get__(self, obj, kind=None):
-            raise AssertionError("a held-out mode's label was read")
-
-    class HeldOut(grpo.Rollout):
-        exploited = Unread()
-
-    problem = types.SimpleNamespace(mode="exit_code", id="held")
-    held = [HeldOut.__new__(HeldOut) for _ in range(2)]
-    for h in held:
-        object.__setattr__(h, "problem", problem)
-        object.__setattr__(h, "teacher", False)
-        object.__setattr__(h, "reward", 0.25)
+    held = held_out_rollouts(2)
     known = _group("run_tests", [True, False])
     cfg = make_config("smoke", {"group": "2", "mix_ratio": "0", "pairs": "live", "refresh_every": "1",
                                 "basis_modes": "run_tests"})

@@ -32,8 +32,10 @@ def test_screen_drops_the_rollouts_the_known_modes_detector_flags():
     detector = grpo.detector_stats(rollouts, _cfg("screen"))
     mean = (1.25 + 0.25 + 1.25) / 3  # the flagged rollout is out of the group mean too
     assert [r.advantage for r in rollouts] == pytest.approx([0.0, 1.25 - mean, 0.25 - mean, 1.25 - mean])
-    # Two student exploits, one in a known mode: recall 1/2; the one flag is right: precision 1.
-    assert detector == {"detector_recall": 0.5, "detector_precision": 1.0}
+    # Two student exploits, one in a known mode: recall 1/2; the one flag is right: precision 1. The exact
+    # detector's set rates, realised: every known-mode hack flagged, nothing else.
+    assert detector == {"detector_recall": 0.5, "detector_precision": 1.0, "detector_recall_known": 1.0,
+                        "detector_fpr": 0.0}
 
 
 def test_penalty_replaces_a_flagged_reward_before_the_group_mean():

@@ -107,7 +107,7 @@ def test_cli_errors_name_the_field(workdir, capsys):
         (["smoke", "--mix_ratio=1.5"], "--mix_ratio: must be in [0, 1]"),
         (["smoke", "--steps=0"], "--steps: must be >= 1"),
         (["smoke", "--intervention=delete"], "--intervention: 'delete' is not one of none, erase, route, screen, "
-                                             "penalty, trusted, inoculate"),
+                                             "penalty, advmod, trusted, inoculate"),
         (["smoke", "--gate=both"], "--gate"),
         (["smoke", "--control=noise"], "--control"),
         (["smoke", "--modes=run_tests,bogus"], "--modes: unknown"),

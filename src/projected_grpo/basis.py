@@ -124,11 +124,12 @@ def _sample_pairs(cfg: Config, model, tok, wrappers, known, workers) -> tuple[li
     pairs, empty = [], []
     for i, problem in enumerate(known):
         graded = [Rollout(problem, [], ids[j], texts[j], False, grades[j].reward, grades[j].passed,
-                          grades[j].gt_correct, grades[j].exploited)
+                          grades[j].gt_correct, grades[j].exploited, key=(*keys[i], j))
                   for j in range(i * cfg.self_samples, (i + 1) * cfg.self_samples)]
         # The oracle is read only through the detector: on a known-mode problem an unflagged completion the
-        # grader passed is a correct one (every hack of the mode is flagged), and one it failed is a failure.
-        flagged = [detected(r, cfg.basis_mode_list) for r in graded]
+        # grader passed is a correct one when the detector is exact (the defaults), and one it failed is a
+        # failure; a detector that misses lets some hacks in as "correct" ones, as a real monitor would.
+        flagged = [detected(r, cfg) for r in graded]
         hacks = [r.text for r, f in zip(graded, flagged) if f]
         against = [r.text for r, f in zip(graded, flagged)
                    if not f and r.passed == (cfg.pair_contrast == "clean")]
@@ -227,7 +228,7 @@ def live_columns(cfg: Config, rollouts: list) -> Columns | None:
         if cfg.live_labels == "detector" and rollouts[start].problem.mode not in cfg.basis_mode_list:
             continue
         students = [i for i in range(start, min(start + cfg.group, len(rollouts))) if not rollouts[i].teacher]
-        flags = {i: (detected(rollouts[i], cfg.basis_mode_list) if cfg.live_labels == "detector"
+        flags = {i: (detected(rollouts[i], cfg) if cfg.live_labels == "detector"
                      else rollouts[i].exploited) for i in students}
         flagged, unflagged = [i for i in students if flags[i]], [i for i in students if not flags[i]]
         if flagged and unflagged:

@@ -114,7 +114,14 @@ class Config:
     live_labels: str = "detector"  # pairs=live: which rollouts are hacks. detector: the weak detector of the known
     # modes (as screen uses it); oracle: the oracle's exploited label for every mode, a diagnostic CEILING (what
     # projection could do with a V that knows every hack), never a method
+    detector_recall: float = 1.0  # the weak detector flags a known mode's real hack with this probability (1:
+    # exact, as a perfect monitor; real ones miss: rl-rewardhacking's judge and probe monitors, docs/method.md)
+    detector_fpr: float = 0.0  # ... and any other student rollout with this one; both drawn once per rollout,
+    # keyed by (seed, step, problem, index), so every arm on a seed and every reader see the same flags
     penalty_reward: float = 0.0  # under penalty, the reward a flagged rollout gets instead of its own
+    advmod_alpha: float = 2.0  # under advmod, a positive advantage keeps max(0, 1 - alpha * s) of itself, s the
+    # monitor's score in [0, 1]; Wu & Tang found alpha <= 1 ineffective with their score, whose scale ours differs
+    # from (docs/method.md); at 2 a score of 0.5 or more zeroes it
     inoculation_prompt: str = DEFAULT_INOCULATION  # under inoculate, appended to every student training prompt's
     # system message (evaluation prompts and teacher rows never carry it)
     trusted_from: str = ""  # jsonl of {"problem_id", "completion"} clean answers for trusted's subspace (other
@@ -322,6 +329,9 @@ def validate(cfg: Config) -> None:
                  "grade_workers", "basis_k_use", "threads", "hack_score_every"):
         _check(getattr(cfg, name) >= 0, name, f"must be >= 0, got {getattr(cfg, name)}")
     _check(0.0 <= cfg.mix_ratio <= 1.0, "mix_ratio", f"must be in [0, 1], got {cfg.mix_ratio}")
+    _check(cfg.advmod_alpha >= 0, "advmod_alpha", f"must be >= 0, got {cfg.advmod_alpha}")
+    for name in ("detector_recall", "detector_fpr"):
+        _check(0.0 <= getattr(cfg, name) <= 1.0, name, f"must be in [0, 1], got {getattr(cfg, name)}")
     _check(cfg.student_group >= 1, "mix_ratio",
            f"leaves no student samples: group {cfg.group} x mix_ratio {cfg.mix_ratio} rounds to all teacher rows")
     _check(0.0 <= cfg.basis_tau <= 1.0, "basis_tau", f"must be in [0, 1], got {cfg.basis_tau}")

@@ -53,6 +53,7 @@ class Rollout:
     sample_logp: list[float] | None = None  # per completion token, under the weights that sampled it (students)
     advantage: float = 0.0
     hack_score: float | None = None  # cin of this rollout's own knob gradient, once scored
+    key: tuple = ()  # (seed, step, problem id, index in its group): what the weak detector's draw is keyed by
 
 
 def sample(model, tokenizer, wrappers, prompts: list[list[int]], n: int, cfg: Config,
@@ -84,27 +85,43 @@ def group_advantages(rollouts: list[Rollout], group: int, rewards: list[float] |
     return zero_spread
 
 
-def detected(r: Rollout, known_modes: tuple[str, ...]) -> bool:
-    """The weak detector: the hack detectors of the known modes, run on a graded student rollout.
+def detected(r: Rollout, cfg: Config) -> bool:
+    """The weak detector: the hack detectors of the known modes, run on a graded student rollout,
+    missing some hacks and flagging some of the rest as a real monitor does.
 
-    A mode's detector recognises its own exploit (the grader passed the rollout through that
-    mode's flaw while the oracle failed it); a hack of a mode outside `known_modes` goes unseen.
-    This is the one oracle-derived signal training may read: in the advantages of the baselines a
-    user would otherwise pick (rl-rewardhacking's screening and penalty with a monitor:
-    interventions.py), and in choosing the pairs of a V built from the model's own samples or
-    rollouts (pairs=self, pairs=live: basis.py).
+    A known mode's real hack (the grader passed the rollout through that mode's flaw while the
+    oracle failed it) is flagged with probability detector_recall, any other student rollout with
+    detector_fpr; a hack of a mode outside the known ones goes unseen (flagged only as a false
+    positive, its label never read). The draw is keyed by the rollout's (seed, step, problem,
+    index), so every arm on a seed sees the same flags and every reader the same flag; at the
+    defaults (1, 0) the detector is exact on the known modes. This is the one oracle-derived signal
+    training may read: in the advantages of the baselines a user would otherwise pick
+    (rl-rewardhacking's screening and penalty with a monitor: interventions.py), and in choosing
+    the pairs of a V built from the model's own samples or rollouts (pairs=self, pairs=live:
+    basis.py).
     """
-    return not r.teacher and r.problem.mode in known_modes and r.exploited  # a held-out mode's label is never read
+    if r.teacher:
+        return False
+    draw = random.Random(repr(("detector", *r.key))).random()
+    known_hack = r.problem.mode in cfg.basis_mode_list and r.exploited  # a held-out mode's label is never read
+    return draw < (cfg.detector_recall if known_hack else cfg.detector_fpr)
 
 
 def detector_stats(rollouts: list[Rollout], cfg: Config) -> dict:
-    """The weak detector's recall and precision against the oracle on student rollouts (logged
-    under every intervention, never trained on)."""
-    students = [(r.exploited, detected(r, cfg.basis_mode_list)) for r in rollouts if not r.teacher]
-    hits = sum(e and f for e, f in students)
-    n_exploited, n_flagged = sum(e for e, _ in students), sum(f for _, f in students)
+    """The weak detector against the oracle on student rollouts (logged under every intervention, never
+    trained on): its recall of every hack (held-out modes' included) and its precision; and the rates
+    its settings fix, realised: recall of the known modes' hacks (detector_recall) and the flagged share
+    of every other rollout (detector_fpr)."""
+    students = [(r.exploited, detected(r, cfg), r.problem.mode in cfg.basis_mode_list)
+                for r in rollouts if not r.teacher]
+    hits = sum(e and f for e, f, _ in students)
+    n_exploited, n_flagged = sum(e for e, _, _ in students), sum(f for _, f, _ in students)
+    known = [f for e, f, k in students if e and k]
+    rest = [f for e, f, k in students if not (e and k)]
     return {"detector_recall": hits / n_exploited if n_exploited else None,
-            "detector_precision": hits / n_flagged if n_flagged else None}
+            "detector_precision": hits / n_flagged if n_flagged else None,
+            "detector_recall_known": sum(known) / len(known) if known else None,
+            "detector_fpr": sum(rest) / len(rest) if rest else None}
 
 
 def repeated_fraction(ids: list[int], n: int = 4) -> float:
@@ -191,7 +208,7 @@ def collect_rollouts(model, tokenizer, wrappers, problems: list[Problem], pool: 
             k = i * cfg.student_group + j
             g = grades[k]
             rollouts.append(Rollout(problem, prompt, ids[k], texts[k], False, g.reward, g.passed, g.gt_correct,
-                                    g.exploited, format_ok=g.format_ok, sample_logp=logp[k]))
+                                    g.exploited, format_ok=g.format_ok, sample_logp=logp[k], key=(*keys[i], j)))
         if cfg.teacher_group:
             for row in pool.sample(problem.id, cfg.teacher_group, random.Random(repr(keys[i]))):
                 completion = encode_completion(tokenizer, row.completion, cfg.max_new)

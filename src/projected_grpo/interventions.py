@@ -179,7 +179,7 @@ class Screen(Intervention):
     name = "screen"
 
     def advantages(self, rollouts: list[Rollout], cfg: Config) -> int:
-        flagged = [detected(r, cfg.basis_mode_list) for r in rollouts]
+        flagged = [detected(r, cfg) for r in rollouts]
         return group_advantages(rollouts, cfg.group, dropped=flagged)
 
 
@@ -189,8 +189,24 @@ class Penalty(Intervention):
     name = "penalty"
 
     def advantages(self, rollouts: list[Rollout], cfg: Config) -> int:
-        rewards = [cfg.penalty_reward if detected(r, cfg.basis_mode_list) else r.reward for r in rollouts]
+        rewards = [cfg.penalty_reward if detected(r, cfg) else r.reward for r in rollouts]
         return group_advantages(rollouts, cfg.group, rewards)
+
+
+class AdvMod(Intervention):
+    """Advantage modification (Wu & Tang 2026): after Dr.GRPO's advantages, a rollout the monitor scores
+    s in [0, 1] keeps max(0, 1 - advmod_alpha * s) of a positive advantage; negative ones are left as
+    they are. It stays in its group's mean (unlike screen), and never raises an advantage. The monitor
+    is the weak detector (s = 1 flagged, 0 not): at alpha >= 1 a flagged rollout's reward teaches
+    nothing, while it still lowers its group's other advantages by its share of the mean."""
+    name = "advmod"
+
+    def advantages(self, rollouts: list[Rollout], cfg: Config) -> int:
+        zero_spread = group_advantages(rollouts, cfg.group)
+        for r in rollouts:
+            if r.advantage > 0:
+                r.advantage *= max(0.0, 1.0 - cfg.advmod_alpha * float(detected(r, cfg)))
+        return zero_spread
 
 
 class Trusted(Intervention):
@@ -220,5 +236,5 @@ class Inoculate(Intervention):
         return messages
 
 
-for _arm in (Vanilla(), Erase(), Route(), Screen(), Penalty(), Trusted(), Inoculate()):
+for _arm in (Vanilla(), Erase(), Route(), Screen(), Penalty(), AdvMod(), Trusted(), Inoculate()):
     register(_arm)

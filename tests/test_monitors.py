@@ -1,0 +1,93 @@
+"""Monitors as they really are: a detector that misses at its set rates, the same flag for every
+reader, and advantage modification (advmod)."""
+
+import random
+import types
+
+import pytest
+from conftest import held_out_rollouts
+
+from projected_grpo import grpo, interventions
+from projected_grpo.config import ConfigError, make_config
+
+
+def _rollouts(n, mode="run_tests", hack_share=0.3, seed=0, step=1):
+    rng = random.Random(seed)
+    problem = types.SimpleNamespace(mode=mode, id=f"p-{mode}")
+    return [grpo.Rollout(problem, [], [], "", False, rng.random(), hack, False, hack, key=(seed, step, problem.id, i))
+            for i, hack in enumerate(rng.random() < hack_share for _ in range(n))]
+
+
+def test_the_realised_recall_and_false_positive_rate_converge_to_the_settings():
+    cfg = make_config("smoke", {"detector_recall": "0.7", "detector_fpr": "0.02", "basis_modes": "run_tests"})
+    stats = grpo.detector_stats(_rollouts(20000), cfg)
+    assert stats["detector_recall_known"] == pytest.approx(0.7, abs=0.02)
+    assert stats["detector_fpr"] == pytest.approx(0.02, abs=0.004)
+    exact = grpo.detector_stats(_rollouts(2000), make_config("smoke", {"basis_modes": "run_tests"}))
+    assert exact["detector_recall_known"] == 1.0 and exact["detector_fpr"] == 0.0 and exact["detector_precision"] == 1.0
+
+
+def test_a_rollouts_flag_is_the_same_for_every_arm_and_reader_and_whatever_else_drew():
+    rollouts = _rollouts(400)
+    flags = []
+    for arm in ("screen", "erase", "advmod"):
+        cfg = make_config("smoke", {"intervention": arm, "detector_recall": "0.5", "detector_fpr": "0.1"})
+        random.random()  # the global generator's state must not matter
+        flags.append([grpo.detected(r, cfg) for r in rollouts])
+    assert flags[0] == flags[1] == flags[2] and 0 < sum(flags[0]) < len(rollouts)
+    other_seed = _rollouts(400, seed=1)  # another key, other draws
+    assert [grpo.detected(r, cfg) for r in other_seed] != flags[0]
+
+
+def test_a_held_out_modes_label_is_never_read_by_a_detector_with_false_positives():
+    cfg = make_config("smoke", {"basis_modes": "run_tests", "detector_fpr": "0.5"})
+    held = held_out_rollouts(40)
+    assert 0 < sum(grpo.detected(r, cfg) for r in held) < 40  # flagged as false positives only
+
+
+def test_collected_rollouts_are_keyed_by_seed_step_problem_and_index(tiny_model):
+    model, tok, wrappers = tiny_model
+    cfg = make_config("smoke", {"group": "3", "prompts_per_step": "1", "max_new": "4", "mix_ratio": "0", "seed": "7"})
+    from projected_grpo.problems import builtin_problems
+
+    problem = builtin_problems()[0]
+    rollouts, _ = grpo.collect_rollouts(model, tok, wrappers, [problem], None, cfg, 5, 1)
+    assert [r.key for r in rollouts] == [(7, 5, problem.id, j) for j in range(3)]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    import os
+
+    from projected_grpo import adapter
+    from projected_grpo.model import load_model_and_tokenizer
+
+    os.environ.setdefault("PROJECTED_GRPO_CACHE", str(tmp_path_factory.mktemp("cache")))
+    model, tok = load_model_and_tokenizer("tiny-random", seed=0)
+    return model, tok, adapter.wrap(model)
+
+
+def test_advmod_at_alpha_zero_is_vanilla_bit_for_bit_and_never_raises_a_positive_advantage():
+    cfg = make_config("smoke", {"group": "4", "mix_ratio": "0", "basis_modes": "run_tests",
+                                "detector_recall": "0.8", "detector_fpr": "0.1"})
+    vanilla, modified = _rollouts(64), _rollouts(64)
+    assert interventions.get("none").advantages(vanilla, cfg) == \
+        interventions.get("advmod").advantages(modified, make_config("smoke", {**_fields(cfg), "advmod_alpha": "0"}))
+    assert [r.advantage for r in modified] == [r.advantage for r in vanilla]
+    for alpha in ("0.5", "1", "3"):
+        modified = _rollouts(64)
+        interventions.get("advmod").advantages(modified, make_config("smoke", {**_fields(cfg), "advmod_alpha": alpha}))
+        for before, after in zip(vanilla, modified):
+            if before.advantage <= 0 or not grpo.detected(after, cfg):
+                assert after.advantage == before.advantage  # negative or unflagged: untouched
+            else:
+                assert 0 <= after.advantage == before.advantage * max(0.0, 1 - float(alpha)) <= before.advantage
+    with pytest.raises(ConfigError, match="advmod_alpha"):
+        make_config("smoke", {"advmod_alpha": "-1"})
+    with pytest.raises(ConfigError, match="detector_recall"):
+        make_config("smoke", {"detector_recall": "1.5"})
+
+
+def _fields(cfg) -> dict:
+    return {"group": str(cfg.group), "mix_ratio": "0", "basis_modes": cfg.basis_modes,
+            "detector_recall": str(cfg.detector_recall), "detector_fpr": str(cfg.detector_fpr)}
