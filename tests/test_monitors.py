@@ -5,9 +5,10 @@ import random
 import types
 
 import pytest
+import torch
 from conftest import held_out_rollouts
 
-from projected_grpo import grpo, interventions
+from projected_grpo import distributed, grpo, interventions, monitor
 from projected_grpo.config import ConfigError, make_config
 
 
@@ -91,3 +92,34 @@ def test_advmod_at_alpha_zero_is_vanilla_bit_for_bit_and_never_raises_a_positive
 def _fields(cfg) -> dict:
     return {"group": str(cfg.group), "mix_ratio": "0", "basis_modes": cfg.basis_modes,
             "detector_recall": str(cfg.detector_recall), "detector_fpr": str(cfg.detector_fpr)}
+
+
+def test_the_probe_separates_a_planted_direction_and_not_shuffled_labels():
+    gen = torch.Generator().manual_seed(0)
+    direction = torch.nn.functional.normalize(torch.randn(64, generator=gen), dim=0)
+    labels = torch.rand(800, generator=gen) < 0.2
+    features = torch.randn(800, 64, generator=gen) + 3.0 * labels[:, None] * direction  # Bayes AUROC 0.98
+    train, test = slice(0, 400), slice(400, 800)
+    planted = monitor.fit(features[train], labels[train])
+    shuffled = monitor.fit(features[train], labels[train][torch.randperm(400, generator=gen)])
+    probe = monitor.Probe(make_config("smoke"), distributed.World())
+    for weights, low, high in ((planted, 0.95, 1.0), (shuffled, 0.4, 0.6)):
+        probe.weights = weights
+        assert low <= grpo.auroc(probe.score(features[test]), labels[test].tolist()) <= high
+    assert monitor.fit(features, torch.zeros(800, dtype=torch.bool)) is None  # one class: nothing to fit
+
+
+def test_the_probe_never_fits_a_held_out_modes_rollouts():
+    # Known-mode hacks lie along +direction; many held-out rollouts lie further along it. Fitted with their
+    # (unflagged) rows, the probe would call +direction clean; left out, it calls it a hack.
+    cfg = make_config("smoke", {"basis_modes": "run_tests", "refresh_every": "1", "monitor": "probe"})
+    direction = torch.nn.functional.normalize(torch.randn(16, generator=torch.Generator().manual_seed(1)), dim=0)
+    known = _rollouts(200)
+    held = held_out_rollouts(300)
+    features = torch.stack([(1.0 if r.exploited else -1.0) * direction for r in known] +
+                           [3.0 * direction for _ in held]) + 0.1 * torch.randn(500, 16)
+    probe = monitor.Probe(cfg, distributed.World())
+    probe.observe(1, known + held, features)  # a held-out label read here raises
+    assert len(probe.buffer[0][1]) == 200
+    probe.refit()
+    assert probe.score(direction[None])[0] > 0.9 and probe.score(-direction[None])[0] < 0.1

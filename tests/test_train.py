@@ -95,6 +95,33 @@ def test_resume_matches_an_uninterrupted_run(workdir):
     assert summaries[0]["basis_margins"] == summaries[1]["basis_margins"]  # V's notes survive the checkpoint
 
 
+def test_the_probe_monitor_resumes_as_it_was_and_screens_what_it_flags(workdir, monkeypatch):
+    # The tiny model hacks nowhere: false positives give the probe two classes to fit. A crash in step 3
+    # resumes from the checkpoint after step 2, the probe's buffer and fit in it.
+    probe = dict(steps=4, intervention="screen", monitor="probe", refresh_every=1, detector_fpr=0.4,
+                 checkpoint_every=25)
+    real, calls = step_mod.collect_rollouts, []
+
+    def flaky(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("simulated")
+        return real(*args)
+
+    monkeypatch.setattr(step_mod, "collect_rollouts", flaky)
+    with pytest.raises(RuntimeError, match="simulated"):
+        train.run(_cfg(run_name="probe-resumed", **probe))
+    monkeypatch.setattr(step_mod, "collect_rollouts", real)
+    train.run(_cfg(run_name="probe-resumed", resume="true", **probe))
+    train.run(_cfg(run_name="probe-straight", **probe))
+    straight, resumed = _rows(workdir / "out/runs/probe-straight"), _rows(workdir / "out/runs/probe-resumed")
+    assert [{k: v for k, v in r.items() if k not in TIMING} for r in straight] == \
+        [{k: v for k, v in r.items() if k not in TIMING} for r in resumed]
+    assert straight[0]["probe_flagged"] == 0 and straight[-1]["probe_flagged"] > 0  # nothing before its first fit
+    scores = [json.loads(line) for line in (workdir / "out/runs/probe-straight/scores.jsonl").read_text().splitlines()]
+    assert {r["step"] for r in scores if "probe_score" in r} == {2, 3, 4}
+
+
 def test_same_seed_same_metrics(workdir):
     a = train.run(_cfg(run_name="det-a", steps=2))
     b = train.run(_cfg(run_name="det-b", steps=2))

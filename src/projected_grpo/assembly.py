@@ -21,6 +21,7 @@ from .config import Config, ConfigError
 from .distributed import World
 from .files import iter_jsonl, write_directory_atomically
 from .model import PromptCache, load_model_and_tokenizer
+from .monitor import Probe
 from .problems import ProblemFormatError, load_problems, split_held_out
 from .teacher_pool import HOW_TO_BUILD, Pool, PoolFormatError, build_pool, load_pool
 
@@ -45,6 +46,7 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     workers: int | None  # parallel graders
     basis: Basis  # V, its live buffer, the gate's memory and the notes on V's making
+    probe: Probe | None = None  # --monitor=probe: the probe screen, penalty and advmod read
     reference: PromptCache = dataclasses.field(default_factory=PromptCache)  # the reference's prompts' keys and
     # values, which never change: kept across steps so a prompt drawn again is not run again
 
@@ -160,10 +162,12 @@ def assemble(cfg: Config, world: World, model_path: str, train, held_out,
                                   weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
     run = Run(cfg, arm, world, model, tok, wrappers, train, held_out, pool, trusted, optimizer, scheduler, workers,
-              Basis(cfg, world, pairs, notes=notes))
+              Basis(cfg, world, pairs, notes=notes), Probe(cfg, world) if cfg.monitor == "probe" else None)
     if checkpoint is not None:
         state = checkpoints.load(checkpoint, wrappers, optimizer, scheduler)
         run.basis.restore(state)
+        if run.probe is not None and state["probe"] is not None:
+            run.probe.restore(state["probe"])
         return run, state
     run.basis.start(model, tok, wrappers, model_id)
     return run, None

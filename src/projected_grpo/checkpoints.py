@@ -44,13 +44,14 @@ def _rng_state() -> tuple:
     return torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
 
 
-def training_state(wrappers, optimizer, scheduler, basis_state: dict) -> dict:
+def training_state(wrappers, optimizer, scheduler, basis_state: dict, probe_state: dict | None = None) -> dict:
     """A copy of everything a checkpoint holds, taken now: knobs, optimizer, scheduler, RNG, and V's
     (basis.Basis.state: V, the smoothed gate's memory ḡ, the live buffer V is rebuilt from, the notes
-    the summary gives of V). Knobs and their Adam moments are small (r per layer), so taking one before
-    every step is cheap."""
+    the summary gives of V) and the probe monitor's (monitor.Probe.state; None without one). Knobs and
+    their Adam moments are small (r per layer), so taking one before every step is cheap."""
     return {"knobs": adapter.knob_state(wrappers), "optimizer": copy.deepcopy(optimizer.state_dict()),
-            "scheduler": copy.deepcopy(scheduler.state_dict()), "rng": _rng_state(), **basis_state}
+            "scheduler": copy.deepcopy(scheduler.state_dict()), "rng": _rng_state(), **basis_state,
+            "probe": probe_state}
 
 
 def save(run_dir: Path, step: int, state: dict, rows: list[dict]) -> Path:
@@ -64,7 +65,7 @@ def save(run_dir: Path, step: int, state: dict, rows: list[dict]) -> Path:
     adapter.save_tensors(state["knobs"], tmp / "knobs.safetensors")
     torch.save({"step": step, "optimizer": state["optimizer"], "scheduler": state["scheduler"],
                 "torch_rng": cpu_rng, "cuda_rng": cuda_rng, "basis": state["basis"], "grad_mean": state["grad_mean"],
-                "live": state["live"], "notes": state["notes"],
+                "live": state["live"], "notes": state["notes"], "probe": state["probe"],
                 "rows": [r for r in rows if r["step"] <= step]}, tmp / "state.pt")
     for path in tmp.iterdir():
         with open(path, "rb") as f:
@@ -98,4 +99,5 @@ def load(checkpoint: Path, wrappers, optimizer, scheduler) -> dict:
                               f"memory in knob space (it has a trend, no grad_mean); finish the run with the version "
                               f"that started it, or start it again")
         state["grad_mean"] = {}  # an older checkpoint whose gate remembered nothing loses nothing
+    state.setdefault("probe", None)  # older checkpoints: no probe monitor existed
     return state

@@ -26,6 +26,7 @@ PROBLEM_SETS = {
 GATES = ("one_sided", "no_gate", "reverse", "smoothed")
 CONTROLS = ("none", "random", "shuffled", "nonhack", "capacity")
 PAIR_SOURCES = ("templates", "pool", "self", "live")
+MONITORS = ("detector", "probe")
 PAIR_CONTRASTS = ("clean", "failed")
 LIVE_LABELS = ("detector", "oracle")
 LR_SCHEDULES = ("cosine", "constant")
@@ -119,6 +120,11 @@ class Config:
     detector_fpr: float = 0.0  # ... and any other student rollout with this one; both drawn once per rollout,
     # keyed by (seed, step, problem, index), so every arm on a seed and every reader see the same flags
     penalty_reward: float = 0.0  # under penalty, the reward a flagged rollout gets instead of its own
+    monitor: str = "detector"  # what screen, penalty and advmod read: the weak detector, or probe, a linear probe
+    # on the student's middle-layer hidden states trained online from the detector's flags on the known modes
+    # (monitor.py; refitted every refresh_every steps from the last live_window steps)
+    probe_threshold: float = 0.5  # --monitor=probe: a rollout whose P(hack) reaches this is flagged (screen, penalty);
+    # 0.5, the logistic fit's own decision boundary, registered before any run reads it
     advmod_alpha: float = 2.0  # under advmod, a positive advantage keeps max(0, 1 - alpha * s) of itself, s the
     # monitor's score in [0, 1]; Wu & Tang found alpha <= 1 ineffective with their score, whose scale ours differs
     # from (docs/method.md); at 2 a score of 0.5 or more zeroes it
@@ -313,6 +319,7 @@ def validate(cfg: Config) -> None:
     for name, allowed in (("gate", GATES), ("control", CONTROLS),
                           ("adam_leak", ADAM_LEAK), ("loss_norm", LOSS_NORMS), ("dtype", DTYPES),
                           ("pairs", PAIR_SOURCES), ("pair_contrast", PAIR_CONTRASTS), ("live_labels", LIVE_LABELS),
+                          ("monitor", MONITORS),
                           ("lr_schedule", LR_SCHEDULES),
                           ("grader", GRADERS)):
         value = getattr(cfg, name)
@@ -330,6 +337,9 @@ def validate(cfg: Config) -> None:
         _check(getattr(cfg, name) >= 0, name, f"must be >= 0, got {getattr(cfg, name)}")
     _check(0.0 <= cfg.mix_ratio <= 1.0, "mix_ratio", f"must be in [0, 1], got {cfg.mix_ratio}")
     _check(cfg.advmod_alpha >= 0, "advmod_alpha", f"must be >= 0, got {cfg.advmod_alpha}")
+    _check(0.0 <= cfg.probe_threshold <= 1.0, "probe_threshold", f"must be in [0, 1], got {cfg.probe_threshold}")
+    _check(cfg.monitor != "probe" or cfg.refresh_every > 0, "monitor",
+           "probe is refitted every refresh_every steps: set --refresh_every (the live V's schedule, e.g. 5)")
     for name in ("detector_recall", "detector_fpr"):
         _check(0.0 <= getattr(cfg, name) <= 1.0, name, f"must be in [0, 1], got {getattr(cfg, name)}")
     _check(cfg.student_group >= 1, "mix_ratio",

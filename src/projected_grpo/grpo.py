@@ -54,6 +54,7 @@ class Rollout:
     advantage: float = 0.0
     hack_score: float | None = None  # cin of this rollout's own knob gradient, once scored
     key: tuple = ()  # (seed, step, problem id, index in its group): what the weak detector's draw is keyed by
+    probe_score: float | None = None  # the probe monitor's P(hack) (--monitor=probe, once it is fitted)
 
 
 def sample(model, tokenizer, wrappers, prompts: list[list[int]], n: int, cfg: Config,
@@ -105,6 +106,19 @@ def detected(r: Rollout, cfg: Config) -> bool:
     draw = random.Random(repr(("detector", *r.key))).random()
     known_hack = r.problem.mode in cfg.basis_mode_list and r.exploited  # a held-out mode's label is never read
     return draw < (cfg.detector_recall if known_hack else cfg.detector_fpr)
+
+
+def monitor_score(r: Rollout, cfg: Config) -> float:
+    """The monitor's score in [0, 1] that screen, penalty and advmod read: the weak detector's flag
+    (1 or 0), or under --monitor=probe the probe's P(hack) (0 before its first fit, a teacher row 0)."""
+    if cfg.monitor == "probe":
+        return r.probe_score or 0.0
+    return float(detected(r, cfg))
+
+
+def flagged(r: Rollout, cfg: Config) -> bool:
+    """The monitor flags the rollout: the detector does, or the probe's score reaches probe_threshold."""
+    return monitor_score(r, cfg) >= cfg.probe_threshold if cfg.monitor == "probe" else detected(r, cfg)
 
 
 def detector_stats(rollouts: list[Rollout], cfg: Config) -> dict:

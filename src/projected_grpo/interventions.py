@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from . import projection
 from .config import Config, ConfigError, parse_arm, split_gate
-from .grpo import Rollout, detected, group_advantages
+from .grpo import Rollout, flagged, group_advantages, monitor_score
 from .problems import Problem
 
 HOOKS = ("messages", "advantages", "gradient", "update")  # in the order a step calls them
@@ -174,13 +174,13 @@ class Route(Erase):
 
 
 class Screen(Intervention):
-    """The weak detector of the known modes drops each flagged rollout: advantage 0, and out of its
-    group's mean (it neither teaches nor shifts the others)."""
+    """The monitor (the weak detector of the known modes, or the probe) drops each flagged rollout:
+    advantage 0, and out of its group's mean (it neither teaches nor shifts the others)."""
     name = "screen"
 
     def advantages(self, rollouts: list[Rollout], cfg: Config) -> int:
-        flagged = [detected(r, cfg) for r in rollouts]
-        return group_advantages(rollouts, cfg.group, dropped=flagged)
+        dropped = [flagged(r, cfg) for r in rollouts]
+        return group_advantages(rollouts, cfg.group, dropped=dropped)
 
 
 class Penalty(Intervention):
@@ -189,7 +189,7 @@ class Penalty(Intervention):
     name = "penalty"
 
     def advantages(self, rollouts: list[Rollout], cfg: Config) -> int:
-        rewards = [cfg.penalty_reward if detected(r, cfg) else r.reward for r in rollouts]
+        rewards = [cfg.penalty_reward if flagged(r, cfg) else r.reward for r in rollouts]
         return group_advantages(rollouts, cfg.group, rewards)
 
 
@@ -197,15 +197,16 @@ class AdvMod(Intervention):
     """Advantage modification (Wu & Tang 2026): after Dr.GRPO's advantages, a rollout the monitor scores
     s in [0, 1] keeps max(0, 1 - advmod_alpha * s) of a positive advantage; negative ones are left as
     they are. It stays in its group's mean (unlike screen), and never raises an advantage. The monitor
-    is the weak detector (s = 1 flagged, 0 not): at alpha >= 1 a flagged rollout's reward teaches
-    nothing, while it still lowers its group's other advantages by its share of the mean."""
+    (grpo.monitor_score) is the weak detector (s = 1 flagged, 0 not: at alpha >= 1 a flagged rollout's
+    reward teaches nothing, while it still lowers its group's other advantages by its share of the
+    mean) or the probe (s its P(hack))."""
     name = "advmod"
 
     def advantages(self, rollouts: list[Rollout], cfg: Config) -> int:
         zero_spread = group_advantages(rollouts, cfg.group)
         for r in rollouts:
             if r.advantage > 0:
-                r.advantage *= max(0.0, 1.0 - cfg.advmod_alpha * float(detected(r, cfg)))
+                r.advantage *= max(0.0, 1.0 - cfg.advmod_alpha * monitor_score(r, cfg))
         return zero_spread
 
 

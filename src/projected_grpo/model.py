@@ -256,10 +256,11 @@ class PromptFirst:
     (`row_cache`): a backward from `logprobs` stops there, and `prompt_grads` carries their
     gradients on through each prompt's forward, both summed over its rows (what a loss needs) and
     summed over the rows of each column asked for (a rollout's own gradient, a group's weighted
-    sum), in one batched backward per prompt."""
+    sum), in one batched backward per prompt. With `features_at` a layer index, `features` holds each
+    row's output of that layer averaged over its completion's tokens (what a probe reads)."""
 
     def __init__(self, model, prompts: list[list[int]], completions: list[list[int]], pad_id: int,
-                 prompt_cache: PromptCache | None = None):
+                 prompt_cache: PromptCache | None = None, features_at: int | None = None):
         if not all(prompts):
             raise ValueError("a prompt of no tokens: a completion must follow at least one prompt token")
         device = next(model.parameters()).device
@@ -295,9 +296,13 @@ class PromptFirst:
         attention_mask = torch.cat([prefix_mask[self.of_row], suffix_mask], dim=1)
         positions = positions_of(attention_mask)[:, width:]
         forward = _forward(model)
+        forward.capture = features_at
         if self.row_cache:
             forward.load_cache(self.row_cache)
         hidden = forward.hidden(suffix_ids, attention_mask, positions, keep=slice(None))
+        if features_at is not None:  # each row's layer output at its completion's tokens, averaged (fp32)
+            on_completion = suffix_mask[:, 1:, None].float()
+            self.features = (forward.captured[:, 1:].float() * on_completion).sum(1) / on_completion.sum(1).clamp(min=1)
         row, col = suffix_mask[:, 1:].bool().nonzero(as_tuple=True)  # suffix token col predicts completion token col
         width = max(len(p) + len(c) for p, c in zip(prompts, completions))
         lengths = torch.tensor([len(c) for c in completions], device=device)
@@ -470,11 +475,15 @@ class _Decoding:
     def __init__(self, model):
         self.model = model
         self.cache = DynamicCache(config=model.config)
+        self.capture, self.captured = None, None  # a layer whose output `hidden` keeps (as _Qwen3Forward)
 
     def hidden(self, input_ids, attention_mask, positions, keep: slice | None) -> torch.Tensor | None:
-        hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                                          use_cache=True, **_cache_kwarg(self.model, self.cache)).last_hidden_state
-        return None if keep is None else hidden[:, keep]
+        out = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                                       use_cache=True, output_hidden_states=self.capture is not None,
+                                       **_cache_kwarg(self.model, self.cache))
+        if self.capture is not None:
+            self.captured = out.hidden_states[self.capture + 1]
+        return None if keep is None else out.last_hidden_state[:, keep]
 
     def select(self, rows: torch.Tensor) -> None:
         self.cache.batch_select_indices(rows)
@@ -562,6 +571,7 @@ class _Qwen3Forward:
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.length = 0
+        self.capture, self.captured = None, None  # a layer whose output (the residual stream after it) is kept
 
     @staticmethod
     def fits(model) -> bool:
@@ -605,6 +615,8 @@ class _Qwen3Forward:
             x = x + self.out[i][0](o.reshape(rows, heads, -1, head_dim).transpose(1, 2).reshape(rows, x.shape[1], -1))
             gate, up = self.gate_up[i](_rms(x, layer.post_attention_layernorm)).chunk(2, dim=-1)
             x = x + self.out[i][1](layer.mlp.act_fn(gate) * up)
+            if i == self.capture:
+                self.captured = x
         self.length = end
         return None if keep is None else _rms(x, self.decoder.norm)
 

@@ -24,6 +24,7 @@ from .basis import live_columns
 from .config import MODES
 from .evaluate import metrics_row as evaluation_row
 from .grpo import SUMS, Columns, Rollout, auroc, backward_rollouts, collect_rollouts, detector_stats, repeated_fraction
+from .monitor import completion_features
 
 
 @dataclass
@@ -88,6 +89,19 @@ def _group_columns(groups: Columns | None, students: Columns | None, columns: di
     return {n: (groups.matrix() @ students.matrix().T).to(g) @ g for n, g in columns.items()}
 
 
+def probe_stats(students: list[Rollout], cfg) -> dict:
+    """--monitor=probe: the probe's AUROC against exploited on the known modes' students and on the held-out
+    modes' (how far it transfers), and the share it flags (logging only: the labels are read here alone)."""
+    if cfg.monitor != "probe":
+        return {}
+    scored = [r for r in students if r.probe_score is not None]
+    known = [r for r in scored if r.problem.mode in cfg.basis_mode_list]
+    held = [r for r in scored if r.problem.mode not in cfg.basis_mode_list]
+    return {"probe_auroc_known": auroc([r.probe_score for r in known], [r.exploited for r in known]),
+            "probe_auroc_heldout": auroc([r.probe_score for r in held], [r.exploited for r in held]),
+            "probe_flagged": sum(r.probe_score >= cfg.probe_threshold for r in scored) / len(students)}
+
+
 def scores_rollouts(cfg, step: int) -> bool:
     """Whether the step takes each student rollout's hack score: every hack_score_every steps and at the last."""
     return bool(cfg.hack_score_every) and (step % cfg.hack_score_every == 0 or step == cfg.steps)
@@ -101,6 +115,11 @@ def train_step(run: Run, step: int) -> StepResult:
     rollouts, timings = collect_rollouts(run.model, run.tok, wrappers, distributed.share(run.world, problems),
                                          run.pool, cfg, step, run.workers,
                                          lambda p: arm.messages(p, cfg, training=True))
+    features = None
+    if run.probe is not None:  # the probe monitor scores the students before the arm's advantages read it
+        features = completion_features(run.model, run.tok, wrappers, rollouts, cfg)
+        for r, score in zip(rollouts, run.probe.score(features)):
+            r.probe_score = None if r.teacher else score
     zero_spread = arm.advantages(rollouts, cfg)
     # What the step reads of the rollouts' own gradients: each student's on a scoring step (the hack score;
     # not before there is a V), each group's difference on a step a live V will take.
@@ -123,6 +142,8 @@ def train_step(run: Run, step: int) -> StepResult:
     stats = arm.gradient(run)
     if run.basis.reads(step):
         run.basis.observe(step, _group_columns(groups, students, scored["columns"]))
+    if run.probe is not None:
+        run.probe.observe(step, rollouts, features)
     timings["t_project"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -150,7 +171,8 @@ def train_step(run: Run, step: int) -> StepResult:
         "fired": stats["fired"], "gated_frac": stats["gated_frac"],
         "update_hackward": projection.update_hackward_fraction(before, wrappers, basis),
         "hack_auroc": auroc([r.hack_score for r in with_score], [r.exploited for r in with_score]),
-        **detector_stats(rollouts, cfg), "frac_zero_spread": scored["zero_spread"] / cfg.prompts_per_step,
+        **detector_stats(rollouts, cfg), **probe_stats(students, cfg),
+        "frac_zero_spread": scored["zero_spread"] / cfg.prompts_per_step,
         **{k: scored[k] / max(scored["sampled_tokens"], 1) for k in ("sample_kl", "sample_dlogp", "is_truncated")},
         "dS_norm": float(torch.cat([w.delta_s.detach().flatten() for w in wrappers.values()]).norm()),
         "dS_hack_norm": float(torch.cat([w.delta_s_hack.detach().flatten() for w in wrappers.values()]).norm()),

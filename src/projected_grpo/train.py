@@ -87,8 +87,8 @@ def _log_step(run_dir: Path, step: int, row: dict, rollouts, log_completions: in
     students = [r for r in rollouts if not r.teacher]
     _append_jsonl(run_dir / "metrics.jsonl", [row])
     _append_jsonl(run_dir / "scores.jsonl", [
-        {"step": step, "mode": r.problem.mode, "hack_score": r.hack_score, "exploited": r.exploited}
-        for r in students])
+        {"step": step, "mode": r.problem.mode, "hack_score": r.hack_score, "exploited": r.exploited,
+         **({"probe_score": r.probe_score} if r.probe_score is not None else {})} for r in students])
     completions = [
         {"step": step, "problem_id": r.problem.id, "mode": r.problem.mode, "reward": r.reward, "passed": r.passed,
          "gt_correct": r.gt_correct, "exploited": r.exploited, "advantage": r.advantage,
@@ -101,15 +101,22 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def run_auroc(run_dir: Path) -> dict:
+def run_auroc(run_dir: Path, cfg: Config) -> dict:
     """AUROC of every scored student rollout's hack score against `exploited`, over the whole run (the steps
     that took scores: hack_score_every), with how many steps and rollouts it was taken over: does V see the
-    live hacks? (Logged only.)"""
+    live hacks? Under --monitor=probe also the probe's, on the known modes and on the held-out ones: does
+    it transfer? (Logged only.)"""
     path = run_dir / "scores.jsonl"
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    records = [r for r in records if r["hack_score"] is not None]  # unscored steps, and steps with no V yet
-    return {"hack_auroc": auroc([r["hack_score"] for r in records], [r["exploited"] for r in records]),
-            "hack_auroc_steps": len({r["step"] for r in records}), "hack_auroc_rollouts": len(records)}
+    scored = [r for r in records if r["hack_score"] is not None]  # unscored steps, and steps with no V yet
+    out = {"hack_auroc": auroc([r["hack_score"] for r in scored], [r["exploited"] for r in scored]),
+           "hack_auroc_steps": len({r["step"] for r in scored}), "hack_auroc_rollouts": len(scored)}
+    if cfg.monitor == "probe":
+        probed = [r for r in records if r.get("probe_score") is not None]  # none before the probe's first fit
+        for name, known in (("known", True), ("heldout", False)):
+            rows = [r for r in probed if (r["mode"] in cfg.basis_mode_list) == known]
+            out[f"probe_auroc_{name}"] = auroc([r["probe_score"] for r in rows], [r["exploited"] for r in rows])
+    return out
 
 
 def _margins_line(margins: dict) -> str:
@@ -158,6 +165,9 @@ def summarize(cfg: Config, rows: list[dict], final_eval: dict, complete: bool,
         lines.append(f"{key:<16}{_fmt(f):>10}{_fmt(m):>10}  {arrow}       {null}".rstrip())
     lines.append(f"{'hack_auroc':<16}{'':>10}{_fmt(scores['hack_auroc']):>10}  (the whole run: hack score vs "
                  f"exploited, over {scores['hack_auroc_rollouts']} rollouts of {scores['hack_auroc_steps']} steps)")
+    if "probe_auroc_known" in scores:
+        lines.append(f"{'probe_auroc':<16}{'':>10}{_fmt(scores['probe_auroc_known']):>10}  (the probe monitor on the "
+                     f"known modes; held out: {_fmt(scores['probe_auroc_heldout'])})")
     if "basis_margins" in notes:
         lines.append(_margins_line(notes["basis_margins"]))
     if "self_pairs" in notes:
@@ -272,6 +282,8 @@ def _step(run: Run, step: int) -> tuple[dict, StepResult]:
     overlap = evaluation = None
     if run.basis.due(step):
         overlap = run.basis.refresh(step, run.model, run.tok, run.wrappers)
+        if run.probe is not None:  # the probe on the live V's schedule
+            run.probe.refit()
     if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps and run.world.main:
         evaluation = evaluate(run.model, run.tok, run.wrappers, run.held_out, cfg, step, cfg.eval_samples,
                               run.workers)
@@ -279,7 +291,8 @@ def _step(run: Run, step: int) -> tuple[dict, StepResult]:
 
 
 def _state(run: Run) -> dict:
-    return checkpoints.training_state(run.wrappers, run.optimizer, run.scheduler, run.basis.state())
+    return checkpoints.training_state(run.wrappers, run.optimizer, run.scheduler, run.basis.state(),
+                                      run.probe.state() if run.probe is not None else None)
 
 
 def _loop(run: Run, run_dir: Path, rows: list[dict], stop: list, report: reporting.Report | None) -> None:
@@ -358,7 +371,7 @@ def _run(cfg: Config, preset: str, world: World) -> dict:
         save_evaluation(run_dir, result, cfg.steps, cfg.eval_samples, run.held_out)
         evaluation = metrics_row(result)
         summary, table = summarize(cfg, rows, evaluation, complete=len(rows) == cfg.steps,
-                                   scores=run_auroc(run_dir), notes=run.basis.notes)
+                                   scores=run_auroc(run_dir, cfg), notes=run.basis.notes)
         write_atomically(run_dir / "summary.json", json.dumps(summary, indent=2))
         write_atomically(run_dir / "summary.txt", table + "\n")
         report.end(cfg.steps, evaluation, summary)
