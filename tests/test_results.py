@@ -229,7 +229,8 @@ def test_repeated_seed_counts_once_and_is_flagged(tmp_path):
     make_run(tmp_path, "van_b", hack=0.4, lr=0.02)
     report = build_report(tmp_path)
     assert table_rows(report, "## preset=fast")["none"][:2] == ["1", "0.300 (n=1)"]
-    assert "arm none at fast/tiny/mix_ratio=0.5/run_tests,sentinel has repeated seeds" in report
+    assert ("arm none at preset=fast · model=tiny · mix_ratio=0.5 · basis_modes=run_tests,sentinel has repeated "
+            "seeds") in report
 
 
 def test_a_gate_other_than_the_presets_is_another_arm_that_a_claim_can_name(tmp_path):
@@ -475,6 +476,16 @@ def test_lomo_table_cells(tmp_path):
     assert list(rows) == ["none", "erase"]
 
 
+def test_a_monitor_that_misses_or_the_probe_is_its_own_question(tmp_path):
+    make_run(tmp_path, "screen-exact", intervention="screen", hack=0.1)
+    make_run(tmp_path, "screen-missing", intervention="screen", hack=0.5, detector_recall=0.7, detector_fpr=0.02)
+    make_run(tmp_path, "screen-probe", intervention="screen", hack=0.3, monitor="probe", probe_threshold=0.5)
+    report = build_report(tmp_path)
+    assert report.count("## preset=fast") == 3  # never averaged together
+    assert table_rows(report, "monitor=recall 0.7, fpr 0.02")["screen"][1] == "0.500 (n=1)"
+    assert table_rows(report, "monitor=probe@0.5")["screen"][1] == "0.300 (n=1)"
+
+
 def test_auroc_column_is_the_whole_runs_from_its_summary(tmp_path):
     # the per-step hack_auroc of the last steps must not count: the summary's, over every scored step, does
     make_run(tmp_path, "van0", auroc=0.7, fields={"hack_auroc": 0.1})
@@ -505,7 +516,7 @@ def test_report_links_the_plots_that_exist(tmp_path):
     assert main([str(tmp_path / "runs"), "--out", str(out / "results.md"), "--plots", str(out / "plots")]) == 0
     assert "Plots:" not in (out / "results.md").read_text()
 
-    question = ("fast", "tiny", 0.5, "run_tests,sentinel")
+    question = ("fast", "tiny", 0.5, "run_tests,sentinel", "")
     files = plot_files(out / "plots", question)
     assert list(files) == ["rates", "cin", "final"]
     for path in files.values():

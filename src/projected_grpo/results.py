@@ -1,6 +1,7 @@
 """Run directories -> markdown tables: does each arm hack less than vanilla GRPO at the same solve rate?
 
-A *question* is one setting (preset, model, mix_ratio, basis_modes); within it each *arm*
+A *question* is one setting (preset, model, mix_ratio, basis_modes, and the monitor where it is not the
+exact detector); within it each *arm*
 (intervention, plus its negative control if any) is compared with vanilla (`none`, no control)
 run on the same seed. Per run the main table averages the last few steps: early steps measure the
 base model, the end measures what training taught it. The end alone cannot tell an arm that
@@ -388,21 +389,32 @@ def _split_modes(text: str) -> list[str]:
     return sorted({m.strip() for m in text.split(",") if m.strip()}, key=_mode_rank)
 
 
+def monitor_of(config: dict) -> str:
+    """The monitor a run's arms read, where it is not the exact detector (older configs had only that):
+    a detector that misses, or the probe. Another monitor is another question: its runs are never
+    averaged with the exact detector's."""
+    recall, fpr = float(config.get("detector_recall", 1.0)), float(config.get("detector_fpr", 0.0))
+    parts = ([f"probe@{float(config.get('probe_threshold', 0.5)):g}"] if config.get("monitor") == "probe" else []) + \
+        ([f"recall {recall:g}, fpr {fpr:g}"] if (recall, fpr) != (1.0, 0.0) else [])
+    return "; ".join(parts)
+
+
 def question_of(config: dict) -> tuple:
     # basis_modes is a set: "a,b" and "b,a" are the same basis, so the same question
     basis = ",".join(_split_modes(config["basis_modes"]))
-    return (config["preset"], config["model"], float(config["mix_ratio"]), basis)
+    return (config["preset"], config["model"], float(config["mix_ratio"]), basis, monitor_of(config))
 
 
 def question_title(question: tuple) -> str:
-    preset, model, mix_ratio, basis_modes = question
-    return f"preset={preset} · model={model} · mix_ratio={mix_ratio:g} · basis_modes={basis_modes}"
+    preset, model, mix_ratio, basis_modes, monitor = question
+    title = f"preset={preset} · model={model} · mix_ratio={mix_ratio:g} · basis_modes={basis_modes}"
+    return title + (f" · monitor={monitor}" if monitor else "")
 
 
 def plot_files(plots_dir: Path, question: tuple) -> dict[str, Path]:
     """Where the plots of one question live, by PLOTS name: one folder per question, named after it."""
-    preset, model, mix_ratio, basis_modes = question
-    name = f"{preset}_{model}_mix{mix_ratio:g}_basis-{basis_modes.replace(',', '+')}"
+    preset, model, mix_ratio, basis_modes, monitor = question
+    name = f"{preset}_{model}_mix{mix_ratio:g}_basis-{basis_modes.replace(',', '+')}{'_' + monitor if monitor else ''}"
     folder = Path(plots_dir) / re.sub(r"[^A-Za-z0-9._+-]", "-", name)  # a model id's "/" is not a folder
     return {plot: folder / f"{plot}.png" for plot in PLOTS}
 
@@ -716,7 +728,7 @@ def lomo_studies(runs: list[Run]) -> dict[tuple, dict[tuple, dict[str, list[Run]
     studies: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for run in runs:
         if run.problem is None and (mode := held_out_mode(run.config)) is not None:
-            preset, model, mix_ratio, _ = question_of(run.config)
+            preset, model, mix_ratio, _, _ = question_of(run.config)
             studies[(preset, model, mix_ratio)][run.arm][mode].append(run)
     return studies
 
@@ -854,8 +866,7 @@ def build_report(runs_root: str | Path, hypothesis: Hypothesis | None = None, pl
             seeds = [run.config["seed"] for run in arm_runs]
             if len(seeds) != len(set(seeds)):
                 # a repeated seed usually means a setting outside the question key differs (gate, steps, ...)
-                preset, model, mix_ratio, basis_modes = question
-                notes.append(f"arm {arm_name(*arm)} at {preset}/{model}/mix_ratio={mix_ratio:g}/{basis_modes} "
+                notes.append(f"arm {arm_name(*arm)} at {question_title(question)} "
                              f"has repeated seeds; their runs were averaged per seed")
 
     for (preset, model, mix_ratio), study in sorted(lomo_studies(runs).items()):
