@@ -1,5 +1,6 @@
 """The fair-test instruments: the hack score, pair contrasts, self and live pairs, the update path."""
 
+import dataclasses
 import json
 import types
 
@@ -118,8 +119,13 @@ def test_nothing_that_trains_reads_a_held_out_modes_label_and_the_ceiling_reads_
     cfg = make_config("smoke", {"group": "2", "mix_ratio": "0", "pairs": "live", "refresh_every": "1",
                                 "basis_modes": "run_tests"})
     assert run_basis.live_columns(cfg, held + known).count == 1  # the known group only
-    for name in ("screen", "penalty"):  # nor do the detector's other readers, which train on it
+    for name in ("screen", "penalty", "advmod"):  # nor do the detector's other readers, which train on it
         interventions.get(name).advantages(held + known, cfg)
+    probe = dataclasses.replace(cfg, monitor="probe")  # nor the probe's readers, whatever it scores
+    for r, score in zip(held + known, (0.9, 0.1, 0.8, 0.2)):
+        r.probe_score = score
+    for name in ("screen", "penalty", "advmod"):
+        interventions.get(name).advantages(held + known, probe)
     ceiling = make_config("smoke", {"group": "2", "mix_ratio": "0", "pairs": "live", "refresh_every": "1",
                                     "basis_modes": "run_tests", "live_labels": "oracle"})
     assert ceiling.run_name == "smoke-erase-ceiling-s0"
@@ -165,7 +171,11 @@ def test_self_pairs_pair_flagged_with_unflagged_samples_and_are_cached(tmp_path,
                       "problems_without_a_pair": [p.id for p in known[1::2]]}
     again, _ = run_basis.self_pairs(cfg, model, tok, wrappers, train, 1, "model#1")  # a hit: no sampling
     assert again == pairs and len(calls) == 1
-    cached = next((tmp_path / "out/pairs").iterdir())
+    other = dataclasses.replace(cfg, detector_fpr=0.01)  # other flags pick other pairs: not this cache's
+    run_basis.self_pairs(other, model, tok, wrappers, train, 1, "model#1")
+    assert len(calls) == 2 and len(list((tmp_path / "out/pairs").iterdir())) == 2
+    cached = next(p for p in (tmp_path / "out/pairs").iterdir() if json.loads(p.read_text())["request"]["detector"]
+                  == [1.0, 0.0])
     record = json.loads(cached.read_text())
     record["request"]["samples"] = 99
     cached.write_text(json.dumps(record))

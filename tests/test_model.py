@@ -277,6 +277,13 @@ def test_the_reference_prompt_cache_scores_as_a_fresh_forward_and_keeps_at_most_
     with torch.no_grad():
         model_mod.PromptFirst(model, prompts, completions, tok.pad_token_id, small)
     assert list(small.entries) == [(10,)] and small.held <= small.limit  # the older one left to make room
+    # each entry its own storage (a view would keep the forward's whole q, k, v alive past the count)
+    assert all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for c in cache.entries.values() for t in c)
+    tiny_cache = model_mod.PromptCache(limit=1)  # an entry over the limit is used, not kept, and evicts nothing
+    with torch.no_grad():
+        assert torch.equal(model_mod.PromptFirst(model, prompts, completions, tok.pad_token_id, tiny_cache).logprobs,
+                           fresh)
+    assert tiny_cache.entries == {} and tiny_cache.held == 0
     with pytest.raises(RuntimeError, match=r"under torch\.no_grad"):
         model_mod.PromptFirst(model, prompts, completions, tok.pad_token_id, cache)
 

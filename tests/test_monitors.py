@@ -1,6 +1,7 @@
 """Monitors as they really are: a detector that misses at its set rates, the same flag for every
 reader, and advantage modification (advmod)."""
 
+import dataclasses
 import random
 import types
 
@@ -36,8 +37,8 @@ def test_a_rollouts_flag_is_the_same_for_every_arm_and_reader_and_whatever_else_
         random.random()  # the global generator's state must not matter
         flags.append([grpo.detected(r, cfg) for r in rollouts])
     assert flags[0] == flags[1] == flags[2] and 0 < sum(flags[0]) < len(rollouts)
-    other_seed = _rollouts(400, seed=1)  # another key, other draws
-    assert [grpo.detected(r, cfg) for r in other_seed] != flags[0]
+    rekeyed = [dataclasses.replace(r, key=(1, *r.key[1:])) for r in rollouts]  # the same labels, another key
+    assert [grpo.detected(r, cfg) for r in rekeyed] != flags[0]
 
 
 def test_a_held_out_modes_label_is_never_read_by_a_detector_with_false_positives():
@@ -123,3 +124,14 @@ def test_the_probe_never_fits_a_held_out_modes_rollouts():
     assert len(probe.buffer[0][1]) == 200
     probe.refit()
     assert probe.score(direction[None])[0] > 0.9 and probe.score(-direction[None])[0] < 0.1
+
+
+def test_a_live_v_reads_only_the_steps_a_refresh_will_take():
+    cfg = make_config("smoke", {"pairs": "live", "refresh_every": "5", "live_window": "2", "steps": "20"})
+    from projected_grpo.basis import Basis
+
+    basis = Basis(cfg, distributed.World(), [])
+    assert [s for s in range(1, 21) if basis.reads(s)] == [4, 5, 9, 10, 14, 15]
+    assert [s for s in range(1, 21) if basis.due(s)] == [5, 10, 15]
+    templates = Basis(make_config("smoke", {"refresh_every": "5"}), distributed.World(), [])
+    assert not any(templates.reads(s) for s in range(1, 21))  # V from pairs reads no step's differences

@@ -80,7 +80,8 @@ def self_pairs(cfg: Config, model, tok, wrappers, train, workers, model_id: str)
     known = [p for p in train if p.mode in cfg.basis_mode_list]
     request = {"model": model_id, "problems": sorted(p.id for p in known), "samples": cfg.self_samples,
                "max_new": cfg.max_new, "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed,
-               "contrast": cfg.pair_contrast, "modes": list(cfg.basis_mode_list), "version": __version__}
+               "contrast": cfg.pair_contrast, "modes": list(cfg.basis_mode_list), "version": __version__,
+               "detector": [cfg.detector_recall, cfg.detector_fpr]}  # the flags pick the pairs
     key = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:16]
     path = Path("out/pairs") / f"self-{key}.json"
     if path.exists():

@@ -6,7 +6,7 @@
 
 Each part runs in its own process, as a user would run it:
 1. the organism preset for `steps` steps, vanilla and erase with a live V (pairs=live, refreshed every
-   5 steps, the update path): the step and its split;
+   5 steps, or every steps // 2 in a shorter check, the update path): the step and its split;
 2. the fast preset on tiny-random in bf16 for 3 steps, as route with a refresh and an evaluation after
    each but the last (a dry run of the GPU preset's paths: bf16 scoring, is_correction, leetcode problems, extraction
    and the quarantine on the device);
@@ -35,7 +35,8 @@ PARTS = ("organism", "fast_tiny_bf16", "bench")
 
 def _organism(device: str, steps: int, model: str) -> dict:
     arms = {"none": ["--intervention=none"],
-            "erase_live": ["--intervention=erase", "--pairs=live", "--refresh_every=5", "--adam_leak=update"]}
+            "erase_live": ["--intervention=erase", "--pairs=live", f"--refresh_every={min(5, steps // 2)}",
+                           "--adam_leak=update"]}  # a refresh within even the fallback's few steps
     return {arm: step_split("organism", steps, *flags, f"--device={device}", f"--model={model}", "--eval_prompts=6",
                             "--eval_samples=1") for arm, flags in arms.items()}
 

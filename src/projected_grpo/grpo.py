@@ -117,8 +117,11 @@ def monitor_score(r: Rollout, cfg: Config) -> float:
 
 
 def flagged(r: Rollout, cfg: Config) -> bool:
-    """The monitor flags the rollout: the detector does, or the probe's score reaches probe_threshold."""
-    return monitor_score(r, cfg) >= cfg.probe_threshold if cfg.monitor == "probe" else detected(r, cfg)
+    """The monitor flags the rollout: the detector does, or the probe's score reaches probe_threshold (an
+    unscored rollout, before the probe's first fit, never)."""
+    if cfg.monitor == "probe":
+        return r.probe_score is not None and r.probe_score >= cfg.probe_threshold
+    return detected(r, cfg)
 
 
 def detector_stats(rollouts: list[Rollout], cfg: Config) -> dict:
@@ -275,10 +278,10 @@ class Columns:
     @classmethod
     def rows(cls, chosen: list[int], n: int) -> Columns:
         """One column per chosen row, in the order given, weight 1 (rows: n)."""
-        of_row = [None] * n
+        of_row, weight = [None] * n, [0.0] * n
         for c, i in enumerate(chosen):
-            of_row[i] = c
-        return cls(tuple(of_row), (1.0,) * n, len(chosen))
+            of_row[i], weight[i] = c, 1.0
+        return cls(tuple(of_row), tuple(weight), len(chosen))
 
     def matrix(self) -> torch.Tensor:
         """The weights as a (count x rows) matrix: a column is its row of it times the rows' gradients."""

@@ -235,14 +235,15 @@ class PromptCache:
         if key in self.entries:
             self.entries[key] = self.entries.pop(key)  # most recently used last
             return self.entries[key]
-        cache = make()
+        cache = [t.clone() for t in make()]  # its own storage: a view would keep the whole q, k, v alive
         size = sum(t.numel() * t.element_size() for t in cache)
+        if size > self.limit:
+            return cache
         while self.entries and self.held + size > self.limit:
             oldest = next(iter(self.entries))
             self.held -= sum(t.numel() * t.element_size() for t in self.entries.pop(oldest))
-        if size <= self.limit:
-            self.entries[key] = cache
-            self.held += size
+        self.entries[key] = cache
+        self.held += size
         return cache
 
 

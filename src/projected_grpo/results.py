@@ -724,12 +724,12 @@ def _known_modes_hack(run: Run) -> float | None:
 
 
 def lomo_studies(runs: list[Run]) -> dict[tuple, dict[tuple, dict[str, list[Run]]]]:
-    """Complete leave-one-mode-out runs by (preset, model, mix_ratio), then arm, then held-out mode."""
+    """Complete leave-one-mode-out runs by (preset, model, mix_ratio, monitor), then arm, then held-out mode."""
     studies: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for run in runs:
         if run.problem is None and (mode := held_out_mode(run.config)) is not None:
-            preset, model, mix_ratio, _, _ = question_of(run.config)
-            studies[(preset, model, mix_ratio)][run.arm][mode].append(run)
+            preset, model, mix_ratio, _, monitor = question_of(run.config)
+            studies[(preset, model, mix_ratio, monitor)][run.arm][mode].append(run)
     return studies
 
 
@@ -869,8 +869,9 @@ def build_report(runs_root: str | Path, hypothesis: Hypothesis | None = None, pl
                 notes.append(f"arm {arm_name(*arm)} at {question_title(question)} "
                              f"has repeated seeds; their runs were averaged per seed")
 
-    for (preset, model, mix_ratio), study in sorted(lomo_studies(runs).items()):
-        out += [f"## Leave-one-mode-out · preset={preset} · model={model} · mix_ratio={mix_ratio:g}", "",
+    for (preset, model, mix_ratio, monitor), study in sorted(lomo_studies(runs).items()):
+        out += [f"## Leave-one-mode-out · preset={preset} · model={model} · mix_ratio={mix_ratio:g}"
+                + (f" · monitor={monitor}" if monitor else ""), "",
                 *_lomo_table(study), ""]
 
     if incomplete:

@@ -81,12 +81,14 @@ def _backward(run: Run, rollouts: list[Rollout], zero_spread: int, columns: Colu
             **dict(zip((*SUMS, "zero_spread"), reduced[-1].tolist()))}
 
 
-def _group_columns(groups: Columns | None, students: Columns | None, columns: dict | None) -> dict | None:
+def _group_columns(groups: Columns | None, row_columns: Columns | None, columns: dict | None) -> dict | None:
     """The groups' columns (a live V's differences) from what scoring built: themselves, or on a step
-    that scored every student, their weighted sums of the students' columns."""
-    if groups is None or students is None:
+    that scored every student (row_columns), their weighted sums of the students' columns."""
+    if groups is None or row_columns is None:
         return None if groups is None else columns
-    return {n: (groups.matrix() @ students.matrix().T).to(g) @ g for n, g in columns.items()}
+    assert all(row_columns.of_row[i] is not None for i, c in enumerate(groups.of_row) if c is not None), \
+        "a group's row outside the scored students"
+    return {n: (groups.matrix() @ row_columns.matrix().T).to(g) @ g for n, g in columns.items()}
 
 
 def probe_stats(students: list[Rollout], cfg) -> dict:
@@ -124,11 +126,11 @@ def train_step(run: Run, step: int) -> StepResult:
     # What the step reads of the rollouts' own gradients: each student's on a scoring step (the hack score;
     # not before there is a V), each group's difference on a step a live V will take.
     chosen = [i for i, r in enumerate(rollouts) if not r.teacher]
-    students = Columns.rows(chosen, len(rollouts)) if basis and scores_rollouts(cfg, step) else None
+    row_columns = Columns.rows(chosen, len(rollouts)) if basis and scores_rollouts(cfg, step) else None
     groups = live_columns(cfg, rollouts) if run.basis.reads(step) else None
 
     t0 = time.perf_counter()
-    scored = _backward(run, rollouts, zero_spread, students if students is not None else groups)
+    scored = _backward(run, rollouts, zero_spread, row_columns if row_columns is not None else groups)
     timings["t_score"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -136,12 +138,12 @@ def train_step(run: Run, step: int) -> StepResult:
     cin_t = float(projection.hackward_fraction(scored["g_t"], basis)) if cfg.teacher_group else None
     # Each student rollout's hack score: how hack-ward its own log-likelihood gradient points, whatever its
     # advantage's sign and without the KL term (logged, not trained on).
-    if students is not None:
+    if row_columns is not None:
         for i, score in zip(chosen, projection.hackward_fraction(scored["columns"], basis).tolist()):
             rollouts[i].hack_score = score
     stats = arm.gradient(run)
     if run.basis.reads(step):
-        run.basis.observe(step, _group_columns(groups, students, scored["columns"]))
+        run.basis.observe(step, _group_columns(groups, row_columns, scored["columns"]))
     if run.probe is not None:
         run.probe.observe(step, rollouts, features)
     timings["t_project"] = time.perf_counter() - t0
