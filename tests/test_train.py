@@ -95,28 +95,35 @@ def test_resume_matches_an_uninterrupted_run(workdir):
     assert summaries[0]["basis_margins"] == summaries[1]["basis_margins"]  # V's notes survive the checkpoint
 
 
-def test_the_probe_monitor_resumes_as_it_was_and_screens_what_it_flags(workdir, monkeypatch):
-    # The tiny model hacks nowhere: false positives give the probe two classes to fit. A crash in step 3
-    # resumes from the checkpoint after step 2, the probe's buffer and fit in it.
-    probe = dict(steps=4, intervention="screen", monitor="probe", refresh_every=1, detector_fpr=0.4,
-                 checkpoint_every=25)
+def _crash_in_step_3_and_resume(workdir, monkeypatch, name: str, **overrides) -> tuple[list, list]:
+    """A run that crashes in step 3's rollouts, resumed from its checkpoint after step 2, and the same run
+    straight through: the rows of each, without timings."""
     real, calls = step_mod.collect_rollouts, []
 
     def flaky(*args):
         calls.append(1)
         if len(calls) == 3:
-            raise RuntimeError("simulated")
+            raise RuntimeError("CUDA out of memory (simulated)")
         return real(*args)
 
     monkeypatch.setattr(step_mod, "collect_rollouts", flaky)
     with pytest.raises(RuntimeError, match="simulated"):
-        train.run(_cfg(run_name="probe-resumed", **probe))
+        train.run(_cfg(run_name=name, **overrides))
+    assert checkpoints.latest(workdir / "out" / "runs" / name).name == "step_000002"
     monkeypatch.setattr(step_mod, "collect_rollouts", real)
-    train.run(_cfg(run_name="probe-resumed", resume="true", **probe))
-    train.run(_cfg(run_name="probe-straight", **probe))
-    straight, resumed = _rows(workdir / "out/runs/probe-straight"), _rows(workdir / "out/runs/probe-resumed")
-    assert [{k: v for k, v in r.items() if k not in TIMING} for r in straight] == \
-        [{k: v for k, v in r.items() if k not in TIMING} for r in resumed]
+    train.run(_cfg(run_name=name, resume="true", **overrides))
+    train.run(_cfg(run_name=f"{name}-straight", **overrides))
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]  # noqa: E731
+    return strip(_rows(workdir / "out/runs" / f"{name}-straight")), strip(_rows(workdir / "out/runs" / name))
+
+
+def test_the_probe_monitor_resumes_as_it_was_and_screens_what_it_flags(workdir, monkeypatch):
+    # The tiny model hacks nowhere: false positives give the probe two classes to fit. A crash in step 3
+    # resumes from the checkpoint after step 2, the probe's buffer and fit in it.
+    straight, resumed = _crash_in_step_3_and_resume(workdir, monkeypatch, "probe", steps=4, intervention="screen",
+                                                    monitor="probe", refresh_every=1, detector_fpr=0.4,
+                                                    checkpoint_every=25)
+    assert straight == resumed
     assert straight[0]["probe_flagged"] == 0 and straight[-1]["probe_flagged"] > 0  # nothing before its first fit
     scores = [json.loads(line) for line in (workdir / "out/runs/probe-straight/scores.jsonl").read_text().splitlines()]
     assert {r["step"] for r in scores if "probe_score" in r} == {2, 3, 4}
@@ -263,25 +270,8 @@ def test_resume_refuses_a_different_config(workdir):
 
 
 def test_any_crash_mid_step_keeps_the_last_good_state(workdir, monkeypatch):
-    real = grpo.collect_rollouts
-    calls = []
-
-    def flaky(*args):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("CUDA out of memory (simulated)")
-        return real(*args)
-
-    monkeypatch.setattr(step_mod, "collect_rollouts", flaky)
-    with pytest.raises(RuntimeError, match="simulated"):
-        train.run(_cfg(run_name="crash", steps=4, checkpoint_every=25))
-    run_dir = workdir / "out" / "runs" / "crash"
-    assert checkpoints.latest(run_dir).name == "step_000002"
-    monkeypatch.setattr(step_mod, "collect_rollouts", real)
-    train.run(_cfg(run_name="crash", steps=4, checkpoint_every=25, resume="true"))
-    train.run(_cfg(run_name="crash-straight", steps=4, checkpoint_every=25))
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]  # noqa: E731
-    assert strip(_rows(run_dir)) == strip(_rows(workdir / "out/runs/crash-straight"))
+    straight, resumed = _crash_in_step_3_and_resume(workdir, monkeypatch, "crash", steps=4, checkpoint_every=25)
+    assert resumed == straight
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(

@@ -302,7 +302,7 @@ class Basis:
         None: no group gave one), every rank's, so every rank rebuilds the same V, into the buffer, which
         keeps the last live_window steps'."""
         rows = [] if differences is None else \
-            [{n: d[g].cpu() for n, d in differences.items()} for g in range(len(next(iter(differences.values()))))]
+            [dict(zip(differences, group)) for group in zip(*(d.cpu() for d in differences.values()))]
         rows = [d for share in distributed.all_gather(self.world, rows) for d in share]
         self.live = [(s, d) for s, d in self.live if s > step - self.cfg.live_window] + [(step, rows)]
 

@@ -176,6 +176,15 @@ def grading_case(repeats) -> dict:
             "landlock_abi": sandbox.run("pass").landlock_abi}
 
 
+def run_child(args: list[str], where: str, env: dict | None = None) -> None:
+    """`python -m` args in a child process; one that fails is a SystemExit naming it, `where` it ran and
+    its last error line (its own output is captured, so the reason would otherwise be lost)."""
+    done = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=env)
+    if done.returncode:
+        tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise SystemExit(f"bench: {' '.join(args)} failed on {where}: {tail}")
+
+
 def step_split(preset: str, steps: int, *args: str, src: str | None = None) -> dict[str, float]:
     """Train `preset` for `steps` in a scratch dir (with the package found in `src`, if given,
     instead of this one); the mean step time, each part's share of it and the mean completion
@@ -186,13 +195,8 @@ def step_split(preset: str, steps: int, *args: str, src: str | None = None) -> d
     if src:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))
     with tempfile.TemporaryDirectory() as scratch:
-        cmd = [sys.executable, "-m", "projected_grpo.train", preset, f"--steps={steps}", "--run_name=bench",
-               f"--out_dir={scratch}/runs", *args]
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if done.returncode:
-            tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
-            code = "the older commit" if src else "this checkout"
-            raise SystemExit(f"bench: {' '.join(cmd[2:])} failed on {code}: {tail}")
+        run_child(["projected_grpo.train", preset, f"--steps={steps}", "--run_name=bench", f"--out_dir={scratch}/runs",
+                   *args], "the older commit" if src else "this checkout", env)
         rows = [json.loads(line) for line in open(f"{scratch}/runs/bench/metrics.jsonl")][2:]
     return {"step_s": sum(r["step_seconds"] for r in rows) / len(rows),
             "completion_tokens": sum(r["completion_tokens"] for r in rows) / len(rows),

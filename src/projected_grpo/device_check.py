@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,10 +27,11 @@ from pathlib import Path
 
 import torch
 
-from .bench import step_split
+from .bench import run_child, step_split
 from .files import write_atomically
 
 PARTS = ("organism", "fast_tiny_bf16", "bench")
+
 
 def _organism(device: str, steps: int, model: str) -> dict:
     arms = {"none": ["--intervention=none"],
@@ -50,12 +50,7 @@ def _fast_dry_run(device: str, max_new: int) -> dict:
 def _bench(device: str, repeats: int) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch) / "bench.json"
-        cmd = [sys.executable, "-m", "projected_grpo.bench", f"--device={device}", f"--repeats={repeats}",
-               f"--out={out}"]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode:
-            tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
-            raise SystemExit(f"bench --device={device} failed: {tail}")
+        run_child(["projected_grpo.bench", f"--device={device}", f"--repeats={repeats}", f"--out={out}"], device)
         return json.loads(out.read_text())
 
 

@@ -18,7 +18,7 @@ import torch
 from . import adapter, distributed
 from .config import Config
 from .distributed import World
-from .grpo import Rollout, detected
+from .grpo import Rollout, auroc, detected
 from .model import PromptFirst
 
 L2 = 1e-2  # the fit's ridge on the standardised weights: a few hundred rollouts against a hidden size of 64+
@@ -33,7 +33,8 @@ def probe_layer(model) -> int:
 
 def completion_features(model, tokenizer, wrappers, rollouts: list[Rollout], cfg: Config) -> torch.Tensor:
     """Each rollout's completion's hidden states at `probe_layer`, averaged over its tokens (rows x
-    hidden, fp32, on the CPU), a micro-batch at a time, each prompt run once."""
+    hidden, fp32, on the CPU), a micro-batch at a time, each prompt run once; the step asks for its
+    students only (teacher rows are never scored)."""
     size, layer, out = cfg.micro_batch or len(rollouts), probe_layer(model), []
     with torch.no_grad(), adapter.merged(wrappers):
         for start in range(0, len(rollouts), size):
@@ -65,6 +66,17 @@ def fit(features: torch.Tensor, labels: torch.Tensor) -> dict | None:
     return {"w": w.detach(), "b": b.detach(), "mean": mean, "std": std}
 
 
+def probe_aurocs(records, known_modes: tuple[str, ...]) -> dict:
+    """The probe's AUROC against `exploited` on the known modes' rollouts and on the held-out modes' (does it
+    transfer?), from (mode, probe score, exploited) of scored student rollouts; logging only, the one place
+    the probe's outcome meets the labels."""
+    out = {}
+    for name, known in (("known", True), ("heldout", False)):
+        rows = [(score, exploited) for mode, score, exploited in records if (mode in known_modes) == known]
+        out[f"probe_auroc_{name}"] = auroc([s for s, _ in rows], [e for _, e in rows])
+    return out
+
+
 @dataclasses.dataclass
 class Probe:
     """The run's probe: its buffer of (features, flag) of known-mode students and its latest fit."""
@@ -81,11 +93,11 @@ class Probe:
         w = self.weights
         return torch.sigmoid(((features - w["mean"]) / w["std"]) @ w["w"] + w["b"]).tolist()
 
-    def observe(self, step: int, rollouts: list[Rollout], features: torch.Tensor) -> None:
-        """This step's known-mode students and their detector flags into the buffer (every rank's); a
-        held-out mode's rollouts are left out before anything of them is read."""
-        known = [i for i, r in enumerate(rollouts) if not r.teacher and r.problem.mode in self.cfg.basis_mode_list]
-        flags = torch.tensor([detected(rollouts[i], self.cfg) for i in known], dtype=torch.bool)
+    def observe(self, step: int, students: list[Rollout], features: torch.Tensor) -> None:
+        """This step's known-mode students (`features`: theirs, row for row) and their detector flags into the
+        buffer (every rank's); a held-out mode's rollouts are left out before anything of them is read."""
+        known = [i for i, r in enumerate(students) if r.problem.mode in self.cfg.basis_mode_list]
+        flags = torch.tensor([detected(students[i], self.cfg) for i in known], dtype=torch.bool)
         shares = distributed.all_gather(self.world, (features[known], flags))
         rows = torch.cat([f for f, _ in shares]), torch.cat([g for _, g in shares])
         self.buffer = [b for b in self.buffer if b[0] > step - self.cfg.live_window] + [(step, *rows)]

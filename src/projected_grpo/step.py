@@ -24,7 +24,7 @@ from .basis import live_columns
 from .config import MODES
 from .evaluate import metrics_row as evaluation_row
 from .grpo import SUMS, Columns, Rollout, auroc, backward_rollouts, collect_rollouts, detector_stats, repeated_fraction
-from .monitor import completion_features
+from .monitor import completion_features, probe_aurocs
 
 
 @dataclass
@@ -97,10 +97,7 @@ def probe_stats(students: list[Rollout], cfg) -> dict:
     if cfg.monitor != "probe":
         return {}
     scored = [r for r in students if r.probe_score is not None]
-    known = [r for r in scored if r.problem.mode in cfg.basis_mode_list]
-    held = [r for r in scored if r.problem.mode not in cfg.basis_mode_list]
-    return {"probe_auroc_known": auroc([r.probe_score for r in known], [r.exploited for r in known]),
-            "probe_auroc_heldout": auroc([r.probe_score for r in held], [r.exploited for r in held]),
+    return {**probe_aurocs([(r.problem.mode, r.probe_score, r.exploited) for r in scored], cfg.basis_mode_list),
             "probe_flagged": sum(r.probe_score >= cfg.probe_threshold for r in scored) / len(students)}
 
 
@@ -117,15 +114,15 @@ def train_step(run: Run, step: int) -> StepResult:
     rollouts, timings = collect_rollouts(run.model, run.tok, wrappers, distributed.share(run.world, problems),
                                          run.pool, cfg, step, run.workers,
                                          lambda p: arm.messages(p, cfg, training=True))
+    chosen = [i for i, r in enumerate(rollouts) if not r.teacher]  # this rank's students
     features = None
     if run.probe is not None:  # the probe monitor scores the students before the arm's advantages read it
-        features = completion_features(run.model, run.tok, wrappers, rollouts, cfg)
-        for r, score in zip(rollouts, run.probe.score(features)):
-            r.probe_score = None if r.teacher else score
+        features = completion_features(run.model, run.tok, wrappers, [rollouts[i] for i in chosen], cfg)
+        for i, score in zip(chosen, run.probe.score(features)):
+            rollouts[i].probe_score = score
     zero_spread = arm.advantages(rollouts, cfg)
     # What the step reads of the rollouts' own gradients: each student's on a scoring step (the hack score;
     # not before there is a V), each group's difference on a step a live V will take.
-    chosen = [i for i, r in enumerate(rollouts) if not r.teacher]
     row_columns = Columns.rows(chosen, len(rollouts)) if basis and scores_rollouts(cfg, step) else None
     groups = live_columns(cfg, rollouts) if run.basis.reads(step) else None
 
@@ -145,7 +142,7 @@ def train_step(run: Run, step: int) -> StepResult:
     if run.basis.reads(step):
         run.basis.observe(step, _group_columns(groups, row_columns, scored["columns"]))
     if run.probe is not None:
-        run.probe.observe(step, rollouts, features)
+        run.probe.observe(step, [rollouts[i] for i in chosen], features)
     timings["t_project"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

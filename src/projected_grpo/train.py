@@ -32,6 +32,7 @@ from .distributed import World
 from .evaluate import evaluate, metrics_row, save_evaluation
 from .files import write_atomically
 from .grpo import auroc
+from .monitor import probe_aurocs
 from .organism import check_unseen, resolve_model
 from .step import StepResult, train_step
 from .step import metrics_row as step_row
@@ -112,10 +113,8 @@ def run_auroc(run_dir: Path, cfg: Config) -> dict:
     out = {"hack_auroc": auroc([r["hack_score"] for r in scored], [r["exploited"] for r in scored]),
            "hack_auroc_steps": len({r["step"] for r in scored}), "hack_auroc_rollouts": len(scored)}
     if cfg.monitor == "probe":
-        probed = [r for r in records if r.get("probe_score") is not None]  # none before the probe's first fit
-        for name, known in (("known", True), ("heldout", False)):
-            rows = [r for r in probed if (r["mode"] in cfg.basis_mode_list) == known]
-            out[f"probe_auroc_{name}"] = auroc([r["probe_score"] for r in rows], [r["exploited"] for r in rows])
+        out |= probe_aurocs([(r["mode"], r["probe_score"], r["exploited"]) for r in records
+                             if r.get("probe_score") is not None], cfg.basis_mode_list)  # none before its first fit
     return out
 
 
