@@ -34,7 +34,7 @@ def test_plots_written_per_question_and_linked(tmp_path, matplotlib):
     make_run(tmp_path / "runs", "other", mix_ratio=0.0)  # a second question
     written = make_plots(tmp_path / "runs", tmp_path / "plots")
     assert len(written) == 6
-    question = ("fast", "tiny", 0.5, "run_tests,sentinel", "")
+    question = ("fast", "tiny", 0.5, "run_tests,sentinel")
     for path in plot_files(tmp_path / "plots", question).values():
         assert path in written
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000

@@ -16,12 +16,12 @@ from projected_grpo.results import (
     Claim,
     ResultsError,
     build_report,
-    held_out_run_mean,
     last_mean,
     late_slope,
     load_run,
     main,
     mean_interval,
+    modes_run_mean,
     parse_hypothesis,
     plot_files,
     read_metrics,
@@ -260,17 +260,21 @@ def test_the_figures_table_gives_the_late_slope_the_held_out_mode_and_the_final_
     for seed, rise in ((1, 0.002), (2, 0.004)):  # hack_s rises by `rise` a step, on every step
         hack = [0.1 + rise * i for i in range(steps)]
         make_run(tmp_path, f"van{seed}", seed=seed, hack=hack, steps=steps,
-                 fields={"hack_s/exit_code": 0.25, "update_hackward": 0.3})
+                 fields={"hack_s/exit_code": 0.25, "hack_s/run_tests": 0.5, "hack_s/sentinel": 0.1,
+                         "update_hackward": 0.3})
         summary = json.loads((tmp_path / f"van{seed}" / "summary.json").read_text())
         summary["eval"] = {"eval_deployed_hack": 0.1 * seed}
+        summary["probe_auroc_heldout"] = 0.5 + 0.1 * seed
         (tmp_path / f"van{seed}" / "summary.json").write_text(json.dumps(summary))
     run = load_run(tmp_path / "van1")
-    assert late_slope(run) == pytest.approx(0.2) and held_out_run_mean(run) == pytest.approx(0.25)
+    assert late_slope(run) == pytest.approx(0.2) and modes_run_mean(known=False)(run) == pytest.approx(0.25)
+    assert modes_run_mean(known=True)(run) == pytest.approx(0.3)  # run_tests and sentinel pooled
     row = table_rows(build_report(tmp_path), "and the final evaluation:")["none"]
     cells = dict(zip(["n", *FIGURES], row))
     assert cells["hack_late_slope"].startswith("0.300 [") and cells["heldout_run_mean"].startswith("0.250 [")
     assert cells["update_hackward_run_mean"].startswith("0.300") and cells["null_run_mean"].startswith("0.100")
     assert cells["eval_deployed_hack"].startswith("0.150 [") and cells["eval_kept_hack"] == MISSING
+    assert cells["probe_auroc_heldout"].startswith("0.650 [") and cells["probe_auroc_known"] == MISSING
 
 
 # --- statistics
@@ -476,14 +480,27 @@ def test_lomo_table_cells(tmp_path):
     assert list(rows) == ["none", "erase"]
 
 
-def test_a_monitor_that_misses_or_the_probe_is_its_own_question(tmp_path):
+def test_a_monitor_that_misses_or_the_probe_labels_the_arms_that_read_it(tmp_path):
+    missing = {"detector_recall": 0.7, "detector_fpr": 0.02}
+    make_run(tmp_path, "none", hack=0.6)
+    make_run(tmp_path, "none-missing", hack=0.6, **missing)  # vanilla reads no monitor: the same arm
     make_run(tmp_path, "screen-exact", intervention="screen", hack=0.1)
-    make_run(tmp_path, "screen-missing", intervention="screen", hack=0.5, detector_recall=0.7, detector_fpr=0.02)
+    make_run(tmp_path, "screen-missing", intervention="screen", hack=0.5, **missing)
     make_run(tmp_path, "screen-probe", intervention="screen", hack=0.3, monitor="probe", probe_threshold=0.5)
+    # a V from the detector's flags reads its misses, never the probe; a template V reads neither
+    make_run(tmp_path, "erase-live", intervention="erase", hack=0.2, pairs="live", monitor="probe", **missing)
+    make_run(tmp_path, "erase-template", intervention="erase", hack=0.4, pairs="template", **missing)
     report = build_report(tmp_path)
-    assert report.count("## preset=fast") == 3  # never averaged together
-    assert table_rows(report, "monitor=recall 0.7, fpr 0.02")["screen"][1] == "0.500 (n=1)"
-    assert table_rows(report, "monitor=probe@0.5")["screen"][1] == "0.300 (n=1)"
+    assert report.count("## preset=fast") == 1  # one question: one vanilla for every monitor
+    rows = table_rows(report, "## preset=fast")
+    assert {arm: cells[1] for arm, cells in rows.items()} == {
+        "none": "0.600 (n=1)", "erase": "0.400 (n=1)", "erase~r0.7~fp0.02": "0.200 (n=1)",
+        "screen": "0.100 (n=1)", "screen~probe": "0.300 (n=1)", "screen~r0.7~fp0.02": "0.500 (n=1)"}
+    hypothesis = parse_hypothesis({"claims": [{"arm": "screen~r0.7~fp0.02", "vs": "screen", "metric": "hack",
+                                               "at_least": 0.1}]}, "test")
+    assert hypothesis.claims[0].arm == ("screen~r0.7~fp0.02", "none")
+    with pytest.raises(ResultsError, match="reads no monitor"):
+        parse_hypothesis({"claims": [{"arm": "none~r0.7", "vs": "none", "metric": "hack", "at_most": 0}]}, "test")
 
 
 def test_auroc_column_is_the_whole_runs_from_its_summary(tmp_path):
@@ -516,7 +533,7 @@ def test_report_links_the_plots_that_exist(tmp_path):
     assert main([str(tmp_path / "runs"), "--out", str(out / "results.md"), "--plots", str(out / "plots")]) == 0
     assert "Plots:" not in (out / "results.md").read_text()
 
-    question = ("fast", "tiny", 0.5, "run_tests,sentinel", "")
+    question = ("fast", "tiny", 0.5, "run_tests,sentinel")
     files = plot_files(out / "plots", question)
     assert list(files) == ["rates", "cin", "final"]
     for path in files.values():

@@ -261,3 +261,24 @@ def test_an_arm_with_a_gate_runs_under_it_and_is_named_for_it(tmp_path):
     # A gate given to the whole sweep names its runs as the arm label results will give them.
     runs = sweep.expand_grid("organism", sweep.parse_arms("erase"), [1], None, {"gate": "no_gate"}, tmp_path)
     assert runs[0].name == "organism-erase@no_gate-s1"
+
+
+def test_an_arm_with_a_monitor_reads_it_and_is_named_for_it(tmp_path):
+    arms = sweep.parse_arms("screen~probe~r0.7~fp0.02,erase@no_gate~r0.4~fp0.02:random,none")
+    runs = sweep.expand_grid("organism", arms, [1], None, {"pairs": "live"}, tmp_path)
+    assert [r.name for r in runs] == ["organism-screen~probe~r0.7~fp0.02-s1",
+                                      "organism-erase@no_gate~r0.4~fp0.02-random-s1", "organism-none-s1"]
+    assert {k: runs[0].overrides[k] for k in ("intervention", "monitor", "detector_recall", "detector_fpr")} == \
+        {"intervention": "screen", "monitor": "probe", "detector_recall": "0.7", "detector_fpr": "0.02"}
+    assert (runs[1].overrides["gate"], runs[1].overrides["detector_recall"]) == ("no_gate", "0.4")
+    assert "detector_recall" not in runs[2].overrides
+    with pytest.raises(sweep.SweepError, match="give a run's monitor once"):
+        sweep.expand_grid("organism", sweep.parse_arms("screen~r0.7"), [1], None, {"detector_recall": "0.5"}, tmp_path)
+    for arm, error in [("none~r0.7", "none reads no monitor"), ("erase~probe", "its V reads the detector's flags"),
+                       ("screen~r1", "write its monitor as 'screen'"), ("screen~fp0.1~r0.5", "'screen~r0.5~fp0.1'"),
+                       ("screen~q0.5", "unknown monitor 'q0.5'")]:
+        with pytest.raises(sweep.SweepError, match=error):
+            sweep.parse_arms(arm)
+    # a monitor given to the whole sweep names its runs as the arm label results will give them
+    runs = sweep.expand_grid("organism", sweep.parse_arms("screen"), [1], None, {"detector_recall": "0.7"}, tmp_path)
+    assert runs[0].name == "organism-screen~r0.7-s1"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -248,7 +249,9 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
     return out
 
 
-def make_config(preset: str, overrides: dict[str, str] | None = None) -> Config:
+def make_config(preset: str, overrides: dict[str, str] | None = None, check: bool = True) -> Config:
+    """The preset with the overrides parsed onto it, named by default_run_name; validated unless check is False
+    (a sweep names its runs before a device or a combination of fields is checked)."""
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; allowed: {', '.join(PRESETS)}")
     by_name = {f.name: f for f in fields(Config)}
@@ -260,18 +263,20 @@ def make_config(preset: str, overrides: dict[str, str] | None = None) -> Config:
             raise ConfigError(f"unknown field --{name}{hint}")
         values[name] = _parse_value(by_name[name], raw)
     cfg = Config(**values)
-    cfg.run_name = cfg.run_name or run_name(preset, with_gate(cfg.intervention, cfg.gate, preset), cfg.control,
-                                            cfg.seed, ceiling=cfg.live_labels == "oracle")
-    validate(cfg)
+    cfg.run_name = cfg.run_name or default_run_name(cfg, preset)
+    if check:
+        validate(cfg)
     return cfg
 
 
-def run_name(preset: str, intervention: str, control: str, seed: int, left_out: str | None = None,
-             ceiling: bool = False) -> str:
-    """A run's default name, `<preset>-<intervention>[-<control>][-ceiling]-s<seed>[-lomo-<mode>]` (ceiling:
-    its V knows the oracle's labels; left_out: the mode a leave-one-mode-out run holds out)."""
-    name = f"{preset}-{intervention}" + (f"-{control}" if control != "none" else "") + \
-        ("-ceiling" if ceiling else "") + f"-s{seed}"
+def default_run_name(cfg: Config, preset: str, left_out: str | None = None) -> str:
+    """`<preset>-<intervention>[@gate][~monitor][-<control>][-ceiling]-s<seed>[-lomo-<mode>]`: the gate where
+    it is not the preset's, the monitor where it is not the exact detector (ceiling: its V knows the oracle's
+    labels; left_out: the mode a leave-one-mode-out run holds out)."""
+    intervention = with_monitor(with_gate(cfg.intervention, cfg.gate, preset), cfg.monitor, cfg.detector_recall,
+                                cfg.detector_fpr, cfg.probe_threshold)
+    name = f"{preset}-{intervention}" + (f"-{cfg.control}" if cfg.control != "none" else "") + \
+        ("-ceiling" if cfg.live_labels == "oracle" else "") + f"-s{cfg.seed}"
     return name + (f"-lomo-{left_out}" if left_out else "")
 
 
@@ -295,12 +300,47 @@ def split_gate(intervention: str) -> tuple[str, str | None]:
     return name, gate or None
 
 
+def with_monitor(intervention: str, monitor: str, recall: float, fpr: float, threshold: float) -> str:
+    """`screen~probe~r0.7~fp0.02` where the monitor is not the exact detector (the probe, with its threshold
+    where not the default; a recall below 1; a false-positive rate above 0), else the arm as given: how runs
+    are named, and how results labels an arm that reads the monitor. Another monitor is another arm."""
+    tokens = (["probe" + ("" if threshold == Config.probe_threshold else f"{threshold:g}")] if monitor == "probe"
+              else []) + ([f"r{recall:g}"] if recall != Config.detector_recall else []) + \
+        ([f"fp{fpr:g}"] if fpr != Config.detector_fpr else [])
+    return intervention + "".join(f"~{token}" for token in tokens)
+
+
+def split_monitor(intervention: str) -> tuple[str, dict[str, str]]:
+    """`erase@no_gate~r0.7~fp0.02` -> ("erase@no_gate", {"detector_recall": "0.7", "detector_fpr": "0.02"}):
+    with_monitor's inverse, the fields as overrides. Written any other way than with_monitor writes it (a
+    token unknown, repeated, out of order or at its default) it is refused, so one monitor has one name."""
+    arm, *tokens = intervention.split("~")
+    fields = {}
+    for token in tokens:
+        match = re.fullmatch(r"(probe|r|fp)(\d*\.?\d+)?", token)
+        if not match or (match[1] != "probe" and match[2] is None):
+            raise ConfigError(f"arm {intervention!r}: unknown monitor {token!r}; write ~probe[THRESHOLD], "
+                              "~rRECALL, ~fpFPR (e.g. screen~probe~r0.7~fp0.02)")
+        kind, number = match.groups()
+        if kind == "probe":
+            fields["monitor"] = "probe"
+        if number:
+            fields[{"probe": "probe_threshold", "r": "detector_recall", "fp": "detector_fpr"}[kind]] = number
+    canonical = with_monitor(arm, fields.get("monitor", Config.monitor),
+                             *(float(fields.get(name, getattr(Config, name)))
+                               for name in ("detector_recall", "detector_fpr", "probe_threshold")))
+    if canonical != intervention:
+        raise ConfigError(f"arm {intervention!r}: write its monitor as {canonical!r} (each token once, in that "
+                          "order, none at its default)")
+    return arm, fields
+
+
 def parse_arm(text: str) -> tuple[str, str]:
     """arm_name's inverse, the control and gate checked (controls are the basis's, config's to know);
     interventions.parse checks the intervention against the registry too."""
     intervention, _, control = text.partition(":")
     control = control or "none"
-    if not split_gate(intervention)[0]:
+    if not split_gate(split_monitor(intervention)[0])[0]:
         raise ConfigError(f"arm {text!r} names no intervention")
     if control not in CONTROLS:
         raise ConfigError(f"unknown control {control!r} in arm {text!r}; allowed: {', '.join(CONTROLS)}")

@@ -24,7 +24,7 @@ replace the same hook (erase+trusted: both rewrite the gradient) cannot compose.
 from __future__ import annotations
 
 from . import projection
-from .config import Config, ConfigError, parse_arm, split_gate
+from .config import Config, ConfigError, parse_arm, split_gate, split_monitor
 from .grpo import Rollout, flagged, group_advantages, monitor_score
 from .problems import Problem
 
@@ -34,6 +34,7 @@ HOOKS = ("messages", "advantages", "gradient", "update")  # in the order a step 
 class Intervention:
     name = ""
     uses_basis = False  # V shapes the update: a control basis in its place is another experiment (arm:control)
+    reads_monitor = False  # its advantages read the monitor (grpo.flagged, monitor_score): another monitor, another arm
     quarantine = False  # trains delta_s_hack, which deployment ablates: evaluation samples it kept as well
     trusted_subspace = False  # keeps the gradient inside the clean completions' subspace (assembly builds it)
 
@@ -66,6 +67,7 @@ class Composite(Intervention):
     def __init__(self, parts: list[Intervention]):
         self.name = "+".join(part.name for part in parts)
         self.uses_basis = any(part.uses_basis for part in parts)
+        self.reads_monitor = any(part.reads_monitor for part in parts)
         self.quarantine = any(part.quarantine for part in parts)
         self.trusted_subspace = any(part.trusted_subspace for part in parts)
         owners: dict[str, Intervention] = {}
@@ -105,15 +107,22 @@ def get(name: str) -> Intervention:
 
 
 def parse(text: str) -> tuple[str, str]:
-    """An arm's text (`intervention[@gate][:control]`) checked against the registry and config's controls
-    and gates; a composite's parts must compose."""
+    """An arm's text (`intervention[@gate][~monitor][:control]`) checked against the registry and config's
+    controls, gates and monitors; a composite's parts must compose. A monitor names an arm that reads it: one
+    whose advantages read the monitor, or (recall and false positives only) one whose V may be built from
+    the detector's flags."""
     intervention, control = parse_arm(text)
-    name, gate = split_gate(intervention)
+    gated, monitor = split_monitor(intervention)
+    name, gate = split_gate(gated)
     for part in name.split("+"):
         if part not in REGISTRY:
             raise ConfigError(f"unknown intervention {part!r} in arm {text!r}; registered: {', '.join(REGISTRY)}")
-    if not get(name).uses_basis and gate:
+    arm = get(name)
+    if not arm.uses_basis and gate:
         raise ConfigError(f"arm {text!r}: {name} does not train with V, so a gate would change only its logging")
+    if monitor and not arm.reads_monitor and ("monitor" in monitor or not arm.uses_basis):
+        raise ConfigError(f"arm {text!r}: {name} reads no monitor"
+                          + (" (its V reads the detector's flags, not the probe)" if arm.uses_basis else ""))
     return intervention, control
 
 
@@ -177,6 +186,7 @@ class Screen(Intervention):
     """The monitor (the weak detector of the known modes, or the probe) drops each flagged rollout:
     advantage 0, and out of its group's mean (it neither teaches nor shifts the others)."""
     name = "screen"
+    reads_monitor = True
 
     def advantages(self, rollouts: list[Rollout], cfg: Config) -> int:
         dropped = [flagged(r, cfg) for r in rollouts]
@@ -187,6 +197,7 @@ class Penalty(Intervention):
     """A flagged rollout's reward becomes cfg.penalty_reward before the group mean (the logged reward
     stays the grader's)."""
     name = "penalty"
+    reads_monitor = True
 
     def advantages(self, rollouts: list[Rollout], cfg: Config) -> int:
         rewards = [cfg.penalty_reward if flagged(r, cfg) else r.reward for r in rollouts]
@@ -201,6 +212,7 @@ class AdvMod(Intervention):
     reward teaches nothing, while it still lowers its group's other advantages by its share of the
     mean) or the probe (s its P(hack))."""
     name = "advmod"
+    reads_monitor = True
 
     def advantages(self, rollouts: list[Rollout], cfg: Config) -> int:
         zero_spread = group_advantages(rollouts, cfg.group)

@@ -1,8 +1,8 @@
 """Run directories -> markdown tables: does each arm hack less than vanilla GRPO at the same solve rate?
 
-A *question* is one setting (preset, model, mix_ratio, basis_modes, and the monitor where it is not the
-exact detector); within it each *arm*
-(intervention, plus its negative control if any) is compared with vanilla (`none`, no control)
+A *question* is one setting (preset, model, mix_ratio, basis_modes); within it each *arm* (intervention,
+with its gate and monitor where they are not the preset's and the exact detector, plus its negative control
+if any) is compared with vanilla (`none`, no control)
 run on the same seed. Per run the main table averages the last few steps: early steps measure the
 base model, the end measures what training taught it. The end alone cannot tell an arm that
 never hacks from one that hacks later, so a time-course table beside it reads the whole hack
@@ -38,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from projected_grpo.config import CONTROLS, MODES, arm_name, with_gate
+from projected_grpo.config import CONTROLS, MODES, arm_name, with_gate, with_monitor
 
 LAST_STEPS = 5
 ROLLING = 10  # steps in the trailing mean that times the rise, and in vanilla's first and last windows
@@ -90,25 +90,35 @@ class Run:
 
     @property
     def arm(self) -> tuple[str, str]:
-        """(intervention[@gate], control): the gate written where it is not the preset's and the arm trains with V
-        (only there can it change a run), so two gates are two arms; a run whose basis knew the oracle's labels is
+        """(intervention[@gate][~monitor], control): a gate written where it is not the preset's and the arm
+        trains with V, a monitor where it is not the exact detector and the arm reads it (only there can either
+        change a run), so two gates or two monitors are two arms; a run whose basis knew the oracle's labels is
         its intervention's ceiling."""
         config, intervention = self.config, self.config["intervention"]
-        labelled = with_gate(intervention, config["gate"], config["preset"]) if "gate" in config else intervention
-        if labelled != intervention and not _uses_basis(intervention):
-            labelled = intervention
+        uses_basis, reads_monitor = _reads(intervention)
+        labelled = with_gate(intervention, config["gate"], config["preset"]) if "gate" in config and uses_basis \
+            else intervention
+        # the detector's recall and false positives reach a V built from its flags (self or live pairs)
+        reads_detector = reads_monitor or (uses_basis and config.get("pairs") in ("self", "live")
+                                           and not is_ceiling(config))
+        if reads_detector:
+            labelled = with_monitor(labelled, config.get("monitor", "detector") if reads_monitor else "detector",
+                                    float(config.get("detector_recall", 1.0)), float(config.get("detector_fpr", 0.0)),
+                                    float(config.get("probe_threshold", 0.5)))
         return (labelled, CEILING if is_ceiling(config) else config["control"])
 
 
 @functools.cache
-def _uses_basis(intervention: str) -> bool:
-    """Whether V shapes the arm's update; an arm the registry does not know (one a test registered) is assumed to."""
-    from projected_grpo import interventions  # the registry (torch): only a run under another gate needs it
+def _reads(intervention: str) -> tuple[bool, bool]:
+    """Whether V shapes the arm's update, and whether its advantages read the monitor; an arm the registry
+    does not know (one a test registered) is assumed to do both."""
+    from projected_grpo import interventions  # the registry (torch): only labelling a run needs it
 
     try:
-        return interventions.get(intervention).uses_basis
+        arm = interventions.get(intervention)
     except ValueError:
-        return True
+        return True, True
+    return arm.uses_basis, arm.reads_monitor
 
 
 def is_ceiling(config: dict) -> bool:
@@ -284,11 +294,21 @@ def late_slope(run: Run) -> float | None:
     return 100 * sum((s - mean_step) * (h - mean_hack) for s, h in points) / spread
 
 
-def held_out_run_mean(run: Run) -> float | None:
-    """hack_s over every step on the trained modes the basis (and the detector) never saw, pooled by step."""
-    unseen = set(_split_modes(run.config.get("modes", ""))) - set(_split_modes(run.config["basis_modes"]))
-    values = [row[f"hack_s/{mode}"] for row in run.rows for mode in sorted(unseen) if f"hack_s/{mode}" in row]
-    return statistics.fmean(values) if values else None
+def modes_run_mean(known: bool) -> Callable[[Run], float | None]:
+    """hack_s over every step on the trained modes the basis (and the detector) knew, or never saw, pooled by
+    step and mode."""
+    def run_mean(run: Run) -> float | None:
+        trained, basis = _split_modes(run.config.get("modes", "")), set(_split_modes(run.config["basis_modes"]))
+        modes = [mode for mode in trained if (mode in basis) == known]
+        values = [row[f"hack_s/{mode}"] for row in run.rows for mode in modes if f"hack_s/{mode}" in row]
+        return statistics.fmean(values) if values else None
+    return run_mean
+
+
+def summary_figure(key: str) -> Callable[[Run], float | None]:
+    """A whole-run figure of summary.json: the hack score's AUROC over every step that took one, the probe's
+    (under --monitor=probe only)."""
+    return lambda run: (run.summary or {}).get(key)
 
 
 def final_evaluation(key: str) -> Callable[[Run], float | None]:
@@ -296,22 +316,20 @@ def final_evaluation(key: str) -> Callable[[Run], float | None]:
     return lambda run: ((run.summary or {}).get("eval") or {}).get(key)
 
 
-def run_auroc(run: Run) -> float | None:
-    """The run's AUROC of its hack scores against exploited, over every step that took them (summary.json)."""
-    return (run.summary or {}).get("hack_auroc")
-
-
 # table column -> a run's value: the last-steps mean of a metrics.jsonl key, or (auroc) the whole run's; each is
 # also a hypothesis metric
 COLUMNS = {"hack": final("hack_s"), "solve": final("gt_s"), "cin_s": final("cin_s"), "cin_t": final("cin_t"),
-           "cout": final("cout"), "auroc": run_auroc}
-# more figures of each run, as hypothesis metrics and a table: reward and code-block rate (last steps); the held-out
-# mode and the update's hack-ward fraction (beside its null) over every step; the late slope; the final evaluation
-# of the deployed (and kept) model
+           "cout": final("cout"), "auroc": summary_figure("hack_auroc")}
+# more figures of each run, as hypothesis metrics and a table: reward and code-block rate (last steps); the known and
+# the held-out modes and the update's hack-ward fraction (beside its null) over every step; the late slope; the probe
+# monitor's AUROCs over the run; the final evaluation of the deployed (and kept) model
 FIGURES = {"reward": final("reward"), "format": final("format_s"),
-           "heldout_run_mean": held_out_run_mean, "hack_late_slope": late_slope,
+           "known_run_mean": modes_run_mean(known=True), "heldout_run_mean": modes_run_mean(known=False),
+           "hack_late_slope": late_slope,
            "update_hackward_run_mean": lambda run: mean_of(run.rows, "update_hackward"),
            "null_run_mean": lambda run: mean_of(run.rows, "cin_null_s"),
+           "probe_auroc_known": summary_figure("probe_auroc_known"),
+           "probe_auroc_heldout": summary_figure("probe_auroc_heldout"),
            "eval_deployed_hack": final_evaluation("eval_deployed_hack"),
            "eval_kept_hack": final_evaluation("eval_kept_hack"),
            "eval_deployed_solve": final_evaluation("eval_deployed_solve")}
@@ -389,32 +407,21 @@ def _split_modes(text: str) -> list[str]:
     return sorted({m.strip() for m in text.split(",") if m.strip()}, key=_mode_rank)
 
 
-def monitor_of(config: dict) -> str:
-    """The monitor a run's arms read, where it is not the exact detector (older configs had only that):
-    a detector that misses, or the probe. Another monitor is another question: its runs are never
-    averaged with the exact detector's."""
-    recall, fpr = float(config.get("detector_recall", 1.0)), float(config.get("detector_fpr", 0.0))
-    parts = ([f"probe@{float(config.get('probe_threshold', 0.5)):g}"] if config.get("monitor") == "probe" else []) + \
-        ([f"recall {recall:g}, fpr {fpr:g}"] if (recall, fpr) != (1.0, 0.0) else [])
-    return "; ".join(parts)
-
-
 def question_of(config: dict) -> tuple:
     # basis_modes is a set: "a,b" and "b,a" are the same basis, so the same question
     basis = ",".join(_split_modes(config["basis_modes"]))
-    return (config["preset"], config["model"], float(config["mix_ratio"]), basis, monitor_of(config))
+    return (config["preset"], config["model"], float(config["mix_ratio"]), basis)
 
 
 def question_title(question: tuple) -> str:
-    preset, model, mix_ratio, basis_modes, monitor = question
-    title = f"preset={preset} · model={model} · mix_ratio={mix_ratio:g} · basis_modes={basis_modes}"
-    return title + (f" · monitor={monitor}" if monitor else "")
+    preset, model, mix_ratio, basis_modes = question
+    return f"preset={preset} · model={model} · mix_ratio={mix_ratio:g} · basis_modes={basis_modes}"
 
 
 def plot_files(plots_dir: Path, question: tuple) -> dict[str, Path]:
     """Where the plots of one question live, by PLOTS name: one folder per question, named after it."""
-    preset, model, mix_ratio, basis_modes, monitor = question
-    name = f"{preset}_{model}_mix{mix_ratio:g}_basis-{basis_modes.replace(',', '+')}{'_' + monitor if monitor else ''}"
+    preset, model, mix_ratio, basis_modes = question
+    name = f"{preset}_{model}_mix{mix_ratio:g}_basis-{basis_modes.replace(',', '+')}"
     folder = Path(plots_dir) / re.sub(r"[^A-Za-z0-9._+-]", "-", name)  # a model id's "/" is not a folder
     return {plot: folder / f"{plot}.png" for plot in PLOTS}
 
@@ -497,8 +504,8 @@ class Hypothesis:
 
 
 def parse_arm(text: str) -> tuple[str, str]:
-    """An arm as a claim names it: `intervention[@gate][:control]`, or `intervention:ceiling`, which is no control
-    (config's controls rightly lack it), so it is taken off before the registry checks the rest."""
+    """An arm as a claim names it: `intervention[@gate][~monitor][:control]`, or `intervention:ceiling`, which is
+    no control (config's controls rightly lack it), so it is taken off before the registry checks the rest."""
     from projected_grpo import interventions  # the registry's names; only a hypothesis needs them (torch)
 
     intervention, _, control = text.partition(":")
@@ -655,9 +662,10 @@ def _time_course_table(arms: dict[tuple, list[Run]], early_steps: int | None) ->
 
 
 def _figures_table(arms: dict[tuple, list[Run]]) -> list[str]:
-    """Each FIGURES figure across seeds, then its paired Δ against vanilla (the null's has none)."""
+    """Each FIGURES figure across seeds, then its paired Δ against vanilla (the null's and the probe's, which
+    vanilla has not, have none)."""
     vanilla = arms.get(VANILLA, [])
-    paired = [m for m in FIGURES if m != "null_run_mean"]
+    paired = [m for m in FIGURES if m not in ("null_run_mean", "probe_auroc_known", "probe_auroc_heldout")]
     body = []
     for arm in sorted(arms, key=arm_rank):
         runs, n = arms[arm], _seed_count(arms[arm])
@@ -724,12 +732,12 @@ def _known_modes_hack(run: Run) -> float | None:
 
 
 def lomo_studies(runs: list[Run]) -> dict[tuple, dict[tuple, dict[str, list[Run]]]]:
-    """Complete leave-one-mode-out runs by (preset, model, mix_ratio, monitor), then arm, then held-out mode."""
+    """Complete leave-one-mode-out runs by (preset, model, mix_ratio), then arm, then held-out mode."""
     studies: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for run in runs:
         if run.problem is None and (mode := held_out_mode(run.config)) is not None:
-            preset, model, mix_ratio, _, monitor = question_of(run.config)
-            studies[(preset, model, mix_ratio, monitor)][run.arm][mode].append(run)
+            preset, model, mix_ratio, _ = question_of(run.config)
+            studies[(preset, model, mix_ratio)][run.arm][mode].append(run)
     return studies
 
 
@@ -869,9 +877,8 @@ def build_report(runs_root: str | Path, hypothesis: Hypothesis | None = None, pl
                 notes.append(f"arm {arm_name(*arm)} at {question_title(question)} "
                              f"has repeated seeds; their runs were averaged per seed")
 
-    for (preset, model, mix_ratio, monitor), study in sorted(lomo_studies(runs).items()):
-        out += [f"## Leave-one-mode-out · preset={preset} · model={model} · mix_ratio={mix_ratio:g}"
-                + (f" · monitor={monitor}" if monitor else ""), "",
+    for (preset, model, mix_ratio), study in sorted(lomo_studies(runs).items()):
+        out += [f"## Leave-one-mode-out · preset={preset} · model={model} · mix_ratio={mix_ratio:g}", "",
                 *_lomo_table(study), ""]
 
     if incomplete:

@@ -3,8 +3,9 @@
     python -m projected_grpo.sweep PRESET [--arms none,erase,route] [--seeds 1,2,3] [--jobs N]
         [--devices cuda:0,cuda:1] [--name NAME] [--lomo] [--force] [--field=value ...]
 
-An arm is `intervention[@gate][:control]`: `erase:random` is the erase arm on a random basis,
-`erase@no_gate:random` the same under --gate=no_gate, `screen+erase` two arms composed. Each run is
+An arm is `intervention[@gate][~monitor][:control]`: `erase:random` is the erase arm on a random basis,
+`erase@no_gate:random` the same under --gate=no_gate, `screen~probe~r0.7~fp0.02` screen reading the probe
+trained from a detector of recall 0.7 and false-positive rate 0.02, `screen+erase` two arms composed. Each run is
 a child `python -m projected_grpo.train PRESET ...` writing out/sweeps/<name>/<run_name>/ (the
 name defaults to the preset), with its output in out/sweeps/<name>/logs/<run_name>.log, so that
 `python -m projected_grpo.results out/sweeps/<name>` tables the study. Running the same command
@@ -35,10 +36,11 @@ from .config import (
     ConfigError,
     InputError,
     arm_name,
+    default_run_name,
     make_config,
     parse_overrides,
-    run_name,
     split_gate,
+    split_monitor,
     with_gate,
 )
 from .distributed import available_cores
@@ -110,19 +112,23 @@ def expand_grid(preset: str, arms: list[tuple[str, str]], seeds: list[int], lomo
     for left_out in lomo_modes or [None]:
         for seed in seeds:
             for intervention, control in arms:
-                arm, gate = split_gate(intervention)
+                gated, monitor = split_monitor(intervention)
+                arm, gate = split_gate(gated)
                 if gate and "gate" in overrides:
                     raise SweepError(f"--arms {intervention} and --gate={overrides['gate']}: give a run's gate once")
                 if gate and with_gate(arm, gate, preset) == arm:
                     raise SweepError(f"--arms {intervention}: {gate} is the {preset} preset's gate; write the arm "
                                      f"without @{gate}")
-                run_gate = gate or overrides.get("gate")  # the arm's, or the one every run of the sweep gets
-                name = run_name(preset, with_gate(arm, run_gate, preset) if run_gate else arm, control, seed, left_out,
-                                ceiling=overrides.get("live_labels") == "oracle")
+                if both := sorted(monitor.keys() & overrides.keys()):
+                    raise SweepError(f"--arms {intervention} and --{both[0]}={overrides[both[0]]}: give a run's "
+                                     "monitor once")
                 run_fields = {**overrides, "seed": str(seed), "intervention": arm, "control": control,
-                              "run_name": name, "out_dir": str(sweep_dir), **({"gate": gate} if gate else {})}
+                              "out_dir": str(sweep_dir), **({"gate": gate} if gate else {}), **monitor}
                 if left_out:
                     run_fields["basis_modes"] = ",".join(m for m in lomo_modes if m != left_out)
+                # named as make_config names a run: the arm's gate and monitor, or those every run of the sweep gets
+                run_fields["run_name"] = name = default_run_name(make_config(preset, run_fields, check=False), preset,
+                                                                 left_out)
                 runs.append(PlannedRun(name, run_fields))
     return runs
 
@@ -412,7 +418,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("preset", nargs="?", help="smoke, fast or full (or --preset NAME)")
     parser.add_argument("--preset", dest="preset_option", metavar="PRESET", help=argparse.SUPPRESS)
     parser.add_argument("--arms", default="none,erase,route",
-                        help="intervention[@gate][:control],... (default: %(default)s)")
+                        help="intervention[@gate][~monitor][:control],... (default: %(default)s)")
     parser.add_argument("--seeds", default="1,2,3", help="comma-separated (default: %(default)s)")
     parser.add_argument("--jobs", type=int, help="runs at a time on CPU, the cores split between them (default 1)")
     parser.add_argument("--devices", default="", help="GPUs to spread runs over, one run each: cuda:0,cuda:1")
