@@ -18,6 +18,7 @@ from projected_grpo.results import (
     build_report,
     last_mean,
     late_slope,
+    load_hypothesis,
     load_run,
     main,
     mean_interval,
@@ -501,6 +502,32 @@ def test_a_monitor_that_misses_or_the_probe_labels_the_arms_that_read_it(tmp_pat
     assert hypothesis.claims[0].arm == ("screen~r0.7~fp0.02", "none")
     with pytest.raises(ResultsError, match="reads no monitor"):
         parse_hypothesis({"claims": [{"arm": "none~r0.7", "vs": "none", "metric": "hack", "at_most": 0}]}, "test")
+
+
+def test_a_difference_in_differences_claim_pairs_all_four_arms_by_seed(tmp_path):
+    # screen loses more than erase when recall falls: (0.5 - 0.1) - (0.3 - 0.2) = 0.3 on seed 0,
+    # (0.6 - 0.1) - (0.3 - 0.2) = 0.4 on seed 1; seed 2 lacks one arm and must not count
+    missing = {"detector_recall": 0.4, "detector_fpr": 0.02, "pairs": "live"}
+    for seed, leak in ((0, 0.5), (1, 0.6)):
+        make_run(tmp_path, f"screen{seed}", seed=seed, intervention="screen", hack=0.1)
+        make_run(tmp_path, f"screen-r{seed}", seed=seed, intervention="screen", hack=leak, **missing)
+        make_run(tmp_path, f"erase{seed}", seed=seed, intervention="erase", hack=0.2, pairs="live")
+        make_run(tmp_path, f"erase-r{seed}", seed=seed, intervention="erase", hack=0.3, **missing)
+    make_run(tmp_path, "screen2", seed=2, intervention="screen", hack=0.1)
+    make_run(tmp_path, "screen-r2", seed=2, intervention="screen", hack=0.9, **missing)
+    make_run(tmp_path, "erase2", seed=2, intervention="erase", hack=0.2, pairs="live")
+    spec = {"claims": [{"arm": "screen~r0.4~fp0.02", "vs": "screen", "minus_arm": "erase~r0.4~fp0.02",
+                        "minus_vs": "erase", "metric": "hack", "at_least": 0.05}]}
+    (tmp_path.parent / "h.json").write_text(json.dumps(spec))
+    report = build_report(tmp_path, hypothesis=load_hypothesis(tmp_path.parent / "h.json"))
+    line = next(line for line in report.splitlines() if "paired seeds" in line)
+    assert line.startswith("- Δhack(screen~r0.4~fp0.02 - screen) - Δhack(erase~r0.4~fp0.02 - erase) ≥ +0.050: +0.350")
+    assert "n=2 paired seeds" in line
+    claim = spec["claims"][0]
+    with pytest.raises(ResultsError, match="needs both minus_arm and minus_vs"):
+        parse_hypothesis({"claims": [{k: v for k, v in claim.items() if k != "minus_vs"}]}, "h")
+    with pytest.raises(ResultsError, match="takes no difference in differences"):
+        parse_hypothesis({"claims": [{**claim, "metric": "hack_delay"}]}, "h")
 
 
 def test_auroc_column_is_the_whole_runs_from_its_summary(tmp_path):

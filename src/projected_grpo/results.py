@@ -464,21 +464,30 @@ def paired_deltas(runs: list[Run], baseline: list[Run], value_of: Callable[[Run]
 
 @dataclass(frozen=True)
 class Claim:
-    """A bound on the paired delta (arm minus vs, same seed) of one METRICS metric."""
+    """A bound on the paired delta (arm minus vs, same seed) of one METRICS metric; with `minus`, on that delta
+    minus another pair's (a difference in differences, same seed: does a change of setting move one arm more
+    than another?)."""
 
     arm: tuple[str, str]
     vs: tuple[str, str]
     metric: str
     bound: str  # one of BOUNDS
     threshold: float
+    minus: tuple[tuple[str, str], tuple[str, str]] | None = None  # (arm, vs) of the delta taken away
+
+    @property
+    def arms(self) -> tuple[tuple[str, str], ...]:
+        return (self.arm, self.vs, *(self.minus or ()))
 
     @property
     def ceiling(self) -> bool:
         """A claim about a diagnostic ceiling: shown, never a verdict on the method."""
-        return CEILING in (self.arm[1], self.vs[1])
+        return any(arm[1] == CEILING for arm in self.arms)
 
     def text(self) -> str:
         delta = f"Δ{self.metric}({arm_name(*self.arm)} - {arm_name(*self.vs)})"
+        if self.minus:
+            delta += f" - Δ{self.metric}({arm_name(*self.minus[0])} - {arm_name(*self.minus[1])})"
         places = decimals(self.metric)
         if self.bound == "within":
             return f"|{delta}| ≤ {self.threshold:.{places}f}"
@@ -515,7 +524,8 @@ def parse_arm(text: str) -> tuple[str, str]:
 
 
 def parse_hypothesis(spec: dict, source: str) -> Hypothesis:
-    """{"name": ..., "claims": [{"arm", "vs", "metric", and one of at_most / at_least / within}]}."""
+    """{"name": ..., "claims": [{"arm", "vs", "metric", and one of at_most / at_least / within; optionally
+    "minus_arm" and "minus_vs", the pair whose delta is taken away}]}."""
     claims = spec.get("claims")
     if not isinstance(claims, list) or not claims:
         raise ResultsError(f"{source}: hypothesis needs a non-empty list \"claims\"")
@@ -525,22 +535,27 @@ def parse_hypothesis(spec: dict, source: str) -> Hypothesis:
         if not isinstance(claim, dict):
             raise ResultsError(f"{where}: expected an object")
         bounds = [b for b in BOUNDS if b in claim]
-        unknown = set(claim) - {"arm", "vs", "metric", *BOUNDS}
+        unknown = set(claim) - {"arm", "vs", "metric", "minus_arm", "minus_vs", *BOUNDS}
         if unknown or len(bounds) != 1 or not {"arm", "vs", "metric"} <= set(claim):
             raise ResultsError(f"{where}: needs arm, vs, metric and exactly one of {', '.join(BOUNDS)}"
                                + (f" (unknown: {', '.join(sorted(unknown))})" if unknown else ""))
-        if not all(isinstance(claim[key], str) for key in ("arm", "vs", "metric")):
-            raise ResultsError(f"{where}: arm, vs and metric must be strings")
+        if ("minus_arm" in claim) != ("minus_vs" in claim):
+            raise ResultsError(f"{where}: a difference in differences needs both minus_arm and minus_vs")
+        names = [key for key in ("arm", "vs", "minus_arm", "minus_vs") if key in claim]
+        if not all(isinstance(claim[key], str) for key in (*names, "metric")):
+            raise ResultsError(f"{where}: {', '.join(names)} and metric must be strings")
         if claim["metric"] not in METRICS:
             raise ResultsError(f"{where}: metric {claim['metric']!r} is not one of {', '.join(METRICS)}")
+        if "minus_arm" in claim and claim["metric"] == DELAY:
+            raise ResultsError(f"{where}: {DELAY} is censored per seed, so it takes no difference in differences")
         threshold = claim[bounds[0]]
         if not isinstance(threshold, int | float) or isinstance(threshold, bool):
             raise ResultsError(f"{where}: {bounds[0]} must be a number, got {threshold!r}")
         try:
-            arm, vs = parse_arm(claim["arm"]), parse_arm(claim["vs"])
+            arm, vs, *minus = [parse_arm(claim[key]) for key in names]
         except ValueError as err:
             raise ResultsError(f"{where}: {err}") from err
-        parsed.append(Claim(arm, vs, claim["metric"], bounds[0], float(threshold)))
+        parsed.append(Claim(arm, vs, claim["metric"], bounds[0], float(threshold), tuple(minus) or None))
     if all(claim.ceiling for claim in parsed):
         raise ResultsError(f"{source}: every claim names a {CEILING} arm, a diagnostic that is never a verdict; "
                            "state at least one claim about a method")
@@ -556,11 +571,14 @@ def load_hypothesis(path: str | Path) -> Hypothesis:
 
 def judge(claim: Claim, arms: dict[tuple, list[Run]], early_steps: int | None = None) -> tuple[str, str]:
     """(outcome, the line that shows why) for one claim in one question."""
-    missing = [arm_name(*arm) for arm in (claim.arm, claim.vs) if not arms.get(arm)]
+    missing = [arm_name(*arm) for arm in dict.fromkeys(claim.arms) if not arms.get(arm)]
     if missing:
         return INCONCLUSIVE, f"{claim.text()}: no {' and no '.join(missing)} runs → {INCONCLUSIVE} (arm missing)"
     value_of = metric_of(claim.metric, arms, early_steps)
     deltas = paired_deltas(arms[claim.arm], arms[claim.vs], value_of)
+    if claim.minus:
+        other = paired_deltas(arms[claim.minus[0]], arms[claim.minus[1]], value_of)
+        deltas = {seed: deltas[seed] - other[seed] for seed in sorted(deltas.keys() & other.keys())}
     censored = censored_note(deltas, arms[claim.arm], arms[claim.vs], value_of) if claim.metric == DELAY else ""
     places = decimals(claim.metric)
     if len(deltas) < 2:
