@@ -101,6 +101,17 @@ gate-study:
     $S --seeds 4,5 --name gate-study-seeds45 --arms none,erase,erase@no_gate,route,route:capacity
     just gate-study-tables
 
+# the monitor study on the organism (docs/hypotheses/monitor-study.md): screen, erase, screen+erase and the probe's
+# screen and advmod at the detector's recall 1, 0.7 and 0.4, each projecting arm with its random control; then its
+# tables in out/sweeps/monitor-study/<question>.md (the sweep skips what is done)
+monitor-study:
+    python -m projected_grpo.sweep organism --jobs 2 --adam_leak=update --pairs=live --refresh_every=5 --seeds 1,2,3 --name monitor-study --arms none,screen,erase,erase:random,screen+erase@no_gate,screen+erase@no_gate:random,screen~probe,advmod~probe,screen~r0.7~fp0.02,erase~r0.7~fp0.02,erase~r0.7~fp0.02:random,screen+erase@no_gate~r0.7~fp0.02,screen+erase@no_gate~r0.7~fp0.02:random,screen~probe~r0.7~fp0.02,advmod~probe~r0.7~fp0.02,screen~r0.4~fp0.02,erase~r0.4~fp0.02,erase~r0.4~fp0.02:random,screen+erase@no_gate~r0.4~fp0.02,screen+erase@no_gate~r0.4~fp0.02:random,screen~probe~r0.4~fp0.02,advmod~probe~r0.4~fp0.02
+    just monitor-study-tables
+
+# the monitor study's tables: one report per registered question
+monitor-study-tables:
+    for question in mechanism leak beats-screen controls probe; do python -m projected_grpo.results out/sweeps/monitor-study --hypothesis docs/hypotheses/monitor-study/$question.json --out out/sweeps/monitor-study/$question.md; done
+
 # the gate study's tables: out/gate-study links seeds 1-3 of every arm (each question's registered reading),
 # out/gate-study-n5 adds seeds 4-5 (the registered reading of the contrasts that straddled their bound at n = 3); one
 # report per registered question in each; plots of each question's arms beside vanilla and screen in
