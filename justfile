@@ -108,9 +108,10 @@ monitor-study:
     python -m projected_grpo.sweep organism --jobs 2 --adam_leak=update --pairs=live --refresh_every=5 --seeds 1,2,3 --name monitor-study --arms none,screen,erase,erase:random,screen+erase@no_gate,screen+erase@no_gate:random,screen~probe,advmod~probe,screen~r0.7~fp0.02,erase~r0.7~fp0.02,erase~r0.7~fp0.02:random,screen+erase@no_gate~r0.7~fp0.02,screen+erase@no_gate~r0.7~fp0.02:random,screen~probe~r0.7~fp0.02,advmod~probe~r0.7~fp0.02,screen~r0.4~fp0.02,erase~r0.4~fp0.02,erase~r0.4~fp0.02:random,screen+erase@no_gate~r0.4~fp0.02,screen+erase@no_gate~r0.4~fp0.02:random,screen~probe~r0.4~fp0.02,advmod~probe~r0.4~fp0.02
     just monitor-study-tables
 
-# the monitor study's tables: one report per registered question
+# the monitor study's tables and plots (the hack rate against recall among them): one report per registered question
 monitor-study-tables:
-    for question in mechanism leak beats-screen controls probe; do python -m projected_grpo.results out/sweeps/monitor-study --hypothesis docs/hypotheses/monitor-study/$question.json --out out/sweeps/monitor-study/$question.md; done
+    python -m projected_grpo.plots out/sweeps/monitor-study --out out/sweeps/monitor-study/plots
+    for question in mechanism leak beats-screen controls probe; do python -m projected_grpo.results out/sweeps/monitor-study --hypothesis docs/hypotheses/monitor-study/$question.json --out out/sweeps/monitor-study/$question.md --plots out/sweeps/monitor-study/plots; done
 
 # the gate study's tables: out/gate-study links seeds 1-3 of every arm (each question's registered reading),
 # out/gate-study-n5 adds seeds 4-5 (the registered reading of the contrasts that straddled their bound at n = 3); one

@@ -4,7 +4,7 @@ import pytest
 from test_results import make_run
 
 from projected_grpo import plots
-from projected_grpo.plots import _over_steps, early_span, main, make_plots, step_series
+from projected_grpo.plots import _over_steps, early_span, main, make_plots, recall_lines, step_series
 from projected_grpo.results import ResultsError, build_report, group_questions, load_runs, plot_files
 
 
@@ -35,7 +35,10 @@ def test_plots_written_per_question_and_linked(tmp_path, matplotlib):
     written = make_plots(tmp_path / "runs", tmp_path / "plots")
     assert len(written) == 6
     question = ("fast", "tiny", 0.5, "run_tests,sentinel")
-    for path in plot_files(tmp_path / "plots", question).values():
+    for plot, path in plot_files(tmp_path / "plots", question).items():
+        if plot == "recall":  # no arm ran at two recalls
+            assert path not in written and not path.exists()
+            continue
         assert path in written
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
     report = build_report(tmp_path / "runs", plots_dir=tmp_path / "plots", report_dir=tmp_path)
@@ -107,3 +110,24 @@ def test_early_span_follows_early_steps_and_the_longest_run(tmp_path, monkeypatc
     with pytest.raises(SystemExit):
         main([str(tmp_path / "runs"), "--out", str(tmp_path / "plots"), "--early_steps", "0"])
     assert "--early_steps: must be a whole number of steps >= 1" in capsys.readouterr().err
+
+
+def test_an_arm_at_several_recalls_is_one_line_against_recall(tmp_path, matplotlib):
+    missing = {"detector_fpr": 0.02, "pairs": "live"}
+    make_run(tmp_path, "van", hack=0.6, detector_recall=0.4, **missing)  # reads no monitor: no line
+    for name, intervention, control, extra in [("screen", "screen", "none", {}), ("erase", "erase", "none", {}),
+                                               ("probe", "screen", "none", {"monitor": "probe"}),
+                                               ("random", "erase", "random", {})]:
+        make_run(tmp_path, name, intervention=intervention, control=control, pairs="live", **extra)
+        for recall in (0.4, 0.7):
+            modes = {"hack_s/run_tests": 1 - recall, "hack_s/exit_code": 0.5 - recall / 2}
+            make_run(tmp_path, f"{name}-{recall}", intervention=intervention, control=control, detector_recall=recall,
+                     fields=modes, **missing, **extra)
+    make_run(tmp_path, "penalty", intervention="penalty")  # one recall only: no line
+    ((_, arms),) = group_questions(load_runs(tmp_path)).items()
+    lines = recall_lines(arms)
+    assert sorted(lines) == [("erase", "none"), ("erase", "random"), ("screen", "none"), ("screen~probe", "none")]
+    assert list(lines[("screen~probe", "none")]) == [(0.4, 0.02), (0.7, 0.02), (1.0, 0.0)]
+    assert [run.name for run in lines[("erase", "random")][(0.7, 0.02)]] == ["random-0.7"]
+    written = make_plots(tmp_path, tmp_path / "plots")
+    assert sum(path.name == "recall.png" for path in written) == 1

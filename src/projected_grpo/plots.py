@@ -4,7 +4,9 @@ Per question (the grouping `results` uses), three figures:
 
 - rates: hack and solve rate over steps, the early window `results` reads shaded;
 - cin: cin_s and cin_t over steps per arm, each arm's cin_null_s (a random direction) dashed;
-- final: each run's last-steps hack rate against its solve rate, one colour per arm.
+- final: each run's last-steps hack rate against its solve rate, one colour per arm;
+- recall, where an arm ran with the detector at more than one recall: each arm's run-mean hack rate on
+  the known modes and on the held-out ones against the recall, vanilla (which reads no monitor) flat.
 
 Over steps each arm is a bold trailing mean (the window `results` times the rise with) drawn over
 its faint per-step curve, the mean across its runs with a min-max band: the per-step curves of
@@ -24,18 +26,22 @@ import textwrap
 from collections import defaultdict
 from pathlib import Path
 
-from projected_grpo.config import arm_name
+from projected_grpo.config import arm_name, split_monitor, with_monitor
 from projected_grpo.results import (
     EARLY_HELP,
     LAST_STEPS,
     ROLLING,
+    VANILLA,
     ResultsError,
     Run,
+    across_seeds,
     arm_rank,
     early_window,
     group_questions,
     last_mean,
     load_runs,
+    mean_interval,
+    modes_run_mean,
     plot_files,
     positive_int,
     question_title,
@@ -135,6 +141,55 @@ def _final_scatter(plt, arms: dict, colours: dict, title: str):
     return _finish(fig, title, f"one point per run: its mean over the last {LAST_STEPS} steps")
 
 
+def recall_lines(arms: dict) -> dict[tuple, dict[tuple[float, float], list[Run]]]:
+    """The arms that ran with the detector at more than one recall: each as its arm with the exact detector
+    (its probe kept) -> {(recall, false-positive rate): its runs there}."""
+    lines: dict[tuple, dict[tuple[float, float], list[Run]]] = defaultdict(dict)
+    for arm, runs in arms.items():
+        intervention, monitor = split_monitor(arm[0])
+        line = (with_monitor(intervention, monitor.get("monitor", "detector"), 1.0, 0.0,
+                             float(monitor.get("probe_threshold", 0.5))), arm[1])
+        lines[line][(float(monitor.get("detector_recall", 1.0)), float(monitor.get("detector_fpr", 0.0)))] = runs
+    return {line: dict(sorted(points.items())) for line, points in lines.items() if len(points) > 1}
+
+
+def _by_recall(plt, arms: dict, title: str):
+    """Each recall line's run-mean hack rate on the known and on the held-out modes against the detector's
+    recall (the false-positive rate under each tick), its 95% interval over seeds as error bars; vanilla,
+    which reads no monitor, a flat line with its band. None when no arm ran at more than one recall."""
+    lines = recall_lines(arms)
+    if not lines:
+        return None
+    palette = plt.get_cmap("tab10" if len(lines) <= 10 else "tab20")
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for ax, known in zip(axes, (True, False)):
+        value_of = modes_run_mean(known)
+        if VANILLA in arms and (values := across_seeds(arms[VANILLA], value_of)):
+            est = mean_interval(values)
+            ax.axhline(est.mean, color="black", linestyle=":", label=f"{arm_name(*VANILLA)} (reads no monitor)")
+            if est.low is not None:
+                ax.axhspan(est.low, est.high, color="black", alpha=0.08, linewidth=0)
+        for i, (line, points) in enumerate(sorted(lines.items(), key=lambda item: arm_rank(item[0]))):
+            xs, ys, errors = [], [], []
+            for (recall, _), runs in points.items():
+                if values := across_seeds(runs, value_of):
+                    est = mean_interval(values)
+                    xs.append(recall)
+                    ys.append(est.mean)
+                    errors.append(0.0 if est.low is None else est.mean - est.low)
+            if xs:
+                ax.errorbar(xs, ys, yerr=errors, color=palette(i % palette.N), marker="o", capsize=3,
+                            linestyle="--" if line[1] != "none" else "-", label=arm_name(*line))
+        settings = sorted({point for points in lines.values() for point in points})
+        ax.set_xticks([recall for recall, _ in settings], [f"{recall:g}\nfp {fpr:g}" for recall, fpr in settings])
+        ax.set_xlim(settings[0][0] - 0.05, settings[-1][0] + 0.05)
+        ax.set(title=f"hack rate over the run, {'known' if known else 'held-out'} modes",
+               xlabel="the detector's recall of the known modes' hacks", ylim=RATE_LIMITS)
+        _legend(ax)
+    return _finish(fig, title, "one point per arm and recall: the mean across seeds of each run's hack rate over "
+                               "its steps, 95% t interval; dashed: a control; dotted: vanilla with its interval")
+
+
 def make_plots(runs_root: str | Path, plots_dir: str | Path, early_steps: int | None = None) -> list[Path]:
     """Write every question's PNGs under plots_dir; returns their paths. early_steps: the early window's
     length, as `results` takes it (None: a quarter of each run)."""
@@ -153,8 +208,11 @@ def make_plots(runs_root: str | Path, plots_dir: str | Path, early_steps: int | 
             "cin": _over_steps(plt, arms, colours, {"cin_s": "cin_s (student)", "cin_t": "cin_t (teacher)"},
                                title, f"{BAND}; dashed: cin_null_s, a random direction", null_key="cin_null_s"),
             "final": _final_scatter(plt, arms, colours, title),
+            "recall": _by_recall(plt, arms, title),
         }
         for plot, path in plot_files(Path(plots_dir), question).items():
+            if figures[plot] is None:
+                continue
             path.parent.mkdir(parents=True, exist_ok=True)
             figures[plot].savefig(path, dpi=100)
             plt.close(figures[plot])

@@ -56,7 +56,8 @@ NOT_LOGGED = "n/a"  # the runs do not log the key at all (older runs)
 # config keys the grouping reads; anything else in config.json is ignored
 REQUIRED_CONFIG = ("preset", "model", "mix_ratio", "basis_modes", "intervention", "control", "seed")
 # the PNGs `python -m projected_grpo.plots` writes per question, by file stem; the report links them
-PLOTS = {"rates": "hack and solve over steps", "cin": "cin_s and cin_t over steps", "final": "final hack vs solve"}
+PLOTS = {"rates": "hack and solve over steps", "cin": "cin_s and cin_t over steps", "final": "final hack vs solve",
+         "recall": "hack against the detector's recall"}
 
 # t(0.975, df) for df = 1..30 (two-sided 95%); tests check each against the t distribution.
 T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
@@ -618,7 +619,7 @@ def _table(header: list[str], body: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in body)]
 
 
-def _across_seeds(runs: list[Run], value_of: Callable[[Run], float | None]) -> list[float]:
+def across_seeds(runs: list[Run], value_of: Callable[[Run], float | None]) -> list[float]:
     return list(_by_seed(runs, value_of).values())
 
 
@@ -639,7 +640,7 @@ def _main_table(arms: dict[tuple, list[Run]]) -> list[str]:
     body = []
     for arm in sorted(arms, key=arm_rank):
         runs, n = arms[arm], _seed_count(arms[arm])
-        row = [arm_name(*arm), str(n)] + [_fmt(_across_seeds(runs, value)) for value in COLUMNS.values()]
+        row = [arm_name(*arm), str(n)] + [_fmt(across_seeds(runs, value)) for value in COLUMNS.values()]
         for key in ("hack_s", "gt_s"):
             row.append(_delta_cell({} if arm == VANILLA else paired_deltas(runs, vanilla, final(key)), n))
         body.append(row)
@@ -667,8 +668,8 @@ def _time_course_table(arms: dict[tuple, list[Run]], early_steps: int | None) ->
     body = []
     for arm in sorted(arms, key=arm_rank):
         runs, n = arms[arm], _seed_count(arms[arm])
-        row = [arm_name(*arm), str(n), _fmt(_across_seeds(runs, value_of[RUN_MEAN])),
-               _fmt(_across_seeds(runs, value_of[EARLY])), _delay_cell(runs, value_of[DELAY])]
+        row = [arm_name(*arm), str(n), _fmt(across_seeds(runs, value_of[RUN_MEAN])),
+               _fmt(across_seeds(runs, value_of[EARLY])), _delay_cell(runs, value_of[DELAY])]
         for metric in TIME_COURSE:
             deltas = {} if arm == VANILLA else paired_deltas(runs, vanilla, value_of[metric])
             cell = _delta_cell(deltas, n, decimals(metric))
@@ -687,7 +688,7 @@ def _figures_table(arms: dict[tuple, list[Run]]) -> list[str]:
     body = []
     for arm in sorted(arms, key=arm_rank):
         runs, n = arms[arm], _seed_count(arms[arm])
-        body.append([arm_name(*arm), str(n)] + [_fmt(_across_seeds(runs, FIGURES[m])) for m in FIGURES]
+        body.append([arm_name(*arm), str(n)] + [_fmt(across_seeds(runs, FIGURES[m])) for m in FIGURES]
                     + [_delta_cell({} if arm == VANILLA else paired_deltas(runs, vanilla, FIGURES[m]), n)
                        for m in paired])
     return _table(["arm", "n", *FIGURES, *(f"Δ{m}" for m in paired)], body)
@@ -710,7 +711,7 @@ def _logged_cell(runs: list[Run], key: str) -> str:
     """The last-steps mean of `key` across seeds; NOT_LOGGED where no run logs the key at all."""
     if not any(key in row for run in runs for row in run.rows):
         return NOT_LOGGED
-    return _fmt(_across_seeds(runs, final(key)))
+    return _fmt(across_seeds(runs, final(key)))
 
 
 def _nulls_table(arms: dict[tuple, list[Run]]) -> list[str]:
@@ -730,7 +731,7 @@ def _mode_table(arms: dict[tuple, list[Run]], basis_modes: str, metric: str) -> 
         return []
     basis = set(_split_modes(basis_modes))
     header = ["arm"] + [mode if mode in basis else f"{mode}†" for mode in modes]
-    body = [[arm_name(*arm)] + [_fmt(_across_seeds(arms[arm], final(f"{metric}/{mode}"))) for mode in modes]
+    body = [[arm_name(*arm)] + [_fmt(across_seeds(arms[arm], final(f"{metric}/{mode}"))) for mode in modes]
             for arm in sorted(arms, key=arm_rank)]
     return _table(header, body)
 
@@ -769,8 +770,8 @@ def _lomo_table(study: dict[tuple, dict[str, list[Run]]]) -> list[str]:
         cells, pooled_held, pooled_known = [arm_name(*arm)], [], []
         for mode in held_out:
             runs = study[arm].get(mode, [])
-            held = _across_seeds(runs, final(f"hack_s/{mode}"))
-            known = _across_seeds(runs, _known_modes_hack)
+            held = across_seeds(runs, final(f"hack_s/{mode}"))
+            known = across_seeds(runs, _known_modes_hack)
             cells += [_fmt_n(held), _fmt_n(known)]
             pooled_held += held  # the pooled unit is (held-out mode, seed): one run each
             pooled_known += known
