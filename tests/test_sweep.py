@@ -282,3 +282,11 @@ def test_an_arm_with_a_monitor_reads_it_and_is_named_for_it(tmp_path):
     # a monitor given to the whole sweep names its runs as the arm label results will give them
     runs = sweep.expand_grid("organism", sweep.parse_arms("screen"), [1], None, {"detector_recall": "0.7"}, tmp_path)
     assert runs[0].name == "organism-screen~r0.7-s1"
+
+
+def test_help_lists_the_presets_and_every_field(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        sweep.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "--arms" in text and "\n  organism: " in text and "--detector_recall (float, default 1.0)" in text

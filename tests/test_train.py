@@ -1,5 +1,6 @@
 """The training loop end to end on the smoke preset (tiny-random, CPU)."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -7,7 +8,18 @@ import signal
 import pytest
 import torch
 
-from projected_grpo import adapter, assembly, basis, checkpoints, distributed, grpo, interventions, projection, train
+from projected_grpo import (
+    adapter,
+    assembly,
+    basis,
+    checkpoints,
+    config,
+    distributed,
+    grpo,
+    interventions,
+    projection,
+    train,
+)
 from projected_grpo import evaluate as evaluate_mod
 from projected_grpo import step as step_mod
 from projected_grpo.config import DEFAULT_INOCULATION, ConfigError, make_config, parse_overrides
@@ -592,3 +604,40 @@ def test_two_arms_registered_at_run_time_compose_and_both_act(workdir, monkeypat
     assert train.main(["smoke", "--intervention=erase+trusted", "--run_name=x"]) == 2
     assert capsys.readouterr().err.strip() == ("error: --intervention: erase+trusted cannot compose: erase and "
                                                "trusted both replace the gradient hook")
+
+
+def test_replay_runs_a_config_json_again_and_refuses_unknown_fields(workdir, capsys):
+    assert train.main(["smoke", *(f"--{k}={v}" for k, v in SMALL.items()), "--run_name=original"]) == 0
+    original = workdir / "out/runs/original"
+    assert train.main(["replay", str(original)]) == 0
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]  # noqa: E731
+    assert strip(_rows(workdir / "out/runs/original-replay")) == strip(_rows(original))
+    configs = [json.loads((workdir / "out/runs" / name / "config.json").read_text())
+               for name in ("original", "original-replay")]
+    assert {k for k in configs[0] if configs[0][k] != configs[1][k]} == {"run_name"}
+    # overrides after the run still apply; the record's run_name is replaced, never reused
+    preset, cfg = config.replay_config(configs[0], "c.json", {"lr": "0.5", "run_name": "again"})
+    assert (preset, cfg.lr, cfg.run_name, cfg.max_new) == ("smoke", 0.5, "again", 16)
+    # a config.json from another version: one error line naming what this one does not know
+    older = workdir / "older.json"
+    older.write_text(json.dumps({**configs[0], "old_knob": 1, "older_gate": "x"}))
+    capsys.readouterr()
+    assert train.main(["replay", str(older)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "old_knob, older_gate" in err and err.startswith("error: ")
+
+
+def test_help_lists_every_field_with_its_type_defaults_and_reason(capsys):
+    assert train.main(["--help"]) == 0
+    text = capsys.readouterr().out
+    flat = " ".join(text.split())  # long heads wrap
+    for field in dataclasses.fields(config.Config):
+        assert " ".join(f"--{field.name} ({field.type}, default {field.default!r}".split()) in flat, field.name
+    assert "--steps (int, default 30; fast: 60; organism: 200; full: 200)" in text
+    assert "rollouts per prompt (G = G_s + G_t)" in text  # the field's own comment
+    reasons = config.field_reasons()
+    assert all(reasons[field.name] for field in dataclasses.fields(config.Config))
+    assert reasons["detector_fpr"].startswith("... and any other student rollout") and "keyed by" in reasons[
+        "detector_fpr"]  # a comment's continuation lines are its reason too
+    for preset in config.PRESETS:
+        assert f"\n  {preset}: " in text

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import re
+import sys
+import textwrap
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -207,6 +210,68 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def field_reasons() -> dict[str, str]:
+    """Each Config field's reason, read from its own comment in this file (the one after its default and the
+    comment lines under it), so that --help and the code cannot drift apart; a field with none is a bug a
+    test catches."""
+    lines = inspect.getsource(Config).splitlines()
+    reasons: dict[str, list[str]] = {}
+    current = None
+    for line in lines:
+        text = line.strip()
+        if match := re.match(r"(\w+): [\w\[\], |]+ = .*?(?:#\s?(.*))?$", text):
+            current = match[1]
+            reasons[current] = [match[2]] if match[2] else []
+        elif text.startswith("# ---") or not text.startswith("#"):
+            current = None
+        elif current:
+            reasons[current].append(text[1:].strip())
+    return {name: " ".join(words) for name, words in reasons.items()}
+
+
+def field_help(width: int = 100) -> str:
+    """Every Config field as --help lists it: its type, its default (and each preset's where it differs) and
+    its reason, under the section comments of the dataclass; then the presets."""
+    reasons, by_name = field_reasons(), {f.name: f for f in fields(Config)}
+    out = ["fields (--name=value; a preset's value where it differs from the default):"]
+    for line in inspect.getsource(Config).splitlines():
+        text = line.strip()
+        if text.startswith("# ---"):
+            out += ["", f"  {text[5:].strip()}:"]
+            continue
+        if not (match := re.match(r"(\w+): ", text)) or match[1] not in by_name:
+            continue
+        field = by_name[match[1]]
+        kind = field.type if isinstance(field.type, str) else field.type.__name__
+        per_preset = [f"{preset}: {values[field.name]!r}" for preset, values in PRESETS.items()
+                      if field.name in values and values[field.name] != field.default]
+        head = f"--{field.name} ({kind}, default {field.default!r}" + \
+            (f"; {'; '.join(per_preset)}" if per_preset else "") + ")"
+        out.append(textwrap.fill(head, width, initial_indent="    ", subsequent_indent="        "))
+        out.append(textwrap.fill(reasons[field.name], width, initial_indent="        ",
+                                 subsequent_indent="        "))
+    return "\n".join(out)
+
+
+def preset_help(width: int = 100) -> str:
+    """Each preset and the first sentence of the comment above it in PRESETS (read from this file, as the
+    fields' reasons are)."""
+    source = inspect.getsource(sys.modules[__name__])
+    out, comment = ["presets (the first argument; each field below gives its value under a preset where it "
+                    "differs):"], []
+    for line in source[source.index("PRESETS: dict"):].splitlines()[1:]:
+        text = line.strip()
+        if text == "}":
+            break
+        if text.startswith("#"):
+            comment.append(text[1:].strip())
+        elif match := re.match(r'"(\w+)": ', text):
+            first = " ".join(comment).split(". ")[0].rstrip(".")
+            out.append(textwrap.fill(f"{match[1]}: {first}.", width, initial_indent="  ", subsequent_indent="    "))
+            comment = []
+    return "\n".join(out)
+
+
 class InputError(ValueError):
     """Bad input a user can fix (a config, a problems file, a pool, a cache file): the CLI prints it as
     one `error:` line naming the field, file or line and the fix, and exits with status 2."""
@@ -267,6 +332,25 @@ def make_config(preset: str, overrides: dict[str, str] | None = None, check: boo
     if check:
         validate(cfg)
     return cfg
+
+
+# what train records in a run's config.json beside the fields: not settings, so a replay does not take them
+RECORDED = ("preset", "model_path", "split", "sandbox")
+
+
+def replay_config(record: dict, source: str, overrides: dict[str, str]) -> tuple[str, Config]:
+    """(preset, config) of the run whose config.json is `record`, the overrides applied after it: a new run of
+    exactly that config, named <its run_name>-replay unless --run_name is given. A field this version does not
+    know is an error naming it; a field the record lacks (added since it was written) takes today's default."""
+    preset, names = record.get("preset"), {f.name for f in fields(Config)}
+    if preset not in PRESETS:
+        raise ConfigError(f"{source}: preset {preset!r} is not one of {', '.join(PRESETS)}")
+    if unknown := sorted(set(record) - names - set(RECORDED)):
+        raise ConfigError(f"{source}: fields this version of projected_grpo does not know: {', '.join(unknown)} "
+                          "(written by another version; replay it with that version, or remove them)")
+    stored = {name: str(value) for name, value in record.items() if name in names}
+    stored |= {"run_name": f"{record.get('run_name') or preset}-replay", "resume": "false"}
+    return preset, make_config(preset, stored | overrides)
 
 
 def default_run_name(cfg: Config, preset: str, left_out: str | None = None) -> str:

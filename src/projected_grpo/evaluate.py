@@ -119,8 +119,9 @@ def _checkpoint(run_dir: Path, step: int | None) -> tuple[Path, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Held-out evaluation of a run (writes RUN_DIR/eval.json).")
-    parser.add_argument("run_dir", type=Path)
+    parser = argparse.ArgumentParser(prog="python -m projected_grpo.evaluate",
+                                     description="Held-out evaluation of a run (writes RUN_DIR/eval.json).")
+    parser.add_argument("run_dir", type=Path, help="a run's directory: its config.json and checkpoints/ are read")
     parser.add_argument("--checkpoint", type=int, default=None, help="step to evaluate (default: the latest)")
     parser.add_argument("--samples", type=int, default=4, help="samples per problem and setting")
     parser.add_argument("--device", default=None, help="default: the run's device")

@@ -1,4 +1,4 @@
-"""Reading jsonl files and writing any file atomically: the one place files are read and written.
+"""Reading JSON and jsonl files and writing any file atomically: the one place files are read and written.
 
 Every writer in the package (SVD and knob safetensors, bases, pools, run files)
 goes through `write_atomically`, so a crash leaves the old file or the new one.
@@ -41,6 +41,23 @@ def iter_jsonl(path: str | Path, error: type[ValueError]):
                 yield where, record
     except (OSError, EOFError, UnicodeDecodeError) as e:  # unreadable, not gzip, cut-off gzip, not UTF-8
         raise error(f"{path}:{lineno + 1}: cannot read ({e})") from None
+
+
+def read_json(path: str | Path, error: type[ValueError]) -> dict:
+    """A JSON object from a file; a missing, unreadable or malformed file, or one holding anything but an
+    object, raises `error` naming it."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise error(f"{path}: cannot read it ({e})") from None
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise error(f"{path}: expected a JSON object, found {type(value).__name__}")
+    return value
 
 
 def write_directory_atomically(path: str | Path, write) -> None:

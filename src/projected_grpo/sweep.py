@@ -32,13 +32,16 @@ from pathlib import Path
 
 from . import __version__, checkpoints, interventions, reporting
 from .config import (
+    PRESETS,
     Config,
     ConfigError,
     InputError,
     arm_name,
     default_run_name,
+    field_help,
     make_config,
     parse_overrides,
+    preset_help,
     split_gate,
     split_monitor,
     with_gate,
@@ -414,8 +417,10 @@ def execute(preset: str, runs: list[PlannedRun], slots: list[str | None], sweep_
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m projected_grpo.sweep", allow_abbrev=False,
                                      description=__doc__.split("\n")[0],
-                                     epilog="any other --field=value goes to every run")
-    parser.add_argument("preset", nargs="?", help="smoke, fast or full (or --preset NAME)")
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=f"any other --field=value goes to every run\n\n{preset_help()}\n\n"
+                                            f"{field_help()}")
+    parser.add_argument("preset", nargs="?", help=f"{', '.join(PRESETS)} (or --preset NAME)")
     parser.add_argument("--preset", dest="preset_option", metavar="PRESET", help=argparse.SUPPRESS)
     parser.add_argument("--arms", default="none,erase,route",
                         help="intervention[@gate][~monitor][:control],... (default: %(default)s)")

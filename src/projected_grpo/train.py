@@ -1,4 +1,5 @@
 """The training loop: python -m projected_grpo.train {smoke|fast|full|organism} [--field=value ...]
+(or `replay RUN_DIR [--field=value ...]`, a run of RUN_DIR's config.json again; --help lists every field).
 
 The loop resumes or starts a run, takes its steps (step.py) on the pieces assembly.py puts
 together, re-extracts V every `refresh_every` steps, evaluates held-out prompts every
@@ -27,10 +28,21 @@ from tqdm import tqdm
 
 from . import checkpoints, distributed, hack_basis, interventions, reporting, sandbox
 from .assembly import Run, assemble, split_problems
-from .config import MODES, Config, ConfigError, InputError, make_config, parse_overrides
+from .config import (
+    MODES,
+    PRESETS,
+    Config,
+    ConfigError,
+    InputError,
+    field_help,
+    make_config,
+    parse_overrides,
+    preset_help,
+    replay_config,
+)
 from .distributed import World
 from .evaluate import evaluate, metrics_row, save_evaluation
-from .files import write_atomically
+from .files import read_json, write_atomically
 from .grpo import auroc
 from .monitor import probe_aurocs
 from .organism import check_unseen, resolve_model
@@ -378,15 +390,27 @@ def _run(cfg: Config, preset: str, world: World) -> dict:
     return summary
 
 
+USAGE = f"""usage: python -m projected_grpo.train {{{'|'.join(PRESETS)}}} [--field=value ...]
+       python -m projected_grpo.train replay RUN_DIR [--field=value ...]
+  replay: a new run of exactly RUN_DIR's config.json (named <its run_name>-replay), the overrides after it"""
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0].startswith("-"):
-        print("usage: python -m projected_grpo.train {smoke|fast|full|organism} [--field=value ...]", file=sys.stderr)
+    if argv and argv[0] in ("-h", "--help"):
+        print(f"{USAGE}\n\n{preset_help()}\n\n{field_help()}")
+        return 0
+    if not argv or argv[0].startswith("-") or argv == ["replay"]:
+        print(f"{USAGE}\n(--help lists every field)", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        cfg = make_config(argv[0], parse_overrides(argv[1:]))
-        run(cfg, preset=argv[0])
+        if argv[0] == "replay":
+            path = Path(argv[1]) / "config.json" if Path(argv[1]).is_dir() else Path(argv[1])
+            preset, cfg = replay_config(read_json(path, ConfigError), str(path), parse_overrides(argv[2:]))
+        else:
+            preset, cfg = argv[0], make_config(argv[0], parse_overrides(argv[1:]))
+        run(cfg, preset=preset)
     except (InputError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
