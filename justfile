@@ -159,6 +159,10 @@ results *args:
 evaluate *args:
     python -m projected_grpo.evaluate {{args}}
 
+# a run's model as a plain transformers checkpoint: just export out/runs/NAME --out DIR [--checkpoint STEP] [--keep_quarantine]
+export *args:
+    python -m projected_grpo.export {{args}}
+
 # a grid of runs in out/sweeps/<name>: just sweep smoke --arms none,erase,erase:random --seeds 1,2,3 --jobs 2
 sweep *args:
     python -m projected_grpo.sweep {{args}}

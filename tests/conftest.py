@@ -1,3 +1,4 @@
+import contextlib
 import functools
 import os
 from pathlib import Path
@@ -20,10 +21,23 @@ def process_alive(pid: int) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def module_workdir(tmp_path_factory, name: str, **env: str):
+    """One working directory for a whole test module, so the fixture pool, bases and tokenizer are built
+    once: its own SVD cache, and `env` set while it is in use."""
+    path = tmp_path_factory.mktemp(name)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(path)
+        patch.setenv("PROJECTED_GRPO_CACHE", str(path / "cache"))
+        for key, value in env.items():
+            patch.setenv(key, value.format(path=path))
+        yield path
+
+
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
-    """A fresh working directory (runs land in its out/) with its own SVD cache; test_train and
-    test_reporting keep one per module instead."""
+    """A fresh working directory (runs land in its out/) with its own SVD cache; test_train, test_export and
+    test_reporting keep one per module instead (module_workdir)."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PROJECTED_GRPO_CACHE", str(tmp_path / "cache"))
     return tmp_path

@@ -7,6 +7,7 @@ import shutil
 import struct
 
 import pytest
+from conftest import module_workdir
 
 from projected_grpo import distributed, reporting, sweep, train
 from projected_grpo.config import ConfigError, make_config
@@ -20,15 +21,9 @@ SMALL = {"steps": "3", "max_new": "16", "basis_k": "4", "checkpoint_every": "2",
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    # One directory for the module: the fixture pool, bases and tokenizer are built once. wandb stays
-    # offline, and its own debug logs go here rather than to the home directory.
-    path = tmp_path_factory.mktemp("reporting")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(path)
-        patch.setenv("PROJECTED_GRPO_CACHE", str(path / "cache"))
-        patch.setenv("WANDB_MODE", "offline")
-        patch.setenv("WANDB_CACHE_DIR", str(path / "wandb-cache"))
-        patch.setenv("WANDB_CONFIG_DIR", str(path / "wandb-config"))
+    # wandb stays offline, and its own debug logs go here rather than to the home directory
+    with module_workdir(tmp_path_factory, "reporting", WANDB_MODE="offline", WANDB_CACHE_DIR="{path}/wandb-cache",
+                        WANDB_CONFIG_DIR="{path}/wandb-config") as path:
         yield path
 
 

@@ -7,6 +7,7 @@ import signal
 
 import pytest
 import torch
+from conftest import module_workdir
 
 from projected_grpo import (
     adapter,
@@ -33,17 +34,8 @@ TIMING = ("step_seconds", "t_generate", "t_grade", "t_score", "t_project", "t_op
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    # One directory for the module: the fixture pool, bases and tokenizer are built once.
-    path = tmp_path_factory.mktemp("train")
-    old, old_cache = os.getcwd(), os.environ.get("PROJECTED_GRPO_CACHE")
-    os.chdir(path)
-    os.environ["PROJECTED_GRPO_CACHE"] = str(path / "cache")
-    yield path
-    os.chdir(old)
-    if old_cache is None:
-        os.environ.pop("PROJECTED_GRPO_CACHE")
-    else:
-        os.environ["PROJECTED_GRPO_CACHE"] = old_cache
+    with module_workdir(tmp_path_factory, "train") as path:
+        yield path
 
 
 def _cfg(**overrides):

@@ -28,7 +28,7 @@ import torch
 
 from . import adapter, checkpoints, interventions
 from .config import MODES, Config, ConfigError, InputError, validate
-from .files import write_atomically
+from .files import read_json, write_atomically
 from .grpo import sample_graded
 from .model import encode_prompt, load_model_and_tokenizer
 from .organism import resolve_model
@@ -95,20 +95,21 @@ def save_evaluation(run_dir: Path, result: dict, step: int, samples: int, proble
 # ----------------------------------------------------------------------------- CLI
 
 
-def _read_run(run_dir: Path) -> tuple[Config, list[str], str]:
+def read_run(run_dir: Path) -> tuple[Config, list[str], str]:
     """The run's config, held-out ids and the model it trained (its organism build, if any)."""
     path = run_dir / "config.json"
+    stored = read_json(path, ConfigError)
     try:
-        stored = json.loads(path.read_text())
         held_out = stored["split"]["held_out"]
         fields = {f.name for f in dataclasses.fields(Config)}
         cfg = Config(**{k: v for k, v in stored.items() if k in fields})
         return cfg, held_out, stored.get("model_path") or resolve_model(cfg.model)
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+    except (KeyError, TypeError) as e:
         raise ConfigError(f"{path}: not a run's config ({e}); point at a run directory made by this package") from None
 
 
-def _checkpoint(run_dir: Path, step: int | None) -> tuple[Path, int]:
+def find_checkpoint(run_dir: Path, step: int | None) -> tuple[Path, int]:
+    """The checkpoint after `step` (None: the latest) and its step; none there is an error naming the run."""
     done = checkpoints.checkpoint_dirs(run_dir)
     if step is not None:
         done = [p for p in done if p == checkpoints.checkpoint_dir(run_dir, step)]
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.samples < 1:
             raise ConfigError(f"--samples: must be >= 1, got {args.samples}")
-        cfg, held_out_ids, model_path = _read_run(args.run_dir)
+        cfg, held_out_ids, model_path = read_run(args.run_dir)
         if args.device:
             cfg.device = args.device
         validate(cfg)  # a cuda run on a machine without one is an error line, not a traceback
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             raise ConfigError(f"--problems: {cfg.problems} lacks the run's held-out problems {missing[:5]}")
         problems = [by_id[i] for i in held_out_ids]
-        checkpoint, step = _checkpoint(args.run_dir, args.checkpoint)
+        checkpoint, step = find_checkpoint(args.run_dir, args.checkpoint)
         model, tok = load_model_and_tokenizer(model_path, dtype=cfg.dtype, device=cfg.device, seed=cfg.seed)
         wrappers = adapter.wrap(model)
         adapter.load_knobs(wrappers, checkpoint / "knobs.safetensors")
