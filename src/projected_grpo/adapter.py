@@ -183,6 +183,12 @@ def thin_svd(weight: torch.Tensor, cache_dir: Path | None) -> tuple[torch.Tensor
 # ----------------------------------------------------------------------------- wrapping
 
 
+def targeted(model: nn.Module, targets: tuple[str, ...] = DEFAULT_TARGETS) -> dict[str, nn.Linear]:
+    """The Linears `wrap` would wrap, by module name, in model order."""
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets}
+
+
 def wrap(model: nn.Module, targets: tuple[str, ...] = DEFAULT_TARGETS,
          cache_dir: Path | str | None = "default") -> dict[str, AdapterLayer]:
     """Replace every targeted nn.Linear with an AdapterLayer; freeze everything else.
@@ -191,12 +197,11 @@ def wrap(model: nn.Module, targets: tuple[str, ...] = DEFAULT_TARGETS,
     the SVD cache ("default": $PROJECTED_GRPO_CACHE or out/cache).
     """
     cache = default_cache_dir() if cache_dir == "default" else cache_dir
-    for p in model.parameters():
-        p.requires_grad_(False)
-    found = [(name, module) for name, module in model.named_modules()
-             if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets]
+    found = list(targeted(model, targets).items())
     if not found:
         raise ValueError(f"no nn.Linear named any of {targets} in {type(model).__name__}")
+    for p in model.parameters():
+        p.requires_grad_(False)
     wrappers = {}
     for name, linear in found:
         parent_name, _, child = name.rpartition(".")
