@@ -15,10 +15,10 @@ import torch  # noqa: E402
 from conftest import module_workdir  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
-from projected_grpo import adapter  # noqa: E402
+from projected_grpo import adapter, hack_basis  # noqa: E402
 from projected_grpo.config import ConfigError  # noqa: E402
 from projected_grpo.model import load_model_and_tokenizer  # noqa: E402
-from projected_grpo.problems import builtin_problems  # noqa: E402
+from projected_grpo.problems import builtin_problems, default_pairs  # noqa: E402
 from projected_grpo.trl_integration import ProjectedGRPOTrainer, prepare  # noqa: E402
 
 STEPS, GROUP = 3, 4
@@ -162,3 +162,16 @@ def test_the_docs_script_runs_and_saves_a_plain_model(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     saved = tmp_path / "out/trl-erase/model"
     assert (saved / "model.safetensors").exists() and (saved / "tokenizer.json").exists()
+
+
+def test_v_from_the_packages_pairs_or_its_basis_file(tmp_path):
+    model, tok = _model()
+    pairs = default_pairs(problems=builtin_problems())[:6]
+    projection = prepare(model, pairs=pairs, tokenizer=tok, basis_k=2)
+    assert projection.basis.V and all(v.shape[0] <= 2 for v in projection.basis.V.values())
+    # the same extraction saved as the package saves its cache, then read back through basis_path
+    saved, (other, _) = tmp_path / "basis.safetensors", _model()
+    hack_basis.save_basis(hack_basis.extract_basis(other, tok, adapter.wrap(other), pairs, 2), saved)
+    loaded = prepare(_model()[0], basis_path=str(saved))
+    assert loaded.basis.V.keys() == projection.basis.V.keys()
+    assert all(torch.allclose(loaded.basis.V[n], projection.basis.V[n], atol=1e-5) for n in loaded.basis.V)
