@@ -43,20 +43,20 @@ def iter_jsonl(path: str | Path, error: type[ValueError]):
         raise error(f"{path}:{lineno + 1}: cannot read ({e})") from None
 
 
-def read_json(path: str | Path, error: type[ValueError]) -> dict:
+def read_json(path: str | Path, error: type[ValueError], fix: str = "") -> dict:
     """A JSON object from a file; a missing, unreadable or malformed file, or one holding anything but an
-    object, raises `error` naming it."""
-    path = Path(path)
+    object, raises `error` naming it, and `fix` (what to do about it) when given."""
+    path, fix = Path(path), f"; {fix}" if fix else ""
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise error(f"{path}: no such file") from None
+        raise error(f"{path}: no such file{fix}") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise error(f"{path}: cannot read it ({e})") from None
+        raise error(f"{path}: cannot read it ({e}){fix}") from None
     except json.JSONDecodeError as e:
-        raise error(f"{path}: not valid JSON ({e})") from None
+        raise error(f"{path}: not valid JSON ({e}){fix}") from None
     if not isinstance(value, dict):
-        raise error(f"{path}: expected a JSON object, found {type(value).__name__}")
+        raise error(f"{path}: expected a JSON object, found {type(value).__name__}{fix}")
     return value
 
 

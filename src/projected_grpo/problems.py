@@ -419,6 +419,14 @@ class ContrastPair:
     clean_alt: str  # a second, differently worded completion of the same kind (the nonhack control)
 
 
+def check_modes(modes) -> tuple[str, ...]:
+    """`modes` as a tuple (none: every mode); a name that is not a mode is an error listing the modes."""
+    modes = tuple(modes or MODES)
+    if unknown := [m for m in modes if m not in MODES]:
+        raise ValueError(f"unknown modes {unknown}; allowed: {MODES}")
+    return modes
+
+
 def default_pairs(modes: tuple[str, ...] | list[str] | None = None,
                   problems: list[Problem] | None = None, contrast: str = "clean") -> list[ContrastPair]:
     """One (hack, clean) pair per problem whose own mode is in `modes` (default: all).
@@ -430,10 +438,7 @@ def default_pairs(modes: tuple[str, ...] | list[str] | None = None,
     """
     if contrast not in ("clean", "failed"):
         raise ValueError(f"contrast must be clean or failed, got {contrast!r}")
-    modes = tuple(modes or MODES)
-    unknown = [m for m in modes if m not in MODES]
-    if unknown:
-        raise ValueError(f"unknown modes {unknown}; allowed: {MODES}")
+    modes = check_modes(modes)
     pairs = []
     seen = {m: 0 for m in modes}
     for problem in problems if problems is not None else builtin_problems():

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from projected_grpo.config import CONTROLS, MODES, arm_name, with_gate, with_monitor
+from projected_grpo.files import read_json
 
 LAST_STEPS = 5
 ROLLING = 10  # steps in the trailing mean that times the rise, and in vanilla's first and last windows
@@ -127,16 +128,6 @@ def is_ceiling(config: dict) -> bool:
     return config.get("live_labels", "detector") == "oracle"
 
 
-def _load_json(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ResultsError(f"{path}: not valid JSON ({err})") from err
-    if not isinstance(value, dict):
-        raise ResultsError(f"{path}: expected a JSON object")
-    return value
-
-
 def read_metrics(path: Path) -> tuple[list[dict], int | None]:
     """Rows of a metrics.jsonl, and the line number of a skipped partial final line (else None).
 
@@ -165,14 +156,14 @@ def load_run(run_dir: Path) -> Run:
     notes = [f"skipped a partial final line ({metrics_path}:{partial_line})"] if partial_line else []
 
     config_path, summary_path = run_dir / "config.json", run_dir / "summary.json"
-    config = _load_json(config_path) if config_path.exists() else None
+    config = read_json(config_path, ResultsError) if config_path.exists() else None
     if config is not None and (missing := [key for key in REQUIRED_CONFIG if key not in config]):
         raise ResultsError(f"{config_path}: missing key(s) {', '.join(missing)}")
     if config is not None and is_ceiling(config) and config["control"] != "none":
         # the arm would have to be both a control and a ceiling; no table row can name it honestly
         raise ResultsError(f"{config_path}: live_labels=oracle (a diagnostic ceiling) with control="
                            f"{config['control']}; a ceiling run has no control")
-    summary = _load_json(summary_path) if summary_path.exists() else None
+    summary = read_json(summary_path, ResultsError) if summary_path.exists() else None
     if config is None:
         problem = "no config.json"
     elif not metrics_path.exists():
@@ -567,7 +558,7 @@ def load_hypothesis(path: str | Path) -> Hypothesis:
     path = Path(path)
     if not path.is_file():
         raise ResultsError(f"no hypothesis file at {path}")
-    return parse_hypothesis(_load_json(path), str(path))
+    return parse_hypothesis(read_json(path, ResultsError), str(path))
 
 
 def judge(claim: Claim, arms: dict[tuple, list[Run]], early_steps: int | None = None) -> tuple[str, str]:

@@ -47,7 +47,7 @@ from .config import (
     with_gate,
 )
 from .distributed import available_cores
-from .files import write_atomically
+from .files import read_json, write_atomically
 
 SWEEPS_ROOT = Path("out/sweeps")
 # Fields the sweep sets for each run itself, and what to use instead.
@@ -213,10 +213,7 @@ def decide(run_dir: Path, steps: int) -> str:
     """skip a finished run, resume an interrupted one, start fresh otherwise."""
     summary_path, metrics = run_dir / "summary.json", run_dir / "metrics.jsonl"
     if summary_path.exists():
-        try:
-            summary = json.loads(summary_path.read_text())
-        except json.JSONDecodeError as e:
-            raise SweepError(f"{summary_path}: not valid JSON ({e}); delete it to resume the run") from None
+        summary = read_json(summary_path, SweepError, "delete it to resume the run")
         if summary.get("complete") is True and summary.get("steps_done") == steps:
             return "skip"
     if not metrics.exists():
@@ -230,11 +227,10 @@ def settings_started_with(run_dir: Path) -> dict:
     """threads, grade_workers and device of a run's config.json: train resumes only with the same
     config, so a run resumed under another --jobs or on another GPU keeps the ones it started with."""
     path = run_dir / "config.json"
-    try:
-        config = json.loads(path.read_text())
-        return {key: config[key] for key in ("threads", "grade_workers", "device")}
-    except (OSError, json.JSONDecodeError, KeyError) as e:
-        raise SweepError(f"{path}: cannot read the run's settings ({e}); delete or rename {run_dir}") from None
+    config = read_json(path, SweepError, f"delete or rename {run_dir}")
+    if missing := [key for key in ("threads", "grade_workers", "device") if key not in config]:
+        raise SweepError(f"{path}: lacks {', '.join(missing)}; delete or rename {run_dir}")
+    return {key: config[key] for key in ("threads", "grade_workers", "device")}
 
 
 def plan_actions(runs: list[PlannedRun], steps: dict[str, int], sweep_dir: Path, devices: list[str]) -> None:
@@ -294,10 +290,7 @@ def sweep_record(preset: str, arms: list[tuple[str, str]], seeds: list[int], lom
 def check_same_study(path: Path, record: dict, force: bool) -> None:
     if not path.exists() or force:
         return
-    try:
-        before = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise SweepError(f"{path}: not valid JSON ({e}); delete it, or pass --force to replace it") from None
+    before = read_json(path, SweepError, "delete it, or pass --force to replace it")
     differ = [f"{key}: {before.get(key)!r} there, {record[key]!r} now" for key in STUDY_KEYS
               if before.get(key) != record[key]]
     if differ:

@@ -31,12 +31,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .config import InputError
-from .files import iter_jsonl, write_atomically
+from .files import iter_jsonl, read_json, write_atomically
 from .problems import (
     MODES,
     PROBLEM_SETS,
     ContrastPair,
     Problem,
+    check_modes,
     clean_completion,
     hack_completion,
     load_problems,
@@ -172,16 +173,8 @@ def pairs_from_pool(pool: Pool, problems: list[Problem], modes,
 # ----------------------------------------------------------------------------- building
 
 
-def _check_modes(modes) -> tuple[str, ...]:
-    modes = tuple(modes or MODES)
-    unknown = [m for m in modes if m not in MODES]
-    if unknown:
-        raise ValueError(f"unknown modes {unknown}; allowed: {MODES}")
-    return modes
-
-
 def _select(problems: list[Problem], modes) -> list[Problem]:
-    modes = _check_modes(modes)
+    modes = check_modes(modes)
     selected = [p for p in problems if p.mode in modes]
     if not selected:
         raise ValueError(f"no problems of modes {list(modes)} among the {len(problems)} given")
@@ -220,7 +213,7 @@ def _write_pool(out_dir, rows: list[TeacherRow], source: str, problems: list[Pro
     (out_dir / META_FILE).unlink(missing_ok=True)
     write_atomically(out_dir / POOL_FILE, "".join(json.dumps(asdict(r)) + "\n" for r in rows))
     meta = {"format": FORMAT, "source": source, "problems": _describe_problems(problems), "n_rows": len(rows),
-            "modes": list(_check_modes(modes)), "counts": Pool(rows).counts()}
+            "modes": list(check_modes(modes)), "counts": Pool(rows).counts()}
     write_atomically(out_dir / META_FILE, json.dumps(meta, indent=2) + "\n")
     return out_dir
 
@@ -312,12 +305,7 @@ def _parse_row(record: object, where: str) -> TeacherRow:
 
 
 def _read_meta(path: Path) -> dict:
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise PoolFormatError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-    if not isinstance(meta, dict):
-        raise PoolFormatError(f"{path}: must be a JSON object")
+    meta = read_json(path, PoolFormatError, "rebuild the pool")
     if meta.get("format") != FORMAT:
         raise PoolFormatError(f"{path}: field 'format' is {meta.get('format')!r}, this package reads {FORMAT}; "
                               f"rebuild the pool")
@@ -334,7 +322,7 @@ def load_pool(path, modes=None) -> Pool:
         raise _missing(path, META_FILE)
     if not pool_file.is_file():
         raise _missing(path, POOL_FILE)
-    keep = _check_modes(modes)
+    keep = check_modes(modes)
     meta = _read_meta(meta_file)
     rows, n_lines, mode_of = [], 0, {}
     for where, record in iter_jsonl(pool_file, PoolFormatError):
@@ -376,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
 
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip()) if args.modes else None
     try:
-        _check_modes(modes)
+        check_modes(modes)
     except ValueError as e:
         parser.error(str(e))
     problems = load_problems(args.problems)

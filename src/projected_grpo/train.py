@@ -198,11 +198,7 @@ def summarize(cfg: Config, rows: list[dict], final_eval: dict, complete: bool,
 
 
 def _check_resume_config(run_dir: Path, config: dict) -> None:
-    try:
-        stored = json.loads((run_dir / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"--resume: cannot read {run_dir / 'config.json'} ({e}); start the run again under "
-                          f"another --run_name") from None
+    stored = read_json(run_dir / "config.json", ConfigError, "start the run again under another --run_name")
     # A field added since the run started is absent from its config.json: it ran with the default.
     defaults = {f.name: f.default for f in dataclasses.fields(Config)}
     differ = {k: (stored.get(k, defaults.get(k)), v) for k, v in config.items()
