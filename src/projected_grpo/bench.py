@@ -3,8 +3,8 @@ the organism step taking turns with an older commit's (`--vs COMMIT`).
 
 Every figure is a ratio of two cases measured side by side in one process, each the
 median of several runs after a warm-up: absolute seconds differ between machines,
-ratios should not. The table goes to stdout and to out/bench.json. Targets come
-from the performance issue; a miss prints MISS and stays visible.
+ratios should not. The table goes to stdout and to out/bench.json. The targets are
+docs/performance.md's; a miss prints MISS and stays visible.
 """
 
 from __future__ import annotations

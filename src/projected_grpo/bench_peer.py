@@ -64,8 +64,8 @@ def run_trl(steps: int, lr: float, out_dir: str) -> dict:
         def on_step_end(self, args, state, control, **kwargs):
             times.append(time.perf_counter() - self.start)
 
-    # One batch of the whole step's completions. Scoring them a group at a time through gradient
-    # accumulation, as the organism preset scores, made TRL slower here (3.95 s a step against 3.66).
+    # One batch of the whole step's completions: scoring them a group at a time through gradient
+    # accumulation, as the organism preset scores, made TRL slower (docs/performance.md).
     completions = cfg.group * cfg.prompts_per_step
     args = GRPOConfig(output_dir=out_dir, per_device_train_batch_size=completions, num_generations=cfg.group,
                       max_completion_length=cfg.max_new, temperature=1.0, top_p=1.0, top_k=0, beta=0.0,

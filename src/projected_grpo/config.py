@@ -1,6 +1,6 @@
-"""One flat Config, three presets, command-line overrides and validation.
+"""One flat Config, its presets (smoke, fast, organism, full), command-line overrides and validation.
 
-    python -m projected_grpo.train {smoke|fast|full} [--field=value | --field value ...]
+    python -m projected_grpo.train {smoke|fast|organism|full} [--field=value | --field value ...]
 
 Every override is parsed by its field's type and the whole config is validated
 before any model is loaded: a wrong name or value fails in a second, not after a
@@ -144,8 +144,8 @@ class Config:
     log_completions: int = 2  # student completions per step written to completions.jsonl
     hack_score_every: int = 10  # score each student rollout along V (hack_score, hack_auroc) every N steps and at
     # the last; 0: never. A diagnostic: each scored step pays a backward column per rollout through its prompt
-    # (about a quarter of an organism step); a tenth of the steps' rollouts (640 of the organism's 6400) puts the
-    # 95% interval of the run's AUROC (~0.7) at about +-0.07 where a tenth are hacks, +-0.05 where a fifth are
+    # (its cost: docs/performance.md); a tenth of the steps' rollouts keeps the 95% interval of the run's AUROC
+    # near +-0.05 to +-0.07 on the organism (docs/method.md, "The hack score")
     report_to: str = "none"  # where rows also go as the run goes: none, or a comma list of tensorboard, wandb
     # (optional extras: pip install -e '.[tensorboard]' / '.[wandb]'); everything lands under the run directory
     checkpoint_every: int = 25  # plus one at the end, on Ctrl-C and before a NaN stop
@@ -193,8 +193,8 @@ PRESETS: dict[str, dict] = {
     # The smoothed gate: the one-sided gate's rectified noise drifts and collapses it. Weight decay pulls
     # the knobs back to the warm start, so minibatch noise cannot random-walk the memorised hack strings
     # away; without it hacking rose about half as far (docs/organism.md). Every arm gets the same optimizer.
-    # One group per scoring pass: its rows share a prompt, so only completions are padded (~15% faster).
-    # Its problems' tests run in milliseconds: 2 s catches a loop without a 10 s stall (one step in ~25).
+    # One group per scoring pass: its rows share a prompt, so only completions are padded (faster: docs/performance.md).
+    # Its problems' tests run in milliseconds: 2 s catches a loop without a 10 s stall.
     # Sampled from the 0.95 nucleus, with a K3 KL to the warm start (beta): both hold the code-block rate
     # every step (a tighter nucleus collapses it); beta trades that hold against how far vanilla's hacking
     # rises. The measurements behind each value are in docs/organism.md.

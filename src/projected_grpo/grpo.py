@@ -173,8 +173,8 @@ def auroc(scores: list[float], labels: list[bool]) -> float | None:
 def _sharing_cores_with_grading(model):
     """On CPU, generation leaves a core to grading, which runs beside it (a child per completion
     as it ends, about one core's work at the organism's size): torch's worker threads, spinning
-    between the small decode steps, would otherwise hold it (the organism on 2 cores: 2.0-2.1 s a
-    step, against 2.4 with both threads generating, which decodes only ~7% faster)."""
+    between the small decode steps, would otherwise hold it. Leaving it makes the organism's step
+    faster than generating on both threads (docs/performance.md)."""
     threads = torch.get_num_threads()
     if next(model.parameters()).device.type == "cpu":
         torch.set_num_threads(max(1, threads - 1))

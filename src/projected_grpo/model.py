@@ -534,8 +534,8 @@ def _modules(*linears):
 
 # Devices on which a decoded token's attention (with a mask) folds each kv head's query heads into
 # query rows of that head, so SDPA is asked no GQA: on CUDA a mask with GQA leaves only the math
-# kernel, which copies the keys and values per query head (not measured here: no GPU). On CPU GQA
-# is faster: 163 us against the fold's 203 at 32 rows of 300 keys.
+# kernel, which copies the keys and values per query head (not measured: no GPU). On CPU GQA is the
+# faster of the two (docs/performance.md).
 _FOLD_ONE_QUERY_ON = ("cuda",)
 
 

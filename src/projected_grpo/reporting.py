@@ -39,8 +39,9 @@ TRL_NAMES = {
 }
 # The columns of TensorBoard's HParams table, beside each run's arm, control and seed.
 HPARAMS_METRICS = ("train/hack_s", "train/gt_s", "eval/deployed_hack", "eval/deployed_solve")
-# wandb makes each table an artifact too (~10 ms on a CPU): one a step would add ~4% to a smoke step, so a
-# table holds the completions of every step since the last one, sent at most this often and at the end.
+# wandb makes each table an artifact too, which costs a smoke step a few per cent if sent every step
+# (docs/performance.md), so a table holds the completions of every step since the last one, sent at most this often
+# and at the end.
 TABLE_SECONDS = 30
 
 

@@ -370,15 +370,15 @@ def start_runner(libc, job_fd, stdlib_fds, out, err, payload_fd, code_payload_fd
     return runner, ready_r
 
 
-# What the problems' set-up code imports (typing alone takes ~10-20 ms): imported once by the
-# fork server, so each job's runner finds them loaded. Each runner gets its own copy-on-write copy;
+# What the problems' set-up code imports (typing alone is a noticeable part of a short job: docs/performance.md):
+# imported once by the fork server, so each job's runner finds them loaded. Each runner gets its own copy-on-write copy;
 # what one job does to them never reaches the server or another job.
 PRELOAD = ("typing", "collections", "functools", "itertools", "heapq", "bisect", "math", "random", "string",
            "datetime", "operator", "re", "json")
 
 
 # Trusted text the fork server compiles once: a process's first compile sets up the compiler's
-# own state (~200 pages written, ~3 ms here), which every runner would otherwise redo.
+# own state, which every runner would otherwise redo.
 WARM_UP = """
 class A:
     def f(self, xs: list[int], *a, k=1, **kw) -> int:
