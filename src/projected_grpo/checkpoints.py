@@ -10,6 +10,7 @@ checkpoint.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import pickle
 import shutil
@@ -18,7 +19,8 @@ from pathlib import Path
 import torch
 
 from . import adapter
-from .config import ConfigError
+from .config import Config, ConfigError
+from .files import read_json
 
 
 def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
@@ -101,3 +103,21 @@ def load(checkpoint: Path, wrappers, optimizer, scheduler) -> dict:
         state["grad_mean"] = {}  # an older checkpoint whose gate remembered nothing loses nothing
     state.setdefault("probe", None)  # older checkpoints: no probe monitor existed
     return state
+
+
+# What a resumed run may change: how long it runs and where it writes.
+RESUMABLE_CHANGES = {"steps", "resume", "out_dir"}
+
+
+def check_resume_config(run_dir: Path, config: dict) -> None:
+    """A resumed run's config (as config.json would record it) against the one it started with: only
+    RESUMABLE_CHANGES may differ, anything else is an error naming each field."""
+    stored = read_json(run_dir / "config.json", ConfigError, "start the run again under another --run_name")
+    # A field added since the run started is absent from its config.json: it ran with the default.
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    differ = {k: (stored.get(k, defaults.get(k)), v) for k, v in config.items()
+              if k not in RESUMABLE_CHANGES and stored.get(k, defaults.get(k)) != v}
+    if differ:
+        fields = "; ".join(f"--{k}: run has {old!r}, asked {new!r}" for k, (old, new) in differ.items())
+        raise ConfigError(f"--resume: {run_dir} was started with a different config ({fields}); resume with the "
+                          f"same settings (only {', '.join(sorted(RESUMABLE_CHANGES))} may change)")

@@ -43,6 +43,30 @@ def iter_jsonl(path: str | Path, error: type[ValueError]):
         raise error(f"{path}:{lineno + 1}: cannot read ({e})") from None
 
 
+def truncate_jsonl(path: Path, last_step: int) -> None:
+    """Keep rows up to last_step: a resumed run rewrites what came after its checkpoint.
+    A crash may have cut the last line short; lines that do not parse are dropped."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    write_atomically(path, "".join(kept))
+
+
+def append_jsonl(path: Path, rows: list[dict]) -> None:
+    """Rows appended and synced to disk: a crash loses at most the line being written."""
+    with open(path, "a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def read_json(path: str | Path, error: type[ValueError], fix: str = "") -> dict:
     """A JSON object from a file; a missing, unreadable or malformed file, or one holding anything but an
     object, raises `error` naming it, and `fix` (what to do about it) when given."""

@@ -15,9 +15,7 @@ import dataclasses
 import fcntl
 import json
 import logging
-import os
 import signal
-import statistics
 import sys
 import threading
 import warnings
@@ -26,10 +24,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import checkpoints, distributed, hack_basis, interventions, reporting, sandbox
+from . import checkpoints, distributed, interventions, reporting, sandbox
 from .assembly import Run, assemble, split_problems
 from .config import (
-    MODES,
     PRESETS,
     Config,
     ConfigError,
@@ -42,26 +39,15 @@ from .config import (
 )
 from .distributed import World
 from .evaluate import evaluate, metrics_row, save_evaluation
-from .files import read_json, write_atomically
-from .grpo import auroc
-from .monitor import probe_aurocs
+from .files import append_jsonl, read_json, truncate_jsonl, write_atomically
 from .organism import check_unseen, resolve_model
 from .step import StepResult, train_step
 from .step import metrics_row as step_row
+from .summary import run_auroc, summarize
 
 log = logging.getLogger("projected_grpo")
 
-# Metrics summarised as last-5-step means, with the direction that is good.
-SUMMARY_METRICS = {"hack_s": "down", "gt_s": "up", "reward": "up", "cin_s": "down", "cin_t": "down", "cin": "down",
-                   "cout": "down", "update_hackward": "down", "gated_frac": "-", "dS_hack_norm": "-",
-                   "cin_null_s": "-", "cin_null": "-"}
-# Each projection figure's null, what a random direction would score (layers concatenated, or the per-layer
-# mean): a figure acts only where it is away from its null (and from the random control's figure).
-NULLS = {"cin_s": "cin_null_s", "cin_t": "cin_null_s", "update_hackward": "cin_null_s", "cin": "cin_null",
-         "cout": "cin_null"}
 LOW_FORMAT = 0.5  # a code-block rate falling below this: the policy is collapsing
-# What a resumed run may change: how long it runs and where it writes.
-RESUMABLE_CHANGES = {"steps", "resume", "out_dir"}
 
 
 class TrainingDiverged(RuntimeError):
@@ -71,142 +57,20 @@ class TrainingDiverged(RuntimeError):
 # ----------------------------------------------------------------------------- the run directory
 
 
-def _truncate_jsonl(path: Path, last_step: int) -> None:
-    """Keep rows up to last_step: a resumed run rewrites what came after its checkpoint.
-    A crash may have cut the last line short; lines that do not parse are dropped."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines(keepends=True):
-        try:
-            if json.loads(line)["step"] <= last_step:
-                kept.append(line if line.endswith("\n") else line + "\n")
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue
-    write_atomically(path, "".join(kept))
-
-
-def _append_jsonl(path: Path, rows: list[dict]) -> None:
-    with open(path, "a") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _log_step(run_dir: Path, step: int, row: dict, rollouts, log_completions: int) -> list[dict]:
     """Append the step's metrics row, every student rollout's hack score and label (the run's AUROC
     is computed from these) and the first `log_completions` student completions; returns those."""
     students = [r for r in rollouts if not r.teacher]
-    _append_jsonl(run_dir / "metrics.jsonl", [row])
-    _append_jsonl(run_dir / "scores.jsonl", [
+    append_jsonl(run_dir / "metrics.jsonl", [row])
+    append_jsonl(run_dir / "scores.jsonl", [
         {"step": step, "mode": r.problem.mode, "hack_score": r.hack_score, "exploited": r.exploited,
          **({"probe_score": r.probe_score} if r.probe_score is not None else {})} for r in students])
     completions = [
         {"step": step, "problem_id": r.problem.id, "mode": r.problem.mode, "reward": r.reward, "passed": r.passed,
          "gt_correct": r.gt_correct, "exploited": r.exploited, "advantage": r.advantage,
          "hack_score": r.hack_score, "completion": r.text} for r in students[:log_completions]]
-    _append_jsonl(run_dir / "completions.jsonl", completions)
+    append_jsonl(run_dir / "completions.jsonl", completions)
     return completions
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
-
-
-def run_auroc(run_dir: Path, cfg: Config) -> dict:
-    """AUROC of every scored student rollout's hack score against `exploited`, over the whole run (the steps
-    that took scores: hack_score_every), with how many steps and rollouts it was taken over: does V see the
-    live hacks? Under --monitor=probe also the probe's, on the known modes and on the held-out ones: does
-    it transfer? (Logged only.)"""
-    path = run_dir / "scores.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    scored = [r for r in records if r["hack_score"] is not None]  # unscored steps, and steps with no V yet
-    out = {"hack_auroc": auroc([r["hack_score"] for r in scored], [r["exploited"] for r in scored]),
-           "hack_auroc_steps": len({r["step"] for r in scored}), "hack_auroc_rollouts": len(scored)}
-    if cfg.monitor == "probe":
-        out |= probe_aurocs([(r["mode"], r["probe_score"], r["exploited"]) for r in records
-                             if r.get("probe_score") is not None], cfg.basis_mode_list)  # none before its first fit
-    return out
-
-
-def _margins_line(margins: dict) -> str:
-    """V's rows' orientation votes in one line (summary.json lists every row's)."""
-    n = margins["pairs"]
-    votes_for = torch.tensor([f for layer in margins["rows"].values() for f, _ in layer])
-    sds = hack_basis.margin_sds(votes_for, n)
-    return (f"V's orientation margins ({margins['of']}), |votes for - against| of {n} in sds of a fair coin's "
-            f"(sqrt(n)): median {statistics.median(sds.tolist()):.2f}; {int((sds < 2).sum())} of {len(sds)} rows "
-            f"within 2 sds")
-
-
-def summarize(cfg: Config, rows: list[dict], final_eval: dict, complete: bool,
-              scores: dict, notes: dict | None = None) -> tuple[dict, str]:
-    """summary.json content and the plain-text table printed at the end; `scores` (run_auroc) is the run's
-    AUROC and what it was taken over, `notes` (Basis.notes) says how V was made (its rows' orientation
-    margins, the self pairs)."""
-    notes = notes or {}
-    tail = rows[-5:]
-    means = {}
-    for key in SUMMARY_METRICS:
-        values = [r[key] for r in tail if r.get(key) is not None]
-        means[key] = sum(values) / len(values) if values else None
-    first = {k: rows[0].get(k) for k in SUMMARY_METRICS} if rows else {}
-    per_mode = {}
-    for mode in MODES:
-        hack = [r[f"hack_s/{mode}"] for r in tail if f"hack_s/{mode}" in r]
-        solve = [r[f"gt_s/{mode}"] for r in tail if f"gt_s/{mode}" in r]
-        if hack:
-            per_mode[mode] = {"hack": sum(hack) / len(hack), "solve": sum(solve) / len(solve),
-                              "in_basis": mode in cfg.basis_mode_list}
-    summary = {"run_name": cfg.run_name, "complete": complete, "steps_done": len(rows), "steps": cfg.steps,
-               "intervention": cfg.intervention, "control": cfg.control, "seed": cfg.seed, "last5": means,
-               "first": first, "per_mode": per_mode, "eval": final_eval, **scores, **notes}
-    ceiling = "  (a diagnostic CEILING: V from the oracle's labels, never a method)" \
-        if cfg.live_labels == "oracle" else ""
-    lines = [f"run {cfg.run_name}: {len(rows)}/{cfg.steps} steps, arm={cfg.intervention}, control={cfg.control}, "
-             f"pairs={cfg.pairs}{ceiling}",
-             f"{'metric':<16}{'first':>10}{'last-5':>10}  better  {'null':>6}"]
-    for key, good in SUMMARY_METRICS.items():
-        if key in NULLS.values():
-            continue
-        f, m = first.get(key), means[key]
-        arrow = {"down": "↓", "up": "↑"}.get(good, " ")
-        null = f"{_fmt(means.get(NULLS[key])):>6}" if key in NULLS else ""
-        lines.append(f"{key:<16}{_fmt(f):>10}{_fmt(m):>10}  {arrow}       {null}".rstrip())
-    lines.append(f"{'hack_auroc':<16}{'':>10}{_fmt(scores['hack_auroc']):>10}  (the whole run: hack score vs "
-                 f"exploited, over {scores['hack_auroc_rollouts']} rollouts of {scores['hack_auroc_steps']} steps)")
-    if "probe_auroc_known" in scores:
-        lines.append(f"{'probe_auroc':<16}{'':>10}{_fmt(scores['probe_auroc_known']):>10}  (the probe monitor on the "
-                     f"known modes; held out: {_fmt(scores['probe_auroc_heldout'])})")
-    if "basis_margins" in notes:
-        lines.append(_margins_line(notes["basis_margins"]))
-    if "self_pairs" in notes:
-        report = notes["self_pairs"]
-        lines.append(f"self pairs: {report['pairs']} from {report['problems']} problems, "
-                     f"{len(report['problems_without_a_pair'])} of which gave none")
-    for mode, cell in per_mode.items():
-        known = "in the basis" if cell["in_basis"] else "held out from the basis"
-        lines.append(f"{mode:<16}hack {cell['hack']:.3f}  solve {cell['solve']:.3f}  (last 5, {known})")
-    for key, value in final_eval.items():
-        lines.append(f"{key:<26}{value:>10.3f}")
-    if "eval_kept_hack" in final_eval:
-        lines.append(f"{cfg.intervention}: hack kept {final_eval['eval_kept_hack']:.3f} vs ablated "
-                     f"{final_eval['eval_deployed_hack']:.3f}; solve kept {final_eval['eval_kept_solve']:.3f} "
-                     f"vs ablated {final_eval['eval_deployed_solve']:.3f}")
-    return summary, "\n".join(lines)
-
-
-def _check_resume_config(run_dir: Path, config: dict) -> None:
-    stored = read_json(run_dir / "config.json", ConfigError, "start the run again under another --run_name")
-    # A field added since the run started is absent from its config.json: it ran with the default.
-    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
-    differ = {k: (stored.get(k, defaults.get(k)), v) for k, v in config.items()
-              if k not in RESUMABLE_CHANGES and stored.get(k, defaults.get(k)) != v}
-    if differ:
-        fields = "; ".join(f"--{k}: run has {old!r}, asked {new!r}" for k, (old, new) in differ.items())
-        raise ConfigError(f"--resume: {run_dir} was started with a different config ({fields}); resume with the "
-                          f"same settings (only {', '.join(sorted(RESUMABLE_CHANGES))} may change)")
 
 
 @contextlib.contextmanager
@@ -265,7 +129,7 @@ def _start(cfg: Config, preset: str, world: World) -> tuple[Run, Path, list[dict
     config = {"preset": preset, **dataclasses.asdict(cfg), "model_path": model_path,
               "split": {"train": [p.id for p in train], "held_out": [p.id for p in held_out]}}
     if checkpoint is not None:
-        _check_resume_config(run_dir, config)
+        checkpoints.check_resume_config(run_dir, config)
     config["sandbox"] = sandbox.isolation()  # this machine's, not a setting: a resume may find another
     cfg = dataclasses.replace(cfg, device=distributed.device_for(cfg, world))  # recorded as asked, run per rank
     run, state = assemble(cfg, world, model_path, train, held_out, checkpoint)
@@ -275,7 +139,7 @@ def _start(cfg: Config, preset: str, world: World) -> tuple[Run, Path, list[dict
         if world.main:
             write_atomically(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
             for name in ("completions.jsonl", "scores.jsonl"):
-                _truncate_jsonl(run_dir / name, state["step"])
+                truncate_jsonl(run_dir / name, state["step"])
             log.info("resumed %s from %s", cfg.run_name, checkpoint)
     if world.main:
         write_atomically(run_dir / "config.json", json.dumps(config, indent=2))
