@@ -6,7 +6,7 @@ import torch
 from projected_grpo import adapter, hack_basis
 from projected_grpo.hack_basis import BasisCacheMismatch
 from projected_grpo.model import encode_completion, encode_prompt, load_model_and_tokenizer
-from projected_grpo.problems import default_pairs
+from projected_grpo.templates import default_pairs
 
 MAX_NEW = 64
 

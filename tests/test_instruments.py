@@ -12,8 +12,9 @@ from projected_grpo import adapter, checkpoints, distributed, grpo, hack_basis, 
 from projected_grpo import basis as run_basis
 from projected_grpo.config import ConfigError, make_config
 from projected_grpo.model import load_model_and_tokenizer, pad_batch, token_logprobs
-from projected_grpo.problems import builtin_problems, default_pairs, wrong_completion
+from projected_grpo.problems import builtin_problems
 from projected_grpo.rewards import Reward, grade_batch
+from projected_grpo.templates import default_pairs, wrong_completion
 
 
 @pytest.fixture(scope="module")

@@ -12,18 +12,14 @@ from projected_grpo.problems import (
     HINT_SLOT,
     HINTS,
     MODES,
-    PHRASINGS,
     PROBLEM_SETS,
     ProblemFormatError,
-    clean_completion,
-    default_pairs,
-    hack_completion,
     load_jsonl_problems,
     load_problems,
     parse_test,
     split_held_out,
-    wrong_completion,
 )
+from projected_grpo.templates import PHRASINGS, clean_completion, default_pairs, hack_completion, wrong_completion
 
 
 def test_builtin_set_is_large_varied_and_partitioned(problems):

@@ -6,14 +6,8 @@ import time
 import pytest
 
 from projected_grpo import rewards
-from projected_grpo.problems import (
-    _HACKS,
-    MODES,
-    clean_completion,
-    hack_completion,
-    load_jsonl_problems,
-    wrong_completion,
-)
+from projected_grpo.problems import MODES, load_jsonl_problems
+from projected_grpo.templates import _HACKS, clean_completion, hack_completion, wrong_completion
 
 # Every test here runs on both the fork-server path and the plain spawn path.
 pytestmark = pytest.mark.usefixtures("each_grader")

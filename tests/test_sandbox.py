@@ -19,7 +19,7 @@ import pytest
 from conftest import process_alive
 
 from projected_grpo import rewards, sandbox
-from projected_grpo.problems import clean_completion
+from projected_grpo.templates import clean_completion
 
 # Every test here runs on both the fork-server path and the plain spawn path.
 pytestmark = pytest.mark.usefixtures("each_grader")

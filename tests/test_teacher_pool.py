@@ -4,7 +4,7 @@ import random
 import pytest
 
 from projected_grpo import teacher_pool
-from projected_grpo.problems import MODES, builtin_problems, default_pairs
+from projected_grpo.problems import MODES, builtin_problems
 from projected_grpo.rewards import grade_batch
 from projected_grpo.teacher_pool import (
     Pool,
@@ -15,6 +15,7 @@ from projected_grpo.teacher_pool import (
     load_pool,
     pairs_from_pool,
 )
+from projected_grpo.templates import default_pairs
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,8 @@ from transformers import TrainerCallback  # noqa: E402
 from projected_grpo import adapter, hack_basis  # noqa: E402
 from projected_grpo.config import ConfigError  # noqa: E402
 from projected_grpo.model import load_model_and_tokenizer  # noqa: E402
-from projected_grpo.problems import builtin_problems, default_pairs  # noqa: E402
+from projected_grpo.problems import builtin_problems  # noqa: E402
+from projected_grpo.templates import default_pairs  # noqa: E402
 from projected_grpo.trl_integration import ProjectedGRPOTrainer, prepare  # noqa: E402
 
 STEPS, GROUP = 3, 4

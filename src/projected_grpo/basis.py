@@ -31,8 +31,8 @@ from .files import write_atomically
 from .grpo import Columns, Rollout, detected, sample_graded
 from .hack_basis import HackBasis
 from .model import encode_prompt
-from .problems import ContrastPair, default_pairs
 from .teacher_pool import Pool, pairs_from_pool
+from .templates import ContrastPair, default_pairs
 
 log = logging.getLogger("projected_grpo")
 

@@ -30,7 +30,8 @@ from .config import make_config
 from .files import write_atomically
 from .model import encode_prompt, load_model_and_tokenizer, pad_batch, token_logprobs
 from .organism import resolve_model
-from .problems import builtin_problems, clean_completion, default_pairs, hack_completion
+from .problems import builtin_problems
+from .templates import clean_completion, default_pairs, hack_completion
 
 LARGE_VOCAB = 151936  # Qwen3's
 

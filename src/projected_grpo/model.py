@@ -147,7 +147,8 @@ def _train_tokenizer(corpus: list[str], vocab_size: int) -> Tokenizer:
 
 def _problem_corpus() -> list[str]:
     # Imported here so loading a hub model does not depend on the problem set.
-    from projected_grpo.problems import builtin_problems, default_pairs, wrong_completion
+    from projected_grpo.problems import builtin_problems
+    from projected_grpo.templates import default_pairs, wrong_completion
 
     problems = builtin_problems()
     corpus = [message["content"] for problem in problems for message in problem.messages()]

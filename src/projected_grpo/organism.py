@@ -45,8 +45,9 @@ from .model import (
     tiny_tokenizer,
     token_logprobs,
 )
-from .problems import clean_completion, hack_completion, load_problems, split_held_out, wrong_completion
+from .problems import load_problems, split_held_out
 from .rewards import grade_batch
+from .templates import clean_completion, hack_completion, wrong_completion
 
 ORGANISM = "organism"  # the model name the organism preset uses; resolve_model turns it into a path
 ROOT = Path("out/organism")

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 
 from . import sandbox
 from .config import MODES, PROBLEM_SETS
-from .problems import Problem, clean_completion, hack_completion, load_problems, wrong_completion
+from .problems import Problem, load_problems
+from .templates import clean_completion, hack_completion, wrong_completion
 
 FORMAT_REWARD = 0.25  # a fenced python block is present
 PASS_REWARD = 1.0  # the mode's grader says pass

@@ -32,19 +32,9 @@ from tqdm import tqdm
 
 from .config import InputError
 from .files import iter_jsonl, read_json, write_atomically
-from .problems import (
-    MODES,
-    PROBLEM_SETS,
-    ContrastPair,
-    Problem,
-    check_modes,
-    clean_completion,
-    hack_completion,
-    load_problems,
-    problem_set_path,
-    wrong_completion,
-)
+from .problems import MODES, PROBLEM_SETS, Problem, check_modes, load_problems, problem_set_path
 from .rewards import grade_batch
+from .templates import ContrastPair, clean_completion, hack_completion, wrong_completion
 
 FORMAT = 1
 POOL_FILE = "pool.jsonl"
