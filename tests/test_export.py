@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from projected_grpo import adapter, export, train
 from projected_grpo.config import make_config
-from projected_grpo.evaluate import evaluate, find_checkpoint, read_run
+from projected_grpo.evaluate import evaluate, find_checkpoint, load_checkpoint_model, read_run
 from projected_grpo.model import load_model_and_tokenizer
 from projected_grpo.problems import load_problems
 
@@ -26,10 +26,7 @@ def route_run(tmp_path_factory):
 
 def _adapter_model(run_dir):
     cfg, held_out, model_path = read_run(run_dir)
-    model, tok = load_model_and_tokenizer(model_path, dtype=cfg.dtype, seed=cfg.seed)
-    wrappers = adapter.wrap(model)
-    adapter.load_knobs(wrappers, find_checkpoint(run_dir, None)[0] / "knobs.safetensors")
-    return cfg, held_out, model, tok, wrappers
+    return cfg, held_out, *load_checkpoint_model(cfg, model_path, find_checkpoint(run_dir, None)[0])
 
 
 @pytest.mark.parametrize("keep", [False, True])

@@ -631,5 +631,6 @@ def test_help_lists_every_field_with_its_type_defaults_and_reason(capsys):
     assert all(reasons[field.name] for field in dataclasses.fields(config.Config))
     assert reasons["detector_fpr"].startswith("... and any other student rollout") and "keyed by" in reasons[
         "detector_fpr"]  # a comment's continuation lines are its reason too
+    assert reasons["clip_eps"].endswith("the clip never acts")  # and nothing of the next field's
     for preset in config.PRESETS:
         assert f"\n  {preset}: " in text

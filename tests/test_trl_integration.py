@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -64,15 +65,19 @@ class Knobs(TrainerCallback):
         self.steps.append({n: self.before[n] - w.delta_s.detach() for n, w in self.wrappers.items()})
 
 
-def _train(tmp_path, model, tok, projection=None, reward=_reward, callbacks=()):
+def _trainer_kwargs(tmp_path, model, tok, reward=_reward, callbacks=()) -> dict:
     problems = builtin_problems()[:4]
     data = datasets.Dataset.from_list([{"prompt": p.messages()} for p in problems])
     args = trl.GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2 * GROUP, num_generations=GROUP,
                           max_completion_length=12, temperature=1.0, beta=0.0, loss_type="dr_grpo",
                           scale_rewards="none", learning_rate=0.05, max_steps=STEPS, use_cpu=True, bf16=False,
                           logging_steps=1, report_to="none", save_strategy="no", seed=1, weight_decay=0.0)
-    kwargs = dict(model=model, reward_funcs=reward, args=args, train_dataset=data, processing_class=tok,
-                  callbacks=list(callbacks))
+    return dict(model=model, reward_funcs=reward, args=args, train_dataset=data, processing_class=tok,
+                callbacks=list(callbacks))
+
+
+def _train(tmp_path, model, tok, projection=None, reward=_reward, callbacks=()):
+    kwargs = _trainer_kwargs(tmp_path, model, tok, reward, callbacks)
     if projection is None:
         trainer = trl.GRPOTrainer(**kwargs)
     else:
@@ -113,6 +118,47 @@ def test_erase_without_a_gate_leaves_the_update_nothing_along_V(tmp_path):
     assert all(row["update_hackward"] < 1e-6 for row in trainer.state.log_history if "update_hackward" in row)
 
 
+class Gradients(TrainerCallback):
+    """Each step's knob gradients as the optimizer takes them (after the projection's callback)."""
+
+    def __init__(self, wrappers):
+        self.wrappers, self.steps = wrappers, []
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.steps.append({n: (w.delta_s.grad.clone(), None if w.delta_s_hack.grad is None else
+                               w.delta_s_hack.grad.clone()) for n, w in self.wrappers.items()})
+
+
+def test_erase_and_route_act_on_the_gradient_the_optimizer_takes(tmp_path):
+    for arm in ("erase", "route"):
+        model, tok = _model()
+        V = _random_V(model, k=3, seed=2)
+        projection = prepare(model, V=V, intervention=arm, gate="one_sided")
+        seen = Gradients(projection.wrappers)
+        trainer = ProjectedGRPOTrainer(projection=projection, **_trainer_kwargs(tmp_path / arm, model, tok))
+        trainer.add_callback(seen)  # after the projection: it sees what the optimizer takes
+        trainer.train()
+        for grads in seen.steps:
+            # one_sided: no hack-ward component is left in delta_s's gradient
+            assert max(float((V[n] @ g).max()) for n, (g, _) in grads.items()) < 1e-6
+            # the quarantine is fed only under route, and only what was removed (along V)
+            for n, (_, q) in grads.items():
+                if arm == "erase":
+                    assert q is None
+                else:
+                    assert torch.allclose(q, V[n].T @ (V[n] @ q), atol=1e-6)
+        hack = [w.delta_s_hack.detach().clone() for w in projection.wrappers.values()]
+        assert any(h.abs().sum() > 0 for h in hack) == (arm == "route")
+        if arm == "route":  # the merged model ablates the quarantine: it is the knobs of delta_s alone
+            layer = next(iter(projection.wrappers.values()))
+            expected = (layer.base.weight.float() + (layer.U.float() * layer.delta_s.float()) @ layer.Vh.float())
+            merged = projection.merged_model()
+            assert not any(isinstance(m, adapter.AdapterLayer) for m in merged.modules())
+            torch.testing.assert_close(layer.base.weight.float(), expected)
+            with pytest.raises(RuntimeError, match="already merged"):
+                projection.merged_model()
+
+
 def test_a_live_v_is_built_from_flagged_rollouts_and_refreshed(tmp_path):
     model, tok = _model()
     projection = prepare(model, intervention="erase", refresh_every=1, live_window=1, detector=_parity,
@@ -146,7 +192,9 @@ def test_a_bad_configuration_is_one_clear_error():
         (dict(V={name: V[name][:, :-1]}), "it needs k x"),
         (dict(V={"nowhere": V[name]}), "not a layer the adapter wraps"),
         (dict(V={name: 2 * V[name]}), "not orthonormal"),
-        (dict(V=V, gate="sideways"), "--gate"),
+        (dict(V=V, gate="sideways"), "prepare: gate: 'sideways' is not one of"),
+        (dict(V={}), "holds no rows"),
+        (dict(basis_path="nowhere.safetensors"), "prepare: basis_path: cannot read basis file"),
     ]:
         with pytest.raises(ConfigError, match=error):
             prepare(model, **kwargs)
@@ -176,3 +224,12 @@ def test_v_from_the_packages_pairs_or_its_basis_file(tmp_path):
     loaded = prepare(_model()[0], basis_path=str(saved))
     assert loaded.basis.V.keys() == projection.basis.V.keys()
     assert all(torch.allclose(loaded.basis.V[n], projection.basis.V[n], atol=1e-5) for n in loaded.basis.V)
+
+
+def test_a_live_v_without_records_or_under_vllm_is_an_error(tmp_path):
+    model, tok = _model()
+    projection = prepare(model, intervention="erase", refresh_every=1, detector=_parity, tokenizer=tok)
+    with pytest.raises(ConfigError, match="recorded_reward"):  # the reward was not wrapped: never plain GRPO
+        _train(tmp_path, model, tok, projection)
+    with pytest.raises(ConfigError, match="use_vllm=True"):
+        ProjectedGRPOTrainer(projection=projection, args=types.SimpleNamespace(use_vllm=True))

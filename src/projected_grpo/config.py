@@ -84,9 +84,9 @@ class Config:
     # --- loss
     beta: float = 0.0  # K3 KL weight to the reference (the zero-knob base model); 0 skips that forward
     clip_eps: float = 0.2  # PPO clip range; with one update per batch the ratio is 1 and the clip never acts
-    # The sampler decodes through merged weights; in bf16 merging rounds small knob changes away, so the
-    # sampled policy is not exactly the scored one (logged every step as sample_kl).
-    is_correction: bool = False  # weight each student token's loss by min(p_score / p_sample, is_cap), detached
+    is_correction: bool = False  # weight each student token's loss by min(p_score / p_sample, is_cap), detached:
+    # the sampler decodes through merged weights, and in bf16 merging rounds small knob changes away, so the
+    # sampled policy is not exactly the scored one (logged every step as sample_kl)
     is_cap: float = 2.0  # truncation C of that importance ratio (TRL's value for vLLM-sampled rollouts)
     # --- projection
     gate: str = "one_sided"  # one_sided: remove only hack-ward motion; no_gate: both signs; reverse: flip it;
@@ -156,7 +156,7 @@ class Config:
     # an error before anything runs (false: grading goes on behind Landlock's TCP rules alone, with a warning)
     grader: str = "fork"  # fork: each job's supervisor forked by a pre-started fork server (no interpreter start
     # per completion); spawn: a fresh interpreter per completion (the fallback, and the comparison)
-    run_name: str = ""  # empty: <preset>-<intervention>[-<control>]-s<seed>
+    run_name: str = ""  # empty: <preset>-<intervention>[@gate][~monitor][-<control>][-ceiling]-s<seed>
     out_dir: str = "out/runs"  # runs land in out_dir/run_name
     resume: bool = False  # continue from the latest checkpoint in the run directory
 
@@ -219,7 +219,7 @@ def field_reasons() -> dict[str, str]:
     current = None
     for line in lines:
         text = line.strip()
-        if match := re.match(r"(\w+): [\w\[\], |]+ = .*?(?:#\s?(.*))?$", text):
+        if match := re.match(r"(\w+): [\w\[\], |]+ = .*?(?:  # ?(.*))?$", text):
             current = match[1]
             reasons[current] = [match[2]] if match[2] else []
         elif text.startswith("# ---") or not text.startswith("#"):
@@ -341,7 +341,8 @@ RECORDED = ("preset", "model_path", "split", "sandbox")
 def replay_config(record: dict, source: str, overrides: dict[str, str]) -> tuple[str, Config]:
     """(preset, config) of the run whose config.json is `record`, the overrides applied after it: a new run of
     exactly that config, named <its run_name>-replay unless --run_name is given. A field this version does not
-    know is an error naming it; a field the record lacks (added since it was written) takes today's default."""
+    know is an error naming it; a field the record lacks (added since it was written) takes its preset's value
+    today, or the default."""
     preset, names = record.get("preset"), {f.name for f in fields(Config)}
     if preset not in PRESETS:
         raise ConfigError(f"{source}: preset {preset!r} is not one of {', '.join(PRESETS)}")

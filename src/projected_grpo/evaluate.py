@@ -119,6 +119,14 @@ def find_checkpoint(run_dir: Path, step: int | None) -> tuple[Path, int]:
     return done[-1], checkpoints.step_of(done[-1])
 
 
+def load_checkpoint_model(cfg: Config, model_path: str, checkpoint: Path):
+    """(model, tokenizer, adapter layers) of the run's model with a checkpoint's knobs, on cfg.device."""
+    model, tok = load_model_and_tokenizer(model_path, dtype=cfg.dtype, device=cfg.device, seed=cfg.seed)
+    wrappers = adapter.wrap(model)
+    adapter.load_knobs(wrappers, checkpoint / "knobs.safetensors")
+    return model, tok, wrappers
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m projected_grpo.evaluate",
                                      description="Held-out evaluation of a run (writes RUN_DIR/eval.json).")
@@ -142,9 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--problems: {cfg.problems} lacks the run's held-out problems {missing[:5]}")
         problems = [by_id[i] for i in held_out_ids]
         checkpoint, step = find_checkpoint(args.run_dir, args.checkpoint)
-        model, tok = load_model_and_tokenizer(model_path, dtype=cfg.dtype, device=cfg.device, seed=cfg.seed)
-        wrappers = adapter.wrap(model)
-        adapter.load_knobs(wrappers, checkpoint / "knobs.safetensors")
+        model, tok, wrappers = load_checkpoint_model(cfg, model_path, checkpoint)
     except (InputError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

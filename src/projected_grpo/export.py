@@ -21,9 +21,8 @@ from pathlib import Path
 
 from . import __version__, adapter
 from .config import Config, ConfigError, InputError
-from .evaluate import find_checkpoint, read_run
+from .evaluate import find_checkpoint, load_checkpoint_model, read_run
 from .files import read_json, write_directory_atomically
-from .model import load_model_and_tokenizer
 
 
 def merge_and_unwrap(model, wrappers: dict[str, adapter.AdapterLayer], keep_quarantine: bool) -> None:
@@ -51,7 +50,10 @@ def model_card(run_dir: Path, cfg: Config, step: int, keep_quarantine: bool) -> 
     summary = run_dir / "summary.txt"
     if summary.exists():
         lines += ["## The run's final figures (its summary.txt)", "", "```", summary.read_text().rstrip(), "```", ""]
-    config = json.dumps(read_json(run_dir / "config.json", ConfigError), indent=2)
+    # the run's settings and split; not this machine's paths or sandbox
+    config = {k: v for k, v in read_json(run_dir / "config.json", ConfigError).items() if k not in ("model_path",
+                                                                                                   "sandbox")}
+    config = json.dumps(config, indent=2)
     return "\n".join(lines + ["## The run's config", "", "```json", config, "```", ""])
 
 
@@ -61,9 +63,8 @@ def export(run_dir: Path, out: Path, step: int | None = None, keep_quarantine: b
         raise ConfigError(f"--out: {out} exists and is not an empty directory; choose another")
     cfg, _, model_path = read_run(run_dir)
     checkpoint, step = find_checkpoint(run_dir, step)
-    model, tok = load_model_and_tokenizer(model_path, dtype=cfg.dtype, device="cpu", seed=cfg.seed)
-    wrappers = adapter.wrap(model)
-    adapter.load_knobs(wrappers, checkpoint / "knobs.safetensors")
+    cfg.device = "cpu"  # the merge needs no accelerator, and the file is the same
+    model, tok, wrappers = load_checkpoint_model(cfg, model_path, checkpoint)
     merge_and_unwrap(model, wrappers, keep_quarantine)
 
     def write(directory: Path) -> None:
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         step = export(args.run_dir, args.out, args.checkpoint, args.keep_quarantine)
-    except (InputError, ValueError) as e:
+    except (InputError, ValueError, OSError) as e:  # OSError: a model directory that cannot be read
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.out} (step {step}, quarantine {'kept' if args.keep_quarantine else 'ablated'}): load it "

@@ -260,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print(f"{USAGE}\n\n{preset_help()}\n\n{field_help()}")
         return 0
-    if not argv or argv[0].startswith("-") or argv == ["replay"]:
+    if not argv or argv[0].startswith("-") or argv == ["replay"] or argv[:2] in (["replay", "-h"],
+                                                                                 ["replay", "--help"]):
         print(f"{USAGE}\n(--help lists every field)", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
