@@ -10,8 +10,9 @@ import torch
 from projected_grpo import adapter, hack_basis, projection
 from projected_grpo.config import make_config
 from projected_grpo.grpo import Rollout, backward_rollouts
-from projected_grpo.model import encode_completion, encode_prompt, load_model_and_tokenizer, pad_batch, token_logprobs
+from projected_grpo.model import encode_completion, encode_prompt, load_model_and_tokenizer
 from projected_grpo.problems import builtin_problems
+from projected_grpo.scoring import pad_batch, token_logprobs
 from projected_grpo.templates import default_pairs
 
 LR = 5.0  # plain SGD on the knobs: large enough to move log p(hack) well above float noise

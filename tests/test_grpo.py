@@ -9,8 +9,9 @@ import torch
 
 from projected_grpo import adapter, grpo
 from projected_grpo.config import make_config
-from projected_grpo.model import load_model_and_tokenizer, pad_batch, token_logprobs
+from projected_grpo.model import load_model_and_tokenizer
 from projected_grpo.problems import builtin_problems
+from projected_grpo.scoring import pad_batch, token_logprobs
 
 
 def _rollout(reward):

@@ -11,9 +11,10 @@ from conftest import held_out_rollouts
 from projected_grpo import adapter, checkpoints, distributed, grpo, hack_basis, interventions, projection
 from projected_grpo import basis as run_basis
 from projected_grpo.config import ConfigError, make_config
-from projected_grpo.model import load_model_and_tokenizer, pad_batch, token_logprobs
+from projected_grpo.model import load_model_and_tokenizer
 from projected_grpo.problems import builtin_problems
 from projected_grpo.rewards import Reward, grade_batch
+from projected_grpo.scoring import pad_batch, token_logprobs
 from projected_grpo.templates import default_pairs, wrong_completion
 
 

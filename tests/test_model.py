@@ -2,15 +2,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3ForCausalLM
 
+from projected_grpo import forward as forward_mod
 from projected_grpo import model as model_mod
-from projected_grpo.model import (
-    TINY_RANDOM,
-    build_tokenizer,
-    encode_prompt,
-    load_model_and_tokenizer,
-    pad_batch,
-    token_logprobs,
-)
+from projected_grpo import sampling as sampling_mod
+from projected_grpo import scoring as scoring_mod
+from projected_grpo.model import TINY_RANDOM, build_tokenizer, encode_prompt, load_model_and_tokenizer
+from projected_grpo.scoring import pad_batch, token_logprobs
 
 CORPUS = [
     "def add(a, b):\n    return a + b\n",
@@ -175,15 +172,14 @@ def test_local_path_loads_through_from_pretrained(tiny, tmp_path):
 
 
 def test_token_logprobs_match_a_full_log_softmax(tmp_path, monkeypatch):
-    from projected_grpo import model as model_module
 
     monkeypatch.setenv("PROJECTED_GRPO_CACHE", str(tmp_path))
-    monkeypatch.setattr(model_module, "LOGIT_CHUNK_ELEMENTS", 3 * 1536)  # force several chunks
-    model, tok = model_module.load_model_and_tokenizer("tiny-random")
-    prompts = [model_module.encode_prompt(tok, [{"role": "user", "content": c}]) for c in ("hi", "a longer prompt")]
-    completions = [model_module.encode_completion(tok, c, 8) for c in ("abc def", "x")]
-    ids, attn, comp = model_module.pad_batch(prompts, completions, tok.pad_token_id)
-    logp = model_module.token_logprobs(model, ids, attn, comp)
+    monkeypatch.setattr(scoring_mod, "LOGIT_CHUNK_ELEMENTS", 3 * 1536)  # force several chunks
+    model, tok = model_mod.load_model_and_tokenizer("tiny-random")
+    prompts = [model_mod.encode_prompt(tok, [{"role": "user", "content": c}]) for c in ("hi", "a longer prompt")]
+    completions = [model_mod.encode_completion(tok, c, 8) for c in ("abc def", "x")]
+    ids, attn, comp = scoring_mod.pad_batch(prompts, completions, tok.pad_token_id)
+    logp = scoring_mod.token_logprobs(model, ids, attn, comp)
     full = model(input_ids=ids, attention_mask=attn).logits.float().log_softmax(-1)
     expected = torch.zeros_like(logp)
     expected[:, 1:] = full[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1) * comp[:, 1:]
@@ -191,7 +187,7 @@ def test_token_logprobs_match_a_full_log_softmax(tmp_path, monkeypatch):
     assert int((logp != 0).sum()) == int(comp.sum())  # completion positions only, EOS included
 
 
-def _prompt_first_gradients(scored: model_mod.PromptFirst, weights: torch.Tensor, knobs, column_of=None):
+def _prompt_first_gradients(scored: scoring_mod.PromptFirst, weights: torch.Tensor, knobs, column_of=None):
     """The knob gradients of sum(logprobs * weights), summed and per column (default: per row), as grpo
     takes them: through the completions, then through the prompts."""
     loss = (scored.logprobs * weights).sum()
@@ -235,7 +231,7 @@ def test_a_prompt_run_once_scores_and_differentiates_as_whole_rows(tiny, forward
                                  ([[9], [10, 11]], [[1, 2], [3]]),
                                  ([[9], [9], [4]], [[1, 2], [3], [5, 6, 7]])]:
         whole = token_logprobs(model, *pad_batch(prompts, completions, tok.pad_token_id))
-        scored = model_mod.PromptFirst(model, prompts, completions, tok.pad_token_id)
+        scored = scoring_mod.PromptFirst(model, prompts, completions, tok.pad_token_id)
         torch.testing.assert_close(scored.logprobs, whole, atol=2e-6, rtol=0)  # same layout, zero off the completions
         weights = torch.randn(whole.shape)  # any loss over the tokens: the same gradients
         summed, per_row = _prompt_first_gradients(scored, weights, knobs)
@@ -248,7 +244,7 @@ def test_a_prompt_run_once_scores_and_differentiates_as_whole_rows(tiny, forward
                 torch.testing.assert_close(got[i], e, atol=1e-6, rtol=1e-4)
         # Columns that add rows (within a prompt and across prompts) and leave one out: their rows' sums.
         column_of = [None] + [i % 2 for i in range(1, len(prompts))]
-        scored = model_mod.PromptFirst(model, prompts, completions, tok.pad_token_id)
+        scored = scoring_mod.PromptFirst(model, prompts, completions, tok.pad_token_id)
         summed_too, columns = _prompt_first_gradients(scored, weights, knobs, column_of)
         for got, expected in zip(summed_too, summed):
             torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-4)
@@ -257,46 +253,46 @@ def test_a_prompt_run_once_scores_and_differentiates_as_whole_rows(tiny, forward
                 members = [i for i, k in enumerate(column_of) if k == c]
                 torch.testing.assert_close(got[c], rows[members].sum(0), atol=1e-6, rtol=1e-4)
     with pytest.raises(ValueError, match="a prompt of no tokens"):
-        model_mod.PromptFirst(model, [[]], [[1]], tok.pad_token_id)
+        scoring_mod.PromptFirst(model, [[]], [[1]], tok.pad_token_id)
 
 
 def test_the_reference_prompt_cache_scores_as_a_fresh_forward_and_keeps_at_most_its_limit(tiny, monkeypatch):
     model, tok = tiny
     prompts, completions = [[5, 6, 7, 8], [5, 6, 7, 8], [10, 11]], [[1, 2, 3], [4], [9, 9]]
-    cache = model_mod.PromptCache()
+    cache = scoring_mod.PromptCache()
     runs = []
-    real = model_mod._prefix_cache
-    monkeypatch.setattr(model_mod, "_prefix_cache", lambda *a: runs.append(a[1]) or real(*a))
+    real = scoring_mod._prefix_cache
+    monkeypatch.setattr(scoring_mod, "_prefix_cache", lambda *a: runs.append(a[1]) or real(*a))
     with torch.no_grad():
-        fresh = model_mod.PromptFirst(model, prompts, completions, tok.pad_token_id).logprobs
+        fresh = scoring_mod.PromptFirst(model, prompts, completions, tok.pad_token_id).logprobs
         for _ in range(2):
-            cached = model_mod.PromptFirst(model, prompts, completions, tok.pad_token_id, cache).logprobs
+            cached = scoring_mod.PromptFirst(model, prompts, completions, tok.pad_token_id, cache).logprobs
             assert torch.equal(cached, fresh)
     assert runs == [[5, 6, 7], [10], [5, 6, 7], [10]]  # the fresh forward's two, then each prompt once
-    small = model_mod.PromptCache(limit=cache.held - 1)
+    small = scoring_mod.PromptCache(limit=cache.held - 1)
     with torch.no_grad():
-        model_mod.PromptFirst(model, prompts, completions, tok.pad_token_id, small)
+        scoring_mod.PromptFirst(model, prompts, completions, tok.pad_token_id, small)
     assert list(small.entries) == [(10,)] and small.held <= small.limit  # the older one left to make room
     # each entry its own storage (a view would keep the forward's whole q, k, v alive past the count)
     assert all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for c in cache.entries.values() for t in c)
-    tiny_cache = model_mod.PromptCache(limit=1)  # an entry over the limit is used, not kept, and evicts nothing
+    tiny_cache = scoring_mod.PromptCache(limit=1)  # an entry over the limit is used, not kept, and evicts nothing
     with torch.no_grad():
-        assert torch.equal(model_mod.PromptFirst(model, prompts, completions, tok.pad_token_id, tiny_cache).logprobs,
+        assert torch.equal(scoring_mod.PromptFirst(model, prompts, completions, tok.pad_token_id, tiny_cache).logprobs,
                            fresh)
     assert tiny_cache.entries == {} and tiny_cache.held == 0
     with pytest.raises(RuntimeError, match=r"under torch\.no_grad"):
-        model_mod.PromptFirst(model, prompts, completions, tok.pad_token_id, cache)
+        scoring_mod.PromptFirst(model, prompts, completions, tok.pad_token_id, cache)
 
 
 @pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.9)])
 def test_recorded_sampling_logprobs_are_the_scored_ones_whatever_the_checkpoint_config(tiny, temperature, top_p):
     model, tokenizer = tiny
     prompts = [encode_prompt(tokenizer, m) for m in CHAT]
-    plain = model_mod.generate_completions(model, tokenizer, prompts, 12, [1, 2], temperature, top_p)
+    plain = sampling_mod.generate_completions(model, tokenizer, prompts, 12, [1, 2], temperature, top_p)
     # A checkpoint's own generation config must not reach the sampler (nor the recorded log-probs).
     model.generation_config.repetition_penalty = 3.0
     model.generation_config.top_k = 5
-    ids, logprobs = model_mod.generate_completions(model, tokenizer, prompts, 12, [1, 2], temperature, top_p)
+    ids, logprobs = sampling_mod.generate_completions(model, tokenizer, prompts, 12, [1, 2], temperature, top_p)
     assert (ids, logprobs) == plain
     input_ids, attention, completion = pad_batch(prompts, ids, tokenizer.pad_token_id)
     with torch.no_grad():
@@ -332,28 +328,28 @@ def test_splitmix_matches_the_reference_and_wraps_like_uint64():
         return x ^ (x >> 31)
 
     values = [0, 1, -1, 123456789, -(1 << 63), (1 << 63) - 1]
-    out = model_mod._splitmix64(torch.tensor(values, dtype=torch.int64)).tolist()
+    out = sampling_mod._splitmix64(torch.tensor(values, dtype=torch.int64)).tolist()
     assert [o & mask for o in out] == [reference(v & mask) for v in values]
 
 
 def test_seeded_uniforms_are_uniform_and_a_rows_own():
-    u = model_mod.seeded_uniform(torch.tensor([3, 4]), 7, 200_000)
+    u = sampling_mod.seeded_uniform(torch.tensor([3, 4]), 7, 200_000)
     assert 0 < float(u.min()) and float(u.max()) < 1
     assert abs(float(u.mean()) - 0.5) < 0.01 and abs(float(u.var()) * 12 - 1) < 0.02
-    assert torch.equal(model_mod.seeded_uniform(torch.tensor([9, 4]), 7, 200_000)[1], u[1])  # its own seed only
-    assert not torch.equal(model_mod.seeded_uniform(torch.tensor([4]), 8, 200_000)[0], u[1])  # and its step
+    assert torch.equal(sampling_mod.seeded_uniform(torch.tensor([9, 4]), 7, 200_000)[1], u[1])  # its own seed only
+    assert not torch.equal(sampling_mod.seeded_uniform(torch.tensor([4]), 8, 200_000)[0], u[1])  # and its step
 
 
 def test_a_completion_depends_on_its_seed_not_on_the_batch_it_shares(tiny):
     model, tokenizer = tiny
     prompts = [encode_prompt(tokenizer, m) for m in CHAT]
-    together, _ = model_mod.generate_completions(model, tokenizer, prompts, 16, [11, 12])
-    alone, _ = model_mod.generate_completions(model, tokenizer, prompts[1:], 16, [12])
+    together, _ = sampling_mod.generate_completions(model, tokenizer, prompts, 16, [11, 12])
+    alone, _ = sampling_mod.generate_completions(model, tokenizer, prompts[1:], 16, [12])
     assert together[1] == alone[0]  # one prompt alone: no left padding, another batch, the same draw
-    other, _ = model_mod.generate_completions(model, tokenizer, prompts[1:], 16, [13])
+    other, _ = sampling_mod.generate_completions(model, tokenizer, prompts[1:], 16, [13])
     assert other[0] != alone[0]
     rng = torch.get_rng_state()
-    model_mod.generate_completions(model, tokenizer, prompts, 4, [1, 2])
+    sampling_mod.generate_completions(model, tokenizer, prompts, 4, [1, 2])
     assert torch.equal(torch.get_rng_state(), rng)  # no global stream is read
 
 
@@ -362,10 +358,10 @@ def test_the_seeded_sampler_draws_from_the_tempered_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     n = 20_000
     seeds = torch.arange(n)
-    draws = model_mod.draw(logits.expand(n, 4), seeds, 0, temperature=1.0, top_p=0.8)
+    draws = sampling_mod.draw(logits.expand(n, 4), seeds, 0, temperature=1.0, top_p=0.8)
     freq = torch.bincount(draws, minlength=4).float() / n
     torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.0, 0.0]) / 0.8, atol=0.015, rtol=0)
-    freq = torch.bincount(model_mod.draw(logits.expand(n, 4), seeds, 0, temperature=2.0, top_p=1.0),
+    freq = torch.bincount(sampling_mod.draw(logits.expand(n, 4), seeds, 0, temperature=2.0, top_p=1.0),
                           minlength=4).float() / n
     tempered = torch.softmax(logits[0] / 2, -1)
     torch.testing.assert_close(freq, tempered, atol=0.015, rtol=0)
@@ -382,7 +378,7 @@ def test_shared_prompts_are_prefilled_once_and_each_row_leaves_the_batch_when_it
     calls = []  # rows in each decoder call (each embeds its new tokens once): the prefill's, then one per token
     hook = model.get_input_embeddings().register_forward_pre_hook(lambda _, args: calls.append(args[0].shape[0]))
     handed = {}  # row: (its ids when handed on, decoder calls made by then)
-    ids, logprobs = model_mod.generate_completions(
+    ids, logprobs = sampling_mod.generate_completions(
         model, tokenizer, prompts, 6, seeds, on_finished=lambda i, row: handed.setdefault(i, (list(row), len(calls))))
     hook.remove()
     for row in ids:  # up to and including the first stop token, or max_new tokens
@@ -394,14 +390,14 @@ def test_shared_prompts_are_prefilled_once_and_each_row_leaves_the_batch_when_it
     assert calls[0] == 2 and calls[1] == 12  # each distinct prompt prefilled once
     assert calls[1:] == sorted(calls[1:], reverse=True) and calls[-1] < 12  # stopped rows leave the batch
     for i, prompt in enumerate(prompts):  # alone (no sharing, nothing leaving): the same draw, the same log-probs
-        alone, alone_logprobs = model_mod.generate_completions(model, tokenizer, [prompt], 6, [seeds[i]])
+        alone, alone_logprobs = sampling_mod.generate_completions(model, tokenizer, [prompt], 6, [seeds[i]])
         assert alone[0] == ids[i]
         torch.testing.assert_close(torch.tensor(alone_logprobs[0]), torch.tensor(logprobs[i]), atol=1e-5, rtol=0)
 
 
 def _hf_decoding(monkeypatch):
     """Sample and score through transformers' own forward and DynamicCache instead of the Qwen3 one."""
-    monkeypatch.setattr(model_mod._Qwen3Forward, "fits", staticmethod(lambda model: False))
+    monkeypatch.setattr(forward_mod._Qwen3Forward, "fits", staticmethod(lambda model: False))
 
 
 @pytest.mark.parametrize("top_p, fold", [(1.0, False), (0.9, False), (1.0, True)])
@@ -411,18 +407,18 @@ def test_the_qwen3_decoder_samples_what_transformers_forward_samples(tiny, monke
     model, tokenizer = tiny
     if fold:  # a decoded token's query heads folded per kv head, as on CUDA; 4 query heads a kv head, so
         # that a fold grouping heads by kv_heads instead would not pass by chance (tiny-random has 2 and 2)
-        monkeypatch.setattr(model_mod, "_FOLD_ONE_QUERY_ON", ("cpu",))
+        monkeypatch.setattr(forward_mod, "_FOLD_ONE_QUERY_ON", ("cpu",))
         model = model_mod.tiny_qwen3(tokenizer, 0, heads=8, kv_heads=2).eval()
     wrappers = adapter.wrap(model, cache_dir=None)
     torch.manual_seed(0)
     for layer in wrappers.values():  # knobs away from zero: the merged weights differ from W
         layer.delta_s.data.normal_(0, 0.3)
     prompts = [encode_prompt(tokenizer, m) for m in CHAT for _ in range(3)]  # two lengths, shared prompts
-    assert model_mod._Qwen3Forward.fits(model)
+    assert forward_mod._Qwen3Forward.fits(model)
     with adapter.merged(wrappers):
-        lean = model_mod.generate_completions(model, tokenizer, prompts, 24, list(range(6)), 1.0, top_p)
+        lean = sampling_mod.generate_completions(model, tokenizer, prompts, 24, list(range(6)), 1.0, top_p)
         _hf_decoding(monkeypatch)
-        reference = model_mod.generate_completions(model, tokenizer, prompts, 24, list(range(6)), 1.0, top_p)
+        reference = sampling_mod.generate_completions(model, tokenizer, prompts, 24, list(range(6)), 1.0, top_p)
     assert lean[0] == reference[0]  # the same tokens
     for ours, theirs in zip(lean[1], reference[1]):  # the same per-token log-probs, to float tolerance
         torch.testing.assert_close(torch.tensor(ours), torch.tensor(theirs), atol=2e-5, rtol=0)
@@ -435,7 +431,7 @@ def _full_sort_draw(logits, seeds, step, temperature, top_p):
     probs = sorted_logits.softmax(-1)
     before = probs.cumsum(-1) - probs
     logits = logits.scatter(-1, order, sorted_logits.masked_fill(before >= top_p, -torch.inf))
-    u = model_mod.seeded_uniform(seeds, step, logits.shape[-1])
+    u = sampling_mod.seeded_uniform(seeds, step, logits.shape[-1])
     return (logits - torch.log(-torch.log(u)).float()).argmax(-1)
 
 
@@ -446,12 +442,12 @@ def test_the_nucleus_found_among_candidates_draws_what_a_full_sort_draws(scale):
     logits = torch.randn(256, 1536, generator=generator) * scales
     seeds = torch.arange(256) * 7919
     for step in range(4):
-        ours = model_mod.draw(logits, seeds, step, 0.8, 0.95)
+        ours = sampling_mod.draw(logits, seeds, step, 0.8, 0.95)
         assert torch.equal(ours, _full_sort_draw(logits, seeds, step, 0.8, 0.95))
 
 
 def test_uniforms_at_given_columns_are_those_columns_of_the_full_draw():
     seeds = torch.tensor([3, -5])
-    full = model_mod.seeded_uniform(seeds, 11, 100)
+    full = sampling_mod.seeded_uniform(seeds, 11, 100)
     columns = torch.tensor([[0, 99, 42], [7, 7, 1]])
-    assert torch.equal(model_mod.seeded_uniform(seeds, 11, columns), full.gather(-1, columns))
+    assert torch.equal(sampling_mod.seeded_uniform(seeds, 11, columns), full.gather(-1, columns))

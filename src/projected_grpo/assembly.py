@@ -20,9 +20,10 @@ from .basis import Basis, on_device, pairs_and_pool, self_pairs
 from .config import Config, ConfigError
 from .distributed import World
 from .files import iter_jsonl, write_directory_atomically
-from .model import PromptCache, load_model_and_tokenizer
+from .model import load_model_and_tokenizer
 from .monitor import Probe
 from .problems import ProblemFormatError, load_problems, split_held_out
+from .scoring import PromptCache
 from .teacher_pool import HOW_TO_BUILD, Pool, PoolFormatError, build_pool, load_pool
 
 log = logging.getLogger("projected_grpo")

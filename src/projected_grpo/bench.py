@@ -28,9 +28,10 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 from . import adapter, hack_basis, projection, rewards, sandbox
 from .config import make_config
 from .files import write_atomically
-from .model import encode_prompt, load_model_and_tokenizer, pad_batch, token_logprobs
+from .model import encode_prompt, load_model_and_tokenizer
 from .organism import resolve_model
 from .problems import builtin_problems
+from .scoring import pad_batch, token_logprobs
 from .templates import clean_completion, default_pairs, hack_completion
 
 LARGE_VOCAB = 151936  # Qwen3's
@@ -330,7 +331,7 @@ def organism_step_case(repeats: int) -> dict:
 _MEMORY_PROBE = r"""
 import os, sys, threading, torch
 from projected_grpo.bench import bench_model
-from projected_grpo.model import token_logprobs
+from projected_grpo.scoring import token_logprobs
 
 def resident():
     with open("/proc/self/statm") as f:

@@ -24,17 +24,11 @@ import torch
 
 from . import adapter, sandbox
 from .config import Config
-from .model import (
-    PromptCache,
-    PromptFirst,
-    encode_completion,
-    encode_prompt,
-    generate_completions,
-    pad_batch,
-    row_seed,
-)
+from .model import encode_completion, encode_prompt
 from .problems import Problem
 from .rewards import Grading, Reward
+from .sampling import generate_completions, row_seed
+from .scoring import PromptCache, PromptFirst, pad_batch
 from .teacher_pool import Pool
 
 

@@ -41,7 +41,8 @@ from tqdm import tqdm
 
 from . import __version__, adapter
 from .config import CONTROLS, LOSS_NORMS, MODES, InputError
-from .model import encode_completion, encode_prompt, load_model_and_tokenizer, pad_batch, token_logprobs
+from .model import encode_completion, encode_prompt, load_model_and_tokenizer
+from .scoring import pad_batch, token_logprobs
 from .templates import ContrastPair, default_pairs
 
 log = logging.getLogger(__name__)

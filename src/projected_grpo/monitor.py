@@ -19,7 +19,7 @@ from . import adapter, distributed
 from .config import Config
 from .distributed import World
 from .grpo import Rollout, auroc, detected
-from .model import PromptFirst
+from .scoring import PromptFirst
 
 L2 = 1e-2  # the fit's ridge on the standardised weights: a few hundred rollouts against a hidden size of 64+
 

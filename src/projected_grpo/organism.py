@@ -35,18 +35,11 @@ from tqdm import tqdm
 from . import __version__
 from .config import MODES, ConfigError, make_config
 from .files import write_atomically, write_directory_atomically
-from .model import (
-    encode_completion,
-    encode_prompt,
-    generate_completions,
-    pad_batch,
-    row_seed,
-    tiny_qwen3,
-    tiny_tokenizer,
-    token_logprobs,
-)
+from .model import encode_completion, encode_prompt, tiny_qwen3, tiny_tokenizer
 from .problems import load_problems, split_held_out
 from .rewards import grade_batch
+from .sampling import generate_completions, row_seed
+from .scoring import pad_batch, token_logprobs
 from .templates import clean_completion, hack_completion, wrong_completion
 
 ORGANISM = "organism"  # the model name the organism preset uses; resolve_model turns it into a path

@@ -239,7 +239,8 @@ def build_pool_from_model(out_dir, problems: list[Problem], model_name: str, sam
                           modes=None, workers: int | None = None) -> Path:
     """Sample `samples_per_problem` completions per problem from a teacher model, grade, freeze."""
     # Imported here: torch and transformers take seconds to load, and the fixture builder needs neither.
-    from .model import encode_prompt, generate_completions, load_model_and_tokenizer, row_seed
+    from .model import encode_prompt, load_model_and_tokenizer
+    from .sampling import generate_completions, row_seed
 
     selected = _select(problems, modes)
     model, tokenizer = load_model_and_tokenizer(model_name, dtype=dtype, device=device, seed=seed)
