@@ -5,7 +5,8 @@ from test_results import make_run
 
 from projected_grpo import plots
 from projected_grpo.plots import _over_steps, early_span, main, make_plots, recall_lines, step_series
-from projected_grpo.results import ResultsError, build_report, group_questions, load_runs, plot_files
+from projected_grpo.results import build_report
+from projected_grpo.runs import ResultsError, group_questions, load_runs, plot_files
 
 
 @pytest.fixture

@@ -4,29 +4,29 @@ import statistics
 
 import pytest
 
-from projected_grpo.results import (
-    DEFAULT_HYPOTHESIS,
+from projected_grpo.results import NOT_LOGGED, build_report, main
+from projected_grpo.runs import (
     FIGURES,
+    ResultsError,
+    last_mean,
+    late_slope,
+    load_run,
+    modes_run_mean,
+    plot_files,
+    read_metrics,
+    rolling_means,
+)
+from projected_grpo.verdicts import (
+    DEFAULT_HYPOTHESIS,
     INCONCLUSIVE,
     MISSING,
-    NOT_LOGGED,
     NOT_SUPPORTED,
     SUPPORTED,
     T_975,
     Claim,
-    ResultsError,
-    build_report,
-    last_mean,
-    late_slope,
     load_hypothesis,
-    load_run,
-    main,
     mean_interval,
-    modes_run_mean,
     parse_hypothesis,
-    plot_files,
-    read_metrics,
-    rolling_means,
     t_975,
 )
 

@@ -27,26 +27,24 @@ from collections import defaultdict
 from pathlib import Path
 
 from projected_grpo.config import arm_name, split_monitor, with_monitor
-from projected_grpo.results import (
-    EARLY_HELP,
+from projected_grpo.results import EARLY_HELP, positive_int
+from projected_grpo.runs import (
     LAST_STEPS,
     ROLLING,
     VANILLA,
     ResultsError,
     Run,
-    across_seeds,
     arm_rank,
     early_window,
     group_questions,
     last_mean,
     load_runs,
-    mean_interval,
     modes_run_mean,
     plot_files,
-    positive_int,
     question_title,
     rolling_means,
 )
+from projected_grpo.verdicts import across_seeds, mean_interval
 
 BAND = (f"bold: trailing {ROLLING}-step mean of the mean across runs (seeds); faint: that mean per step, "
         "band: min-max across runs")
