@@ -20,6 +20,7 @@ from projected_grpo import (
     interventions,
     projection,
     train,
+    usage,
 )
 from projected_grpo import evaluate as evaluate_mod
 from projected_grpo import step as step_mod
@@ -627,7 +628,7 @@ def test_help_lists_every_field_with_its_type_defaults_and_reason(capsys):
         assert " ".join(f"--{field.name} ({field.type}, default {field.default!r}".split()) in flat, field.name
     assert "--steps (int, default 30; fast: 60; organism: 200; full: 200)" in text
     assert "rollouts per prompt (G = G_s + G_t)" in text  # the field's own comment
-    reasons = config.field_reasons()
+    reasons = usage.field_reasons()
     assert all(reasons[field.name] for field in dataclasses.fields(config.Config))
     assert reasons["detector_fpr"].startswith("... and any other student rollout") and "keyed by" in reasons[
         "detector_fpr"]  # a comment's continuation lines are its reason too

@@ -38,16 +38,15 @@ from .config import (
     InputError,
     arm_name,
     default_run_name,
-    field_help,
     make_config,
     parse_overrides,
-    preset_help,
     split_gate,
     split_monitor,
     with_gate,
 )
 from .distributed import available_cores
 from .files import read_json, write_atomically
+from .usage import field_help, preset_help
 
 SWEEPS_ROOT = Path("out/sweeps")
 # Fields the sweep sets for each run itself, and what to use instead.

@@ -31,10 +31,8 @@ from .config import (
     Config,
     ConfigError,
     InputError,
-    field_help,
     make_config,
     parse_overrides,
-    preset_help,
     replay_config,
 )
 from .distributed import World
@@ -44,6 +42,7 @@ from .organism import check_unseen, resolve_model
 from .step import StepResult, train_step
 from .step import metrics_row as step_row
 from .summary import run_auroc, summarize
+from .usage import field_help, preset_help
 
 log = logging.getLogger("projected_grpo")
 
