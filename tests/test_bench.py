@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from projected_grpo import adapter, bench
+from projected_grpo import adapter, bench, bench_runs
 
 
 def test_cases_run_on_a_small_model(tmp_path, monkeypatch):
@@ -33,13 +33,13 @@ def test_verdicts_follow_the_targets():
 
 def test_bench_and_bench_peer_share_one_record_each_keeping_the_others_keys(tmp_path):
     path = str(tmp_path / "out" / "bench.json")
-    bench.update_record(path, {"figures": {"a": 1.0}})
-    bench.update_record(path, {"peer": {"figures": {"b": 2.0}}})
-    bench.update_record(path, {"figures": {"a": 3.0}})  # a new `just bench` replaces its own keys only
+    bench_runs.update_record(path, {"figures": {"a": 1.0}})
+    bench_runs.update_record(path, {"peer": {"figures": {"b": 2.0}}})
+    bench_runs.update_record(path, {"figures": {"a": 3.0}})  # a new `just bench` replaces its own keys only
     assert json.loads(open(path).read()) == {"figures": {"a": 3.0}, "peer": {"figures": {"b": 2.0}}}
     open(path, "w").write("{cut")
     with pytest.raises(SystemExit, match=r"bench\.json: not JSON"):
-        bench.update_record(path, {"figures": {}})
+        bench_runs.update_record(path, {"figures": {}})
 
 
 _FAKE_TRAIN = """
@@ -60,14 +60,14 @@ def test_a_step_split_runs_the_package_it_is_pointed_at(tmp_path):
     package.mkdir(parents=True)
     (package / "__init__.py").write_text("")
     (package / "train.py").write_text(_FAKE_TRAIN)
-    split = bench.step_split("organism", 4, "--seed=1", src=str(tmp_path / "src"))
+    split = bench_runs.step_split("organism", 4, "--seed=1", src=str(tmp_path / "src"))
     assert split["step_s"] == 2.0 and split["completion_tokens"] == 7
     assert split["split_generate"] == 0.25 and split["split_score"] == 0.5
 
 
 def test_a_step_split_needs_a_step_past_its_warm_up():
     with pytest.raises(ValueError, match="2 steps leave none past the two warm-up steps"):
-        bench.step_split("organism", 2)
+        bench_runs.step_split("organism", 2)
 
 
 def test_a_step_split_that_fails_names_the_code_and_its_error(tmp_path):
@@ -76,7 +76,7 @@ def test_a_step_split_that_fails_names_the_code_and_its_error(tmp_path):
     (package / "__init__.py").write_text("")
     (package / "train.py").write_text("import sys; sys.exit('error: --pairs: live is not one of templates')")
     with pytest.raises(SystemExit, match="failed on the older commit: error: --pairs: live is not one of"):
-        bench.step_split("organism", 4, "--pairs=live", src=str(tmp_path / "src"))
+        bench_runs.step_split("organism", 4, "--pairs=live", src=str(tmp_path / "src"))
 
 
 def test_taking_turns_runs_each_seed_on_both_codes_in_alternating_order(monkeypatch):
@@ -88,8 +88,8 @@ def test_taking_turns_runs_each_seed_on_both_codes_in_alternating_order(monkeypa
         assert src is None or (Path(src) / "projected_grpo" / "bench.py").is_file()  # the commit's package
         return {"step_s": 2.0 if src else 1.0, "split_generate": 0.25, "split_score": 0.5, "completion_tokens": 9.0}
 
-    monkeypatch.setattr(bench, "step_split", fake_split)
-    figures = bench.turns_case("HEAD", [1, 2, 3], 4, ["--intervention=erase"])
+    monkeypatch.setattr(bench_runs, "step_split", fake_split)
+    figures = bench_runs.turns_case("HEAD", [1, 2, 3], 4, ["--intervention=erase"])
     assert runs == [("--seed=1", "then"), ("--seed=1", "now"), ("--seed=2", "now"), ("--seed=2", "then"),
                     ("--seed=3", "then"), ("--seed=3", "now")]
     assert figures["s2_then_step_s"] == 2.0 and figures["s2_now_generate_s"] == 0.25 and figures["s1_now_tokens"] == 9
@@ -98,6 +98,6 @@ def test_taking_turns_runs_each_seed_on_both_codes_in_alternating_order(monkeypa
 
 def test_taking_turns_with_a_commit_git_cannot_read_names_it():
     with pytest.raises(SystemExit, match="--vs no-such-commit: git cannot read"):
-        bench.turns_case("no-such-commit", [1], 4, [])
+        bench_runs.turns_case("no-such-commit", [1], 4, [])
     with pytest.raises(SystemExit, match="--seeds=1,x: comma-separated integers"):
         bench.main(["--vs", "HEAD", "--seeds", "1,x"])

@@ -87,7 +87,7 @@ def run_projected(arm: str, steps: int, lr: float, out_dir: str) -> dict:
     if main(["organism", f"--intervention={arm}", f"--steps={steps}", "--run_name=peer", f"--out_dir={out_dir}",
              "--eval_samples=1", f"--lr={lr}", "--top_p=1.0", "--beta=0"]):
         raise RuntimeError(f"projected_grpo ({arm}) failed")
-    from .bench import split_of
+    from .bench_runs import split_of
 
     rows = [json.loads(line) for line in open(f"{out_dir}/peer/metrics.jsonl")]
     return {"step_seconds": [r["step_seconds"] for r in rows], "split": split_of(rows[WARMUP:]),
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
               f"| {f['completions_per_step']:.0f} |")
     print(f"projected_grpo / TRL step time: none {figures['none_over_trl_step']:.2f}, "
           f"erase {figures['erase_over_trl_step']:.2f} (target <= 0.3)")
-    from .bench import update_record
+    from .bench_runs import update_record
 
     update_record(args.out, {"peer": {"machine": machine, "steps": args.steps, "rounds": args.rounds, "lr": args.lr,
                                       "figures": figures}})

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .bench import run_child, step_split
+from .bench_runs import run_child, step_split
 from .files import write_atomically
 
 PARTS = ("organism", "fast_tiny_bf16", "bench")
