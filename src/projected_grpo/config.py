@@ -335,7 +335,7 @@ def split_monitor(intervention: str) -> tuple[str, dict[str, str]]:
     with_monitor's inverse, the fields as overrides. Written any other way than with_monitor writes it (a
     token unknown, repeated, out of order or at its default) it is refused, so one monitor has one name."""
     arm, *tokens = intervention.split("~")
-    fields = {}
+    overrides: dict[str, str] = {}
     for token in tokens:
         match = re.fullmatch(r"(probe|r|fp)(\d*\.?\d+)?", token)
         if not match or (match[1] != "probe" and match[2] is None):
@@ -343,16 +343,16 @@ def split_monitor(intervention: str) -> tuple[str, dict[str, str]]:
                               "~rRECALL, ~fpFPR (e.g. screen~probe~r0.7~fp0.02)")
         kind, number = match.groups()
         if kind == "probe":
-            fields["monitor"] = "probe"
+            overrides["monitor"] = "probe"
         if number:
-            fields[{"probe": "probe_threshold", "r": "detector_recall", "fp": "detector_fpr"}[kind]] = number
-    canonical = with_monitor(arm, fields.get("monitor", Config.monitor),
-                             *(float(fields.get(name, getattr(Config, name)))
+            overrides[{"probe": "probe_threshold", "r": "detector_recall", "fp": "detector_fpr"}[kind]] = number
+    canonical = with_monitor(arm, overrides.get("monitor", Config.monitor),
+                             *(float(overrides.get(name, getattr(Config, name)))
                                for name in ("detector_recall", "detector_fpr", "probe_threshold")))
     if canonical != intervention:
         raise ConfigError(f"arm {intervention!r}: write its monitor as {canonical!r} (each token once, in that "
                           "order, none at its default)")
-    return arm, fields
+    return arm, overrides
 
 
 def parse_arm(text: str) -> tuple[str, str]:
