@@ -9,7 +9,6 @@ Module order: above grpo and monitor (it reads a run's scores.jsonl and Basis.no
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 
 from . import hack_basis
 from .config import MODES, Config
+from .files import iter_jsonl
 from .grpo import auroc
 from .monitor import probe_aurocs
 
@@ -39,7 +39,7 @@ def run_auroc(run_dir: Path, cfg: Config) -> dict:
     live hacks? Under --monitor=probe also the probe's, on the known modes and on the held-out ones: does
     it transfer? (Logged only.)"""
     path = run_dir / "scores.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    records = [record for _, record in iter_jsonl(path, ValueError)] if path.exists() else []
     scored = [r for r in records if r["hack_score"] is not None]  # unscored steps, and steps with no V yet
     out = {"hack_auroc": auroc([r["hack_score"] for r in scored], [r["exploited"] for r in scored]),
            "hack_auroc_steps": len({r["step"] for r in scored}), "hack_auroc_rollouts": len(scored)}
